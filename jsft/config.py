@@ -1,0 +1,163 @@
+"""Run-config schema (model, data, optim, trainer), YAML + dotted overrides, strict key checking.
+
+Key names follow veRL's SFT trainer wherever the concept is the same, so a veRL launch script ports by
+changing the entry point. Unknown keys are rejected with the closest valid names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from jsft.data.config import DataConfig
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # Hugging Face checkpoint directory (safetensors)
+    dtype: str = "bfloat16"  # compute dtype
+    param_dtype: str = "float32"  # parameter (and optimizer state) dtype
+    enable_gradient_checkpointing: bool = True  # rematerialise each decoder layer in the backward pass
+    remat_policy: str = "full"  # none | full | dots_saveable (with enable_gradient_checkpointing)
+    attention_impl: str = "auto"  # auto | xla | cudnn (see jsft/models/attention.py)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5  # peak learning rate
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    no_decay_norms_and_biases: bool = True  # exclude norm scales and biases from weight decay
+    lr_warmup_steps_ratio: float = 0.0  # warmup = int(ratio * total optimizer steps)
+    lr_warmup_steps: int = -1  # overrides the ratio when >= 0
+    lr_scheduler_type: str = "cosine"  # constant | cosine | wsd
+    min_lr_ratio: float = 0.0  # final lr / peak lr for cosine and wsd
+    wsd_decay_ratio: float = 0.1  # fraction of steps spent decaying in wsd
+    clip_grad: float = 1.0  # global-norm clipping; <= 0 disables
+    max_consecutive_skips: int = 10  # abort after this many non-finite steps in a row
+
+
+@dataclass
+class TrainerConfig:
+    total_epochs: int = 1
+    total_training_steps: Optional[int] = None  # overrides epochs when set (optimizer steps)
+    default_local_dir: str = "runs/default"  # run directory: checkpoints, metrics, run_info
+    save_freq: int = -1  # optimizer steps between checkpoints; -1: only at the end
+    test_freq: int = -1  # optimizer steps between validations; -1: only at the end
+    max_ckpt_to_keep: Optional[int] = None  # None keeps all
+    resume_mode: str = "auto"  # auto | disable | resume_path
+    resume_from_path: Optional[str] = None  # checkpoint directory for resume_mode=resume_path
+    logger: List[str] = field(default_factory=lambda: ["console"])  # console, tensorboard, wandb
+    project_name: str = "jsft"
+    experiment_name: str = "default"
+    seed: int = 0
+    loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy
+    mesh: dict = field(default_factory=lambda: {"data": 1, "fsdp": -1})  # axis -> size; -1 takes the rest
+    export_hf: bool = False  # also write an HF safetensors export to <default_local_dir>/hf at the end
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+
+
+def _valid_keys(cls, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if f.name in _SECTIONS and cls is RunConfig:
+            keys += _valid_keys(_SECTIONS[f.name], name + ".")
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown_key_error(key: str) -> ValueError:
+    close = difflib.get_close_matches(key, _valid_keys(RunConfig), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    return ValueError(f"unknown config key '{key}'{hint}")
+
+
+def _check_keys(tree: Any, prefix: str = "") -> None:
+    valid = set(_valid_keys(RunConfig))
+    for k, v in (tree or {}).items():
+        key = f"{prefix}{k}"
+        if not prefix and k in _SECTIONS:
+            if not isinstance(v, dict):
+                raise ValueError(f"config section '{k}' must be a mapping, got {v!r}")
+            _check_keys(v, key + ".")
+        elif key not in valid:
+            raise _unknown_key_error(key)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Defaults <- YAML file <- `a.b=value` overrides; returns a typed RunConfig."""
+    schema = OmegaConf.structured(RunConfig)
+    layers = []
+    if path is not None:
+        loaded = OmegaConf.to_container(OmegaConf.load(path))
+        _check_keys(loaded)
+        layers.append(OmegaConf.create(loaded))
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override '{item}' is not of the form key=value")
+        key = item.split("=", 1)[0].strip()
+        # trainer.mesh is a free mapping (axis -> size), so trainer.mesh.<axis> is accepted as is.
+        if key not in _valid_keys(RunConfig) and not key.startswith("trainer.mesh."):
+            raise _unknown_key_error(key)
+    try:
+        merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(list(overrides)))
+    except (ConfigKeyError, ValidationError) as e:
+        raise ValueError(f"invalid config: {e}") from None
+    cfg = OmegaConf.to_object(merged)
+    validate(cfg)
+    return cfg
+
+
+def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject unsupported values early, naming the key and the allowed values."""
+    _choice("data.multiturn_policy", cfg.data.multiturn_policy, ["auto", "split", "single", "error"])
+    _choice("data.train_turns", cfg.data.train_turns, ["all", "last"])
+    _choice("data.truncation", cfg.data.truncation, ["error", "left", "right"])
+    _choice("data.on_bad_row", cfg.data.on_bad_row, ["error", "skip"])
+    _choice("data.pad_mode", cfg.data.pad_mode, ["no_padding", "right"])
+    _choice("model.remat_policy", cfg.model.remat_policy, ["none", "full", "dots_saveable"])
+    _choice("model.attention_impl", cfg.model.attention_impl, ["auto", "xla", "cudnn"])
+    _choice("optim.lr_scheduler_type", cfg.optim.lr_scheduler_type, ["constant", "cosine", "wsd"])
+    _choice("trainer.resume_mode", cfg.trainer.resume_mode, ["auto", "disable", "resume_path"])
+    _choice(
+        "trainer.loss_agg_mode",
+        cfg.trainer.loss_agg_mode,
+        ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+    )
+    for lg in cfg.trainer.logger:
+        _choice("trainer.logger", lg, ["console", "tensorboard", "wandb"])
+    if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
+        raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
+    if len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    if cfg.data.max_length <= 0 or cfg.data.train_batch_size <= 0 or cfg.data.micro_batch_size_per_gpu <= 0:
+        raise ValueError("data.max_length, data.train_batch_size and data.micro_batch_size_per_gpu must be > 0")
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
