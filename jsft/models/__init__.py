@@ -1,0 +1,119 @@
+"""Llama/Qwen/Mistral decoders in Flax NNX, with Hugging Face safetensors import and export.
+
+    import jsft.models as jm
+    model = jm.from_pretrained("hf_dir", dtype="float32")
+    logits = model(input_ids)             # int [B, T] -> [B, T, V]
+    jm.save_pretrained(model, "out_dir")  # transformers loads it back unchanged
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jsft.models import hf_io
+from jsft.models.config import ModelConfig, load_hf_config
+from jsft.models.decoder import Decoder, init_cache
+from jsft.models.params import abstract_model, flat_params, init_model, model_bytes, replace_params, sharding_for
+
+__all__ = [
+    "Decoder", "ModelConfig", "from_pretrained", "save_pretrained", "init_model", "init_cache", "model_bytes",
+    "flat_params",
+]
+
+
+def from_pretrained(
+    path: str | os.PathLike,
+    *,
+    dtype="bfloat16",
+    param_dtype="float32",
+    mesh: Optional[Mesh] = None,
+    remat_policy: str = "none",
+    attention_impl: str = "auto",
+) -> Decoder:
+    """Load an HF checkpoint directory (safetensors, single file or sharded) straight into sharded arrays.
+
+    `dtype` is the compute dtype, `param_dtype` the stored one. Under `mesh`, every parameter is created
+    with its FSDP sharding and each device reads only its own slice from the memory-mapped files."""
+    cfg = ModelConfig.from_pretrained(str(path))
+    files = hf_io.SafetensorsDir(path)
+    hf_io.check_names(cfg, files.names(), path)
+    abstract = abstract_model(
+        cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl
+    )
+    keys = {k.jsft: k for k in hf_io.key_table(cfg)}
+    values = {}
+    for name, var in flat_params(abstract).items():
+        values[name] = hf_io.load_array(
+            keys[name], files, var.shape, sharding_for(var, mesh), jnp.dtype(param_dtype), cfg.num_layers
+        )
+    return replace_params(abstract, values)
+
+
+def save_pretrained(
+    model: Decoder,
+    out_dir: str | os.PathLike,
+    *,
+    dtype=None,
+    max_shard_size="5GB",
+    tokenizer=None,
+) -> Path:
+    """Write config.json, generation_config.json, tokenizer files (a tokenizer object or directory, when
+    given) and HF-named safetensors shards with their index. `dtype` defaults to the source checkpoint's
+    dtype (for imported models) or the parameter dtype. Multi-host: every process calls it; process 0 writes."""
+    from safetensors.numpy import save_file
+
+    cfg = model.config
+    dtype = jnp.dtype(dtype or cfg.torch_dtype or model.param_dtype)
+    out = Path(out_dir)
+    writer = jax.process_index() == 0
+    if writer:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_configs(cfg, out, dtype, tokenizer)
+    plan, sharded = hf_io.shard_plan(cfg, dtype, max_shard_size)
+    remaining = {f: sum(1 for v in plan.values() if v == f) for f in set(plan.values())}
+    pending: dict[str, dict[str, np.ndarray]] = {}
+    params = {name: var[...] for name, var in flat_params(model).items()}
+    for name, tensor in hf_io.hf_tensors(cfg, params, dtype):
+        file = plan[name]
+        pending.setdefault(file, {})[name] = tensor
+        remaining[file] -= 1
+        if remaining[file] == 0:
+            tensors = pending.pop(file)
+            if writer:
+                save_file(tensors, str(out / file), metadata={"format": "pt"})
+    if writer and sharded:
+        total = sum(int(np.prod(k.hf_shape)) * (cfg.num_layers if k.per_layer else 1) for k in hf_io.key_table(cfg))
+        index = {"metadata": {"total_size": total * dtype.itemsize}, "weight_map": dict(sorted(plan.items()))}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def _write_configs(cfg: ModelConfig, out: Path, dtype, tokenizer) -> None:
+    import transformers
+
+    hf_config = cfg.to_hf()
+    hf_config.dtype = str(dtype)
+    hf_config.architectures = [_ARCHITECTURES[cfg.model_type]]
+    hf_config.save_pretrained(out)
+    if cfg.eos_token_id is not None or cfg.bos_token_id is not None:
+        transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out)
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer.save_pretrained(out)
+
+
+_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mistral": "MistralForCausalLM",
+}

@@ -1,0 +1,210 @@
+"""The decoder: embeddings, a scanned stack of pre-norm blocks (GQA attention + SwiGLU MLP), final norm, logits.
+
+Dimension letters used in einsums and shape comments:
+  B batch, T sequence, D hidden (embed), N query heads, K kv heads, H head dim, F MLP hidden, V vocab, L layers.
+
+Parameters live in a Flax NNX module; each is declared once with its shape, logical axes and init in
+`_param_table`. Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time
+does not grow with depth; each scanned block can be rematerialised with a selectable policy.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jsft.models.attention import attention, resolve_impl
+from jsft.models.config import ModelConfig
+from jsft.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+_normal = jax.nn.initializers.normal(0.02)
+_ones = jax.nn.initializers.ones
+_zeros = jax.nn.initializers.zeros
+
+
+def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], Callable]]:
+    """Every per-layer parameter: name -> (shape, logical axes, init). The stack adds a leading `layers` axis."""
+    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    table = {
+        "attn_norm": ((d,), ("norm",), _ones),
+        "q_proj": ((d, n, h), ("embed", "heads", "head_dim"), _normal),
+        "k_proj": ((d, k, h), ("embed", "kv_heads", "head_dim"), _normal),
+        "v_proj": ((d, k, h), ("embed", "kv_heads", "head_dim"), _normal),
+        "o_proj": ((n, h, d), ("heads", "head_dim", "embed"), _normal),
+        "mlp_norm": ((d,), ("norm",), _ones),
+        "gate_proj": ((d, f), ("embed", "mlp"), _normal),
+        "up_proj": ((d, f), ("embed", "mlp"), _normal),
+        "down_proj": ((f, d), ("mlp", "embed"), _normal),
+    }
+    if cfg.qkv_bias:
+        table["q_bias"] = ((n, h), ("heads", "head_dim"), _zeros)
+        table["k_bias"] = ((k, h), ("kv_heads", "head_dim"), _zeros)
+        table["v_bias"] = ((k, h), ("kv_heads", "head_dim"), _zeros)
+    if cfg.o_bias:
+        table["o_bias"] = ((d,), ("norm",), _zeros)
+    if cfg.qk_norm:
+        table["q_norm"] = ((h,), ("norm",), _ones)
+        table["k_norm"] = ((h,), ("norm",), _ones)
+    return table
+
+
+def _param(init, key, shape, axes, dtype) -> nnx.Param:
+    return nnx.Param(init(key, shape, dtype), logical_axes=tuple(axes))
+
+
+# ---- the math ---------------------------------------------------------------------------------------------------
+
+
+def rms_norm(x, scale, eps):
+    """As transformers: normalise in fp32, cast back, then scale in the compute dtype."""
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rope(x, positions, inv_freq):
+    """Rotary embedding on the two halves of the head dim (transformers' rotate_half layout). x [B,T,N,H]."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, attn_impl, cache=None):
+    """One pre-norm decoder layer. p: this layer's parameters (already in the compute dtype). x [B,T,D].
+
+    With `cache` (generation), keys/values are written into the cache at `cache["index"]` and attention runs
+    over the whole cache; returns (x, new_cache)."""
+    eps = cfg.rms_norm_eps
+    with jax.named_scope("attention"):
+        h = rms_norm(x, p["attn_norm"], eps)
+        q = jnp.einsum("BTD,DNH->BTNH", h, p["q_proj"])
+        k = jnp.einsum("BTD,DKH->BTKH", h, p["k_proj"])
+        v = jnp.einsum("BTD,DKH->BTKH", h, p["v_proj"])
+        if cfg.qkv_bias:
+            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+        if cfg.qk_norm:
+            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+        kv_seg, kv_pos = segment_ids, positions
+        if cache is not None:
+            cache, k, v, kv_seg, kv_pos = _update_cache(cache, k, v, segment_ids, positions)
+        a = attention(
+            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
+            q_positions=positions, kv_positions=kv_pos, impl=attn_impl,
+        )
+        x = x + jnp.einsum("BTNH,NHD->BTD", a, p["o_proj"])
+        if cfg.o_bias:
+            x = x + p["o_bias"]
+    with jax.named_scope("mlp"):
+        h = rms_norm(x, p["mlp_norm"], eps)
+        gated = jax.nn.silu(jnp.einsum("BTD,DF->BTF", h, p["gate_proj"])) * jnp.einsum("BTD,DF->BTF", h, p["up_proj"])
+        x = x + jnp.einsum("BTF,FD->BTD", gated, p["down_proj"])
+    return constrain(x, ("batch", None, None)), cache
+
+
+def _update_cache(cache, k, v, segment_ids, positions):
+    """Write this step's keys/values at cache["index"]; return the whole cache as the attention's keys."""
+    i = cache["index"]
+    new = dict(cache)
+    new["k"] = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), i, axis=1)
+    new["v"] = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), i, axis=1)
+    new["segment_ids"] = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, i, axis=1)
+    new["positions"] = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, i, axis=1)
+    return new, new["k"], new["v"], new["segment_ids"], new["positions"]
+
+
+# ---- the module -------------------------------------------------------------------------------------------------
+
+
+class Decoder(nnx.Module):
+    """A decoder-only LM built from a ModelConfig. `model(input_ids)` returns logits [B, T, V]."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        rngs: nnx.Rngs,
+        dtype="float32",
+        param_dtype="float32",
+        remat_policy: str = "none",
+        attention_impl: str = "auto",
+    ):
+        if remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat policy '{remat_policy}' is not supported; allowed: {', '.join(REMAT_POLICIES)}")
+        self.config = cfg
+        self.dtype = jnp.dtype(dtype)
+        self.param_dtype = jnp.dtype(param_dtype)
+        self.remat_policy = remat_policy
+        self.attention_impl = resolve_impl(attention_impl)
+        pd, L = self.param_dtype, cfg.num_layers
+        self.embed = _param(_normal, rngs.params(), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
+        self.layers = nnx.Dict(
+            {
+                name: _param(init, rngs.params(), (L, *shape), ("layers", *axes), pd)
+                for name, (shape, axes, init) in _param_table(cfg).items()
+            }
+        )
+        self.final_norm = _param(_ones, rngs.params(), (cfg.hidden_size,), ("norm",), pd)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(_normal, rngs.params(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def unembed(self) -> jax.Array:
+        """[D, V] output projection in the compute dtype (the embedding's transpose when tied)."""
+        w = self.embed[...].T if self.config.tie_word_embeddings else self.lm_head[...]
+        return w.astype(self.dtype)
+
+    def hidden_states(self, input_ids, positions=None, segment_ids=None, cache=None):
+        """Final-normed hidden states [B, T, D] (and the updated cache when one is given)."""
+        cfg = self.config
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
+        if segment_ids is None:
+            segment_ids = jnp.ones(input_ids.shape, jnp.int32)
+        with jax.named_scope("embed"):
+            x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+            x = constrain(x, ("batch", None, None))
+        params = {name: p[...].astype(self.dtype) for name, p in self.layers.items()}
+        inv_freq = jnp.asarray(cfg.inv_freq())
+
+        def body(x, scanned):
+            p, layer_cache = scanned
+            return block(
+                p, x, cfg=cfg, inv_freq=inv_freq, positions=positions, segment_ids=segment_ids,
+                attn_impl=self.attention_impl, cache=layer_cache,
+            )
+
+        policy = REMAT_POLICIES[self.remat_policy]
+        if self.remat_policy != "none":
+            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+        x, new_cache = jax.lax.scan(body, x, (params, cache))
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        return (x, new_cache) if cache is not None else x
+
+    def __call__(self, input_ids, positions=None, segment_ids=None):
+        """Logits [B, T, V] in fp32 (tests, generation; training uses the chunked loss on hidden states)."""
+        x = self.hidden_states(input_ids, positions, segment_ids)
+        return jnp.einsum("BTD,DV->BTV", x, self.unembed(), preferred_element_type=jnp.float32)
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
+    """An empty KV cache for `length` tokens: per layer k/v [L, B, S, K, H], slot segment ids and positions."""
+    shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": jnp.zeros(shape, dtype),
+        "v": jnp.zeros(shape, dtype),
+        "segment_ids": jnp.zeros((cfg.num_layers, batch, length), jnp.int32),
+        "positions": jnp.zeros((cfg.num_layers, batch, length), jnp.int32),
+        "index": jnp.zeros((cfg.num_layers,), jnp.int32),
+    }

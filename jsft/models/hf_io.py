@@ -1,0 +1,271 @@
+"""Hugging Face safetensors <-> jsft parameters, driven by ONE key table read both ways.
+
+Import streams: every jsft parameter is created with `jax.make_array_from_callback`, whose callback reads
+from the memory-mapped safetensors file only the slice that one device holds. Peak host memory therefore
+stays near one tensor slice, and each host reads only what its devices own. Export walks the same table
+backwards, one tensor at a time, and writes HF-named shards with an index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from jsft.models.config import ModelConfig
+
+# ---- the key table ------------------------------------------------------------------------------------------
+# One row per tensor: jsft path, HF name ("{i}" marks per-layer tensors, which jsft stacks on a leading
+# `layers` axis), the HF shape of one tensor, and its layout:
+#   "linear": torch Linear weights are [out, in]; jsft keeps [in, out] split into named axes (q_proj
+#             [D, N, H], o_proj [N, H, D]), so jsft = hf.T.reshape(jsft shape) and hf = jsft.reshape(hf.T shape).T
+#   "same":   identical up to a reshape (q_bias [N*H] <-> [N, H]).
+
+
+@dataclass(frozen=True)
+class Key:
+    jsft: str
+    hf: str
+    hf_shape: tuple[int, ...]
+    layout: str  # "linear" | "same"
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.hf
+
+
+def key_table(cfg: ModelConfig) -> list[Key]:
+    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    nh, kh, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
+    p = "model.layers.{i}."
+    keys = [
+        Key("embed", "model.embed_tokens.weight", (v, d), "same"),
+        Key("layers/attn_norm", p + "input_layernorm.weight", (d,), "same"),
+        Key("layers/q_proj", p + "self_attn.q_proj.weight", (nh, d), "linear"),
+        Key("layers/k_proj", p + "self_attn.k_proj.weight", (kh, d), "linear"),
+        Key("layers/v_proj", p + "self_attn.v_proj.weight", (kh, d), "linear"),
+        Key("layers/o_proj", p + "self_attn.o_proj.weight", (d, nh), "linear"),
+        Key("layers/mlp_norm", p + "post_attention_layernorm.weight", (d,), "same"),
+        Key("layers/gate_proj", p + "mlp.gate_proj.weight", (f, d), "linear"),
+        Key("layers/up_proj", p + "mlp.up_proj.weight", (f, d), "linear"),
+        Key("layers/down_proj", p + "mlp.down_proj.weight", (d, f), "linear"),
+        Key("final_norm", "model.norm.weight", (d,), "same"),
+    ]
+    if cfg.qkv_bias:
+        keys += [
+            Key("layers/q_bias", p + "self_attn.q_proj.bias", (nh,), "same"),
+            Key("layers/k_bias", p + "self_attn.k_proj.bias", (kh,), "same"),
+            Key("layers/v_bias", p + "self_attn.v_proj.bias", (kh,), "same"),
+        ]
+    if cfg.o_bias:
+        keys.append(Key("layers/o_bias", p + "self_attn.o_proj.bias", (d,), "same"))
+    if cfg.qk_norm:
+        keys += [Key(f"layers/{x}_norm", p + f"self_attn.{x}_norm.weight", (h,), "same") for x in "qk"]
+    if not cfg.tie_word_embeddings:
+        keys.append(Key("lm_head", "lm_head.weight", (v, d), "linear"))
+    return keys
+
+
+def hf_tensor_names(key: Key, num_layers: int) -> list[str]:
+    return [key.hf.format(i=i) for i in range(num_layers)] if key.per_layer else [key.hf]
+
+
+def to_hf_layout(key: Key, x: np.ndarray) -> np.ndarray:
+    """One (unstacked) jsft tensor -> its HF tensor."""
+    if key.layout == "linear":
+        return np.ascontiguousarray(x.reshape(key.hf_shape[::-1]).T)
+    return x.reshape(key.hf_shape)
+
+
+def read_hf_slice(key: Key, tensor: np.ndarray, jsft_shape: Sequence[int], index: tuple) -> np.ndarray:
+    """jsft[index] for one (unstacked) tensor, reading from the (memory-mapped) HF `tensor` only the rows and
+    columns that the slice needs. `jsft_shape` merges group-wise into the HF axes (reversed for "linear")."""
+    if tuple(tensor.shape) != key.hf_shape:
+        raise ValueError(f"{key.hf}: expected shape {key.hf_shape}, the checkpoint has {tuple(tensor.shape)}")
+    merged_shape = key.hf_shape[::-1] if key.layout == "linear" else key.hf_shape
+    merged_index, block_shape, residual = [], [], []
+    for dims in _groups(jsft_shape, merged_shape):
+        slices = [index[j].indices(jsft_shape[j]) for j in dims]
+        inner = math.prod(jsft_shape[j] for j in dims[1:])
+        rest_full = all(sl[:2] == (0, jsft_shape[j]) and sl[2] == 1 for sl, j in zip(slices[1:], dims[1:]))
+        start, stop, step = slices[0]
+        if rest_full and step == 1:  # contiguous in the merged axis: read only those rows/columns
+            merged_index.append(slice(start * inner, stop * inner))
+            block_shape += [stop - start] + [jsft_shape[j] for j in dims[1:]]
+            residual += [slice(None)] * len(dims)
+        else:  # read the whole axis, slice after the reshape
+            merged_index.append(slice(None))
+            block_shape += [jsft_shape[j] for j in dims]
+            residual += [index[j] for j in dims]
+    if key.layout == "linear":
+        block = np.asarray(tensor[tuple(merged_index[::-1])]).T
+    else:
+        block = np.asarray(tensor[tuple(merged_index)])
+    return block.reshape(block_shape)[tuple(residual)]
+
+
+def _groups(shape: Sequence[int], merged_shape: Sequence[int]) -> list[list[int]]:
+    """Which consecutive dims of `shape` merge into each dim of `merged_shape` (products must match)."""
+    groups, j = [], 0
+    for size in merged_shape:
+        dims, prod = [], 1
+        while not dims or prod < size:
+            dims.append(j)
+            prod *= shape[j]
+            j += 1
+        if prod != size:
+            raise ValueError(f"shape {tuple(shape)} does not merge into {tuple(merged_shape)}")
+        groups.append(dims)
+    groups[-1] += list(range(j, len(shape)))  # trailing size-1 dims
+    return groups
+
+
+# ---- memory-mapped safetensors ----------------------------------------------------------------------------------
+# safetensors' numpy backend cannot return bfloat16, so the (simple, documented) file layout is mapped here
+# directly: an 8-byte header length, a JSON header, then raw little-endian tensors. Slicing a memmap reads
+# only the pages that the slice touches.
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+
+
+class SafetensorsDir:
+    """All tensors of an HF checkpoint directory (one file or sharded with model.safetensors.index.json)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.files = _checkpoint_files(self.path)
+        self._where: dict[str, tuple[Path, dict, int]] = {}
+        for file in self.files:
+            header, data_start = _read_header(file)
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (file, info, data_start)
+        self._maps: dict[Path, np.memmap] = {}
+
+    def names(self) -> set[str]:
+        return set(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][1]["shape"])
+
+    def dtype(self, name: str):
+        return np.dtype(_DTYPES[self._where[name][1]["dtype"]])
+
+    def get(self, name: str) -> np.ndarray:
+        """A lazy (memory-mapped) view of one tensor; slice it to read part of it."""
+        file, info, data_start = self._where[name]
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
+        begin, end = info["data_offsets"]
+        raw = self._maps[file][data_start + begin : data_start + end]
+        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory not found: {path}")
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [path / f for f in sorted(set(weight_map.values()))]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise ValueError(
+            f"{path} holds only pickle checkpoints ({', '.join(pickles)}); jsft loads safetensors only "
+            "(pickles can run arbitrary code). Convert with transformers: "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(out, safe_serialization=True)"
+        )
+    raise FileNotFoundError(f"no *.safetensors files in {path}")
+
+
+def _read_header(file: Path) -> tuple[dict, int]:
+    with open(file, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return header, 8 + n
+
+
+# ---- import -----------------------------------------------------------------------------------------------------
+
+# buffers that old checkpoints carry but that are recomputed from the config
+_IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+
+def check_names(cfg: ModelConfig, available: set[str], path) -> None:
+    expected = {n for k in key_table(cfg) for n in hf_tensor_names(k, cfg.num_layers)}
+    missing = sorted(expected - available)
+    extra = {n for n in available - expected if not _IGNORED.match(n)}
+    if cfg.tie_word_embeddings:
+        extra.discard("lm_head.weight")  # some tied checkpoints store the copy; the embedding is used
+    if missing or extra:
+        raise ValueError(
+            f"{path}: checkpoint tensors do not match the {cfg.model_type} config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {sorted(extra)[:5]}"
+        )
+
+
+def load_array(key: Key, files: SafetensorsDir, shape, sharding, dtype, num_layers: int) -> jax.Array:
+    """One jsft parameter as a sharded jax.Array; each device's callback reads only its own slice."""
+
+    def shard(index: tuple) -> np.ndarray:
+        if not key.per_layer:
+            return read_hf_slice(key, files.get(key.hf), shape, index).astype(dtype)
+        layers = range(num_layers)[index[0]]
+        per = [read_hf_slice(key, files.get(key.hf.format(i=i)), shape[1:], index[1:]) for i in layers]
+        return np.stack(per).astype(dtype)
+
+    return jax.make_array_from_callback(tuple(shape), sharding, shard)
+
+
+# ---- export -----------------------------------------------------------------------------------------------------
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (all processes must call this together for multi-host arrays)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def hf_tensors(cfg: ModelConfig, params: dict[str, jax.Array], dtype) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, tensor) in table order, converting one jsft parameter at a time."""
+    for key in key_table(cfg):
+        host = to_host(params[key.jsft]).astype(dtype)
+        if key.per_layer:
+            for i in range(cfg.num_layers):
+                yield key.hf.format(i=i), to_hf_layout(key, host[i])
+        else:
+            yield key.hf, to_hf_layout(key, host)
+
+
+def shard_plan(cfg: ModelConfig, dtype, max_shard_size) -> tuple[dict[str, str], bool]:
+    """HF tensor name -> file name, splitting by size the way transformers does."""
+    from huggingface_hub import split_state_dict_into_shards_factory
+
+    itemsize = np.dtype(dtype).itemsize
+    sizes = {}
+    for key in key_table(cfg):
+        for name in hf_tensor_names(key, cfg.num_layers):
+            sizes[name] = math.prod(key.hf_shape) * itemsize
+    split = split_state_dict_into_shards_factory(
+        sizes, get_storage_size=lambda n: n, get_storage_id=lambda n: None,
+        filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
+    )
+    return split.tensor_to_filename, split.is_sharded

@@ -1,0 +1,70 @@
+"""Creating models whose parameters are born sharded: random init, HF import, and per-parameter shardings."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+
+from jsft.models.config import ModelConfig
+from jsft.models.decoder import Decoder
+from jsft.sharding import param_sharding
+
+
+def abstract_model(cfg: ModelConfig, **decoder_kwargs) -> Decoder:
+    """The model with ShapeDtypeStruct leaves: no memory, no compute."""
+    return nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), **decoder_kwargs))
+
+
+def flat_params(model: Decoder) -> dict[str, nnx.Variable]:
+    """'layers/q_proj' -> Variable, for every parameter."""
+    return {"/".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def sharding_for(var: nnx.Variable, mesh: Optional[Mesh]):
+    """A parameter's sharding from its logical axes (one device when there is no mesh)."""
+    if mesh is None:
+        return SingleDeviceSharding(jax.devices()[0])
+    return param_sharding(var.logical_axes, var.shape, mesh)
+
+
+def state_shardings(model: Decoder, mesh: Optional[Mesh]):
+    """A State of shardings matching nnx.state(model), for jit in/out shardings."""
+    return jax.tree.map(
+        lambda v: sharding_for(v, mesh), nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable)
+    )
+
+
+def init_model(cfg: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None, **decoder_kwargs) -> Decoder:
+    """A randomly initialised model, created inside jit so each device materialises only its shard."""
+    abstract = abstract_model(cfg, **decoder_kwargs)
+    graphdef, abstract_state = nnx.split(abstract)
+    out_shardings = state_shardings(abstract, mesh)
+
+    def make():
+        return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed), **decoder_kwargs))
+
+    state = jax.jit(make, out_shardings=out_shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def replace_params(abstract: Decoder, values: dict[str, jax.Array]) -> Decoder:
+    """Fill an abstract model's parameters with arrays keyed by flat path."""
+    graphdef, state = nnx.split(abstract)
+    for path, var in nnx.to_flat_state(state):
+        var.set_value(values["/".join(map(str, path))])
+    return nnx.merge(graphdef, state)
+
+
+def model_bytes(model: Decoder) -> tuple[int, dict]:
+    """Total parameter bytes and bytes per device (the largest device's share)."""
+    total, per_device = 0, {}
+    for var in flat_params(model).values():
+        arr = var[...]
+        total += arr.size * arr.dtype.itemsize
+        for shard in arr.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.size * arr.dtype.itemsize
+    return total, per_device

@@ -1,0 +1,164 @@
+"""token_nll against full-logits references (jax and torch), packing, memory; loss_weights invariance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jsft.train.loss import LOSS_AGG_MODES, batch_counts, loss_weights, target_mask, token_nll
+
+
+
+@pytest.fixture(autouse=True)
+def fp32_matmuls():
+    """Full fp32 matmuls on every backend (GPUs default to TF32), so 1e-6 comparisons are meaningful."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def naive_nll(hidden, unembed, input_ids, segment_ids):
+    """Full [B, T, V] logits, one-hot cross-entropy of the shifted labels, masked at segment starts."""
+    logp = jax.nn.log_softmax(jnp.einsum("btd,dv->btv", hidden, unembed), axis=-1)[:, :-1]
+    onehot = jax.nn.one_hot(input_ids[:, 1:], unembed.shape[1])
+    nll = -(logp * onehot).sum(-1)
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    return jnp.pad(jnp.where(same, nll, 0.0), ((0, 0), (1, 0)))
+
+
+def random_inputs(seed, B=2, T=13, D=8, V=37):
+    k = jax.random.split(jax.random.key(seed), 3)
+    hidden = jax.random.normal(k[0], (B, T, D), jnp.float32)
+    unembed = jax.random.normal(k[1], (D, V), jnp.float32)
+    ids = jax.random.randint(k[2], (B, T), 0, V)
+    seg = jnp.array([[1] * 5 + [2] * 6 + [0] * (T - 11), [1] * T])[:B]  # packed row, full row
+    return hidden, unembed, ids, seg
+
+
+@pytest.mark.parametrize("chunk_size", [4, 13, 64])  # 4 does not divide T=13; 64 exceeds it
+def test_token_nll_matches_full_logits_and_grads(chunk_size):
+    hidden, unembed, ids, seg = random_inputs(0)
+    w = jax.random.uniform(jax.random.key(1), ids.shape)
+
+    def loss(fn, h, u):
+        return (w * fn(h, u, ids, seg)).sum()
+
+    chunked = lambda h, u, i, s: token_nll(h, u, i, s, chunk_size)  # noqa: E731
+    np.testing.assert_allclose(chunked(hidden, unembed, ids, seg), naive_nll(hidden, unembed, ids, seg), atol=1e-6)
+    g_chunk = jax.grad(lambda h, u: loss(chunked, h, u), argnums=(0, 1))(hidden, unembed)
+    g_naive = jax.grad(lambda h, u: loss(naive_nll, h, u), argnums=(0, 1))(hidden, unembed)
+    for a, b in zip(g_chunk, g_naive):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_token_nll_matches_torch_cross_entropy():
+    hidden, unembed, ids, _ = random_inputs(2, B=1)
+    seg = jnp.ones_like(ids)
+    nll = token_nll(hidden, unembed, ids, seg, chunk_size=5)
+    logits = torch.tensor(np.asarray(hidden[0] @ unembed, dtype=np.float64))
+    labels = torch.tensor(np.asarray(ids[0, 1:]), dtype=torch.long)
+    ref = torch.nn.functional.cross_entropy(logits[:-1], labels, reduction="none")
+    np.testing.assert_allclose(nll[0, 1:], ref.numpy(), atol=1e-6)
+    assert nll[0, 0] == 0.0
+
+
+def test_packed_row_equals_samples_run_separately():
+    hidden, unembed, ids, _ = random_inputs(3, B=1, T=12)
+    seg = jnp.array([[1] * 4 + [2] * 5 + [3] * 3])
+    packed = token_nll(hidden, unembed, ids, seg, chunk_size=5)[0]
+    for s, (lo, hi) in enumerate([(0, 4), (4, 9), (9, 12)], start=1):
+        alone = token_nll(hidden[:, lo:hi], unembed, ids[:, lo:hi], jnp.ones((1, hi - lo), jnp.int32), 5)[0]
+        np.testing.assert_allclose(packed[lo:hi], alone, atol=1e-6, err_msg=f"sample {s}")
+
+
+def test_segment_boundary_is_never_a_target():
+    hidden, unembed, ids, seg = random_inputs(4)  # row 0: segment 1 = 0..4, segment 2 = 5..10, padding 11..12
+    nll_fn = lambda h: token_nll(h, unembed, ids, seg, chunk_size=4)  # noqa: E731
+    nll = nll_fn(hidden)
+    np.testing.assert_array_equal(np.asarray(nll) != 0, target_mask(np.ones(seg.shape), np.asarray(seg)))
+    assert nll[0, 0] == 0 and nll[0, 5] == 0 and (nll[0, 11:] == 0).all()
+    # The last token of a sample predicts nothing: its hidden state gets no gradient.
+    g = jax.grad(lambda h: nll_fn(h).sum())(hidden)
+    assert (g[0, 4] == 0).all() and (g[0, 10:] == 0).all() and (g[0, 3] != 0).any()
+
+
+def test_chunking_keeps_temp_memory_far_below_full_logits():
+    B, T, D, V = 1, 1024, 64, 151_936
+    args = (
+        jax.ShapeDtypeStruct((B, T, D), jnp.bfloat16),
+        jax.ShapeDtypeStruct((D, V), jnp.bfloat16),
+        jax.ShapeDtypeStruct((B, T), jnp.int32),
+        jax.ShapeDtypeStruct((B, T), jnp.int32),
+    )
+
+    def temp_bytes(nll_fn):
+        grad = jax.grad(lambda h, u, i, s: nll_fn(h, u, i, s).sum(), argnums=(0, 1))
+        return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
+
+    full = temp_bytes(lambda h, u, i, s: naive_nll(h.astype(jnp.float32), u.astype(jnp.float32), i, s))
+    chunked = temp_bytes(lambda h, u, i, s: token_nll(h, u, i, s, chunk_size=64))
+    print(f"\ntemp memory, fwd+bwd, T={T} V={V}: full logits {full / 2**20:.0f} MiB, chunked(64) {chunked / 2**20:.0f} MiB")
+    assert full > 5 * chunked
+
+
+def random_samples(rng, n):
+    """n samples: lengths, loss masks, and a per-token nll that travels with the token."""
+    out = []
+    for _ in range(n):
+        length = int(rng.integers(2, 9))
+        mask = (rng.random(length) < 0.6).astype(np.int32)
+        out.append((mask, rng.random(length).astype(np.float32)))
+    return out
+
+
+def pack(samples, row_len, rows_per_batch):
+    """First-fit into rows of row_len (segment ids 1, 2, ... per row), grouped into micro-batches."""
+    rows = []
+    for mask, nll in samples:
+        if not rows or rows[-1][0].size + mask.size > row_len:
+            rows.append((np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)))
+        m, s, x = rows[-1]
+        seg_id = (s.max() if s.size else 0) + 1
+        rows[-1] = (np.r_[m, mask], np.r_[s, np.full(mask.size, seg_id)], np.r_[x, nll])
+    padded = [tuple(np.pad(a, (0, row_len - a.size)) for a in row) for row in rows]
+    while len(padded) % rows_per_batch:
+        padded.append(tuple(np.zeros(row_len, a.dtype) for a in padded[0]))
+    arrays = [np.stack(a) for a in zip(*padded)]
+    return [tuple(a[i : i + rows_per_batch] for a in arrays) for i in range(0, len(padded), rows_per_batch)]
+
+
+def reference_loss(samples, mode, max_length):
+    """Each mode's definition, on the unpacked samples; a sample's first token is never a target."""
+    per_sample = [(mask[1:] * nll[1:]).sum() for mask, nll in samples]
+    counts = [mask[1:].sum() for mask, _ in samples]
+    n = sum(c > 0 for c in counts)
+    return {
+        "token-mean": sum(per_sample) / sum(counts),
+        "seq-mean-token-sum": sum(per_sample) / n,
+        "seq-mean-token-mean": sum(s / c for s, c in zip(per_sample, counts) if c) / n,
+        "seq-mean-token-sum-norm": sum(per_sample) / (n * max_length),
+    }[mode]
+
+
+@pytest.mark.parametrize("mode", LOSS_AGG_MODES)
+def test_loss_weights_exact_under_any_split(mode):
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+        samples = random_samples(rng, 12)
+        expected = reference_loss(samples, mode, max_length=16)
+        for row_len, rows_per_batch in [(8, 1), (16, 2), (24, 3), (96, 1)]:
+            micro = pack(samples, row_len, rows_per_batch)
+            counts = np.sum([batch_counts(m, s) for m, s, _ in micro], axis=0)
+            total = sum(
+                (loss_weights(m, s, mode, num_samples=counts[0], num_target_tokens=counts[1], max_length=16) * x).sum()
+                for m, s, x in micro
+            )
+            np.testing.assert_allclose(total, expected, rtol=1e-6, err_msg=f"trial {trial}, rows of {row_len}")
+
+
+def test_batch_counts_and_unknown_mode():
+    mask = np.array([[1, 1, 1, 0, 1, 1], [1, 1, 0, 0, 0, 0]])
+    seg = np.array([[1, 1, 2, 2, 3, 3], [1, 1, 0, 0, 0, 0]])  # segment 2 has no target after its start
+    assert batch_counts(mask, seg) == (3, 3)
+    with pytest.raises(ValueError, match="token-mean"):
+        loss_weights(mask, seg, "mean", num_samples=3, num_target_tokens=3, max_length=6)
