@@ -21,3 +21,50 @@ def qwen_tokenizer_dir():
     if not (QWEN_TOKENIZER / "tokenizer_config.json").exists():
         pytest.skip(f"real tokenizer not found at {QWEN_TOKENIZER}")
     return QWEN_TOKENIZER
+
+
+TINY = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+}
+
+
+def make_tiny_hf(path, kind: str, seed: int = 0, **overrides):
+    """A tiny random HF checkpoint (fp32 safetensors) with norms and biases moved away from their init."""
+    import torch
+    import transformers
+
+    kw = {**TINY, **overrides}
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**kw)
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(**{"head_dim": 48, **kw})
+    elif kind == "llama3":
+        config = transformers.LlamaConfig(**{"rope_parameters": LLAMA3_ROPE, **kw})
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**{"sliding_window": None, **kw})
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+@pytest.fixture
+def tiny_hf(tmp_path):
+    """tiny_hf(kind, **config_overrides) -> (checkpoint dir, torch model)."""
+
+    def make(kind: str, **overrides):
+        path = tmp_path / f"hf_{kind}"
+        return path, make_tiny_hf(path, kind, **overrides)
+
+    return make

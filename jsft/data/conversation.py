@@ -29,23 +29,29 @@ class RowKeys:
 
 @dataclass
 class Conversation:
-    messages: list[dict]
+    messages: list[dict]  # exactly what the chat template sees
     tools: Optional[list[dict]] = None
     template_kwargs: dict = field(default_factory=dict)  # extra template variables (enable_thinking)
+    train: dict[int, bool] = field(default_factory=dict)  # message index -> the per-message `train` override
 
 
 def parse_row(record: dict, keys: RowKeys) -> Conversation:
     """Validate one row and normalise it into the form chat templates expect."""
+    messages = _messages(_raw_messages(record, keys))
+    # `train` is ours, not the template's: keep it out of what the template renders.
+    train = {j: m.pop("train") for j, m in enumerate(messages) if "train" in m}
+    return Conversation(messages, _tools(record.get(keys.tools), keys.tools), _template_kwargs(record, keys), train)
+
+
+def _raw_messages(record: dict, keys: RowKeys) -> Any:
     if record.get(keys.messages) is not None:
-        messages = _messages(_maybe_json(record[keys.messages], keys.messages, "messages_not_list"))
-    elif record.get(keys.prompt) is not None or record.get(keys.response) is not None:
-        messages = _single_turn(record, keys)
-    else:
-        raise BadRow(
-            "missing_column",
-            f"row has no '{keys.messages}' column (nor '{keys.prompt}' and '{keys.response}' for a single-turn row)",
-        )
-    return Conversation(messages, _tools(record.get(keys.tools), keys.tools), _template_kwargs(record, keys))
+        return _maybe_json(record[keys.messages], keys.messages, "messages_not_list")
+    if record.get(keys.prompt) is not None or record.get(keys.response) is not None:
+        return _single_turn(record, keys)
+    raise BadRow(
+        "missing_column",
+        f"row has no '{keys.messages}' column (nor '{keys.prompt}' and '{keys.response}' for a single-turn row)",
+    )
 
 
 def _maybe_json(value: Any, name: str, kind: str) -> Any:

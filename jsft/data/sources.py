@@ -63,15 +63,15 @@ class _JsonlFile:
 
     def __init__(self, path: str):
         self.path = path
-        offsets, lines, pos = [], [], 0
+        offsets, numbers, pos = [], [], 0
         with open(path, "rb") as f:
             for lineno, line in enumerate(f, start=1):
                 if line.strip():
                     offsets.append(pos)
-                    lines.append(lineno)
+                    numbers.append(lineno)
                 pos += len(line)
         self.offsets = np.asarray(offsets, np.int64)
-        self.lines = np.asarray(lines, np.int64)
+        self.numbers = np.asarray(numbers, np.int64)  # 1-based line of each row
         self._handle = None
 
     def __len__(self) -> int:
@@ -80,19 +80,19 @@ class _JsonlFile:
     def __getstate__(self):
         return {**self.__dict__, "_handle": None}  # file handles do not cross process boundaries
 
-    def read(self, i: int, index: int) -> RawRow:
+    def read(self, i: int, row: RawRow) -> RawRow:
         if self._handle is None:
             self._handle = open(self.path, "rb")
         self._handle.seek(int(self.offsets[i]))
-        line = self._handle.readline()
-        where = f"{self.path}:{self.lines[i]}"
         try:
-            record = json.loads(line)
+            row.record = json.loads(self._handle.readline())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            return RawRow(index, where, None, BadRow("invalid_json", f"invalid JSON: {e}"))
-        if not isinstance(record, dict):
-            return RawRow(index, where, None, BadRow("not_an_object", f"row is a JSON {type(record).__name__}, not an object"))
-        return RawRow(index, where, record)
+            row.error = BadRow("invalid_json", f"invalid JSON: {e}")
+            return row
+        if not isinstance(row.record, dict):
+            row.error = BadRow("not_an_object", f"row is a JSON {type(row.record).__name__}, not an object")
+            row.record = None
+        return row
 
 
 class _ParquetFile:
@@ -103,6 +103,7 @@ class _ParquetFile:
         meta = pq.ParquetFile(path).metadata
         sizes = [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self.group_starts = np.cumsum([0] + sizes)
+        self.numbers = np.arange(self.group_starts[-1], dtype=np.int64)
         self._cached = (None, None)
 
     def __len__(self) -> int:
@@ -111,11 +112,28 @@ class _ParquetFile:
     def __getstate__(self):
         return {**self.__dict__, "_cached": (None, None)}
 
-    def read(self, i: int, index: int) -> RawRow:
+    def read(self, i: int, row: RawRow) -> RawRow:
         group = int(np.searchsorted(self.group_starts, i, side="right") - 1)
         if self._cached[0] != group:
             self._cached = (group, pq.ParquetFile(self.path).read_row_group(group).to_pylist())
-        return RawRow(index, f"{self.path} row {i} (0-based)", self._cached[1][i - self.group_starts[group]])
+        row.record = self._cached[1][i - self.group_starts[group]]
+        return row
+
+
+@dataclass
+class RowLocations:
+    """source_index -> "file:line" (JSONL, 1-based line) or "file row r (0-based)" (Parquet)."""
+
+    paths: list[str]
+    starts: np.ndarray  # int64 [files + 1]: first source_index of each file
+    numbers: np.ndarray  # int64 [rows]: the row's line (JSONL) or row (Parquet) within its file
+
+    def file_of(self, index: int) -> int:
+        return int(np.searchsorted(self.starts, index, side="right") - 1)
+
+    def __call__(self, index: int) -> str:
+        path, number = self.paths[self.file_of(index)], int(self.numbers[index])
+        return f"{path}:{number}" if path.endswith(".jsonl") else f"{path} row {number} (0-based)"
 
 
 class RowSource:
@@ -123,12 +141,16 @@ class RowSource:
 
     def __init__(self, files: Sequence[str]):
         self.files = [_JsonlFile(p) if p.endswith(".jsonl") else _ParquetFile(p) for p in files]
-        self.starts = np.cumsum([0] + [len(f) for f in self.files])
+        self.locations = RowLocations(
+            list(files),
+            np.cumsum([0] + [len(f) for f in self.files]),
+            np.concatenate([np.zeros(0, np.int64)] + [f.numbers for f in self.files]),
+        )
 
     def __len__(self) -> int:
-        return int(self.starts[-1])
+        return int(self.locations.starts[-1])
 
     def __getitem__(self, index: int) -> RawRow:
         index = int(index)
-        k = int(np.searchsorted(self.starts, index, side="right") - 1)
-        return self.files[k].read(index - int(self.starts[k]), index)
+        k = self.locations.file_of(index)
+        return self.files[k].read(index - int(self.locations.starts[k]), RawRow(index, self.locations(index), None))

@@ -26,7 +26,8 @@ KIND_WEIGHTS = {"single": 5, "parallel": 2, "chain": 3}
 QUESTIONS = {
     "add": ("What is {a} plus {b}?", "Add {a} and {b}.", "What is the sum of {a} and {b}?", "Compute {a} + {b}."),
     "sub": ("What is {a} minus {b}?", "Subtract {b} from {a}.", "What is {b} less than {a}?", "Compute {a} - {b}."),
-    "mul": ("What is {a} times {b}?", "Multiply {a} by {b}.", "What is the product of {a} and {b}?", "Compute {a} * {b}."),
+    "mul": ("What is {a} times {b}?", "Multiply {a} by {b}.", "What is the product of {a} and {b}?",
+            "Compute {a} * {b}."),
     "capital": ("What is the capital of {country}?", "Which city is the capital of {country}?",
                 "Name the capital of {country}."),
     "population": ("What is the population of {country}?", "How many people live in {country}?",

@@ -18,7 +18,7 @@ Definitions (docs/demo.md repeats them):
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
 from jsft.demo.schema import schema_error
@@ -72,9 +72,9 @@ def check_call(call: ParsedCall, tools: Sequence[dict]) -> ParsedCall:
         return call
     schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in tools}
     if call.name not in schemas:
-        return ParsedCall(call.raw, call.name, call.arguments, f"unknown tool {call.name!r}; known: {sorted(schemas)}")
+        return replace(call, error=f"unknown tool {call.name!r}; known: {sorted(schemas)}")
     if error := schema_error(schemas[call.name], call.arguments, "arguments"):
-        return ParsedCall(call.raw, call.name, call.arguments, f"{call.name}: {error}")
+        return replace(call, error=f"{call.name}: {error}")
     return call
 
 
@@ -91,13 +91,20 @@ def tool_call_parse_rate(generations: Sequence[str], tools: Sequence[dict],
     expects_call = [True] * len(generations) if expects_call is None else expects_call
     if len(expects_call) != len(generations):
         raise ValueError(f"{len(generations)} generations but {len(expects_call)} expects_call flags")
-    good = units = 0
-    for text, expected in zip(generations, expects_call):
-        calls = checked_calls(text, tools)
-        if not calls:
-            units += int(expected)
-        units += len(calls)
-        good += sum(call.error is None for call in calls)
+    counts = [call_units(text, tools, expected) for text, expected in zip(generations, expects_call)]
+    return ratio(counts)
+
+
+def call_units(text: str, tools: Sequence[dict], expects_call: bool) -> tuple[int, int]:
+    """(well-formed calls, units) of one generation, as `tool_call_parse_rate` counts them."""
+    calls = checked_calls(text, tools)
+    if not calls:
+        return 0, int(expects_call)
+    return sum(call.error is None for call in calls), len(calls)
+
+
+def ratio(counts: Sequence[tuple[int, int]]) -> float:
+    good, units = (sum(column) for column in zip(*counts)) if counts else (0, 0)
     return good / units if units else math.nan
 
 
@@ -107,9 +114,8 @@ def exact_answer_rate(final_answers: Sequence[Optional[str]], expected: Sequence
         raise ValueError(f"{len(final_answers)} answers but {len(expected)} references")
     if not expected:
         return math.nan
-    right = sum(a is not None and _normalize(a) == _normalize(e) for a, e in zip(final_answers, expected))
-    return right / len(expected)
+    return sum(map(answer_matches, final_answers, expected)) / len(expected)
 
 
-def _normalize(text: str) -> str:
-    return " ".join(text.split())
+def answer_matches(answer: Optional[str], expected: str) -> bool:
+    return answer is not None and " ".join(answer.split()) == " ".join(expected.split())

@@ -4,6 +4,7 @@
 `PreTrainedTokenizerFast`; `transformers.AutoTokenizer.from_pretrained(path)` then loads it offline.
 """
 
+import json
 import pathlib
 import re
 from typing import Optional, Sequence
@@ -13,13 +14,13 @@ from transformers import PreTrainedTokenizerFast
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from jsft.demo.dataset import rows
+from jsft.demo.protocol import CLOSE, OPEN
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 # Control tokens are `special` (skipped by decode(skip_special_tokens=True)); the tool-call tags are plain added
 # tokens, as in Qwen2.5, so decoded generations keep them for the protocol parser.
 SPECIAL_TOKENS = (PAD, IM_START, IM_END)
-TAG_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+TAG_TOKENS = (OPEN, CLOSE)
 
 # Qwen2's pre-tokenizer split: digits one by one, so a tiny model copies numbers from a 10-token alphabet
 # instead of learning one embedding per number.
@@ -125,7 +126,15 @@ def build_tokenizer(out_dir, texts: Optional[Sequence[str]] = None, *, seed: int
     )
     out = pathlib.Path(out_dir)
     tokenizer.save_pretrained(out)
+    _name_class_for_older_transformers(out / "tokenizer_config.json")
     return out
+
+
+def _name_class_for_older_transformers(config_path: pathlib.Path) -> None:
+    """transformers 5 saves `TokenizersBackend`, a class 4.x lacks; both resolve `PreTrainedTokenizerFast`."""
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def _untrained_backend() -> Tokenizer:

@@ -152,7 +152,6 @@ class SafetensorsDir:
             for name, info in header.items():
                 if name != "__metadata__":
                     self._where[name] = (file, info, data_start)
-        self._maps: dict[Path, np.memmap] = {}
 
     def names(self) -> set[str]:
         return set(self._where)
@@ -164,13 +163,14 @@ class SafetensorsDir:
         return np.dtype(_DTYPES[self._where[name][1]["dtype"]])
 
     def get(self, name: str) -> np.ndarray:
-        """A lazy (memory-mapped) view of one tensor; slice it to read part of it."""
+        """A lazy view of one tensor; slice it to read part of it. Each call maps the file afresh and the
+        mapping goes away with the view, so pages read for one tensor do not stay in the process's RSS."""
         file, info, data_start = self._where[name]
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, dtype=np.uint8, mode="r")
-        begin, end = info["data_offsets"]
-        raw = self._maps[file][data_start + begin : data_start + end]
-        return raw.view(_DTYPES[info["dtype"]]).reshape(info["shape"])
+        begin = info["data_offsets"][0]
+        shape = tuple(info["shape"])
+        if not shape or 0 in shape:
+            return np.zeros(shape, _DTYPES[info["dtype"]])
+        return np.memmap(file, dtype=_DTYPES[info["dtype"]], mode="r", offset=data_start + begin, shape=shape)
 
 
 def _checkpoint_files(path: Path) -> list[Path]:

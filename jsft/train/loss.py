@@ -14,6 +14,8 @@ happens in exactly one place, `token_nll`, and the result is aligned with `input
 
 from __future__ import annotations
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,8 +31,8 @@ def token_nll(
     nll[b, t] = -log softmax(hidden[b, t-1] @ unembed)[input_ids[b, t]] where token t continues the
     segment of token t-1 (segment_ids equal and non-zero), else 0.
 
-    hidden [B, T, D] (compute dtype), unembed [D, V]. Logits are computed in float32 one chunk of
-    `chunk_size` positions at a time ([B, chunk_size, V] live, forward and backward), never [B, T, V].
+    hidden [B, T, D] (compute dtype), unembed [D, V]. Logits are computed in float32 for `chunk_size`
+    vocabulary columns at a time ([B, T, chunk_size] live, forward and backward), never [B, T, V].
     """
     labels = jnp.roll(input_ids, -1, axis=1)  # [B, T] label of position t is token t+1
     valid = _continues_segment(segment_ids)  # [B, T] token t has a predecessor in its sample
@@ -44,31 +46,82 @@ def _continues_segment(segment_ids) -> jax.Array:
     return (segment_ids == prev) & (segment_ids != 0)
 
 
+# Chunks run over the VOCABULARY, not over tokens, because of FSDP: every token chunk would need the
+# whole unembed and would add into the whole dW [D, V] inside the loop, which XLA turns into one
+# gather + all-reduce of [D, V] per chunk. A vocabulary chunk touches only its own columns, so each
+# weight column is gathered and reduced once, and the token axis stays sharded over devices throughout.
+
+
+def _padded(unembed, chunk):
+    """unembed with zero columns up to a multiple of chunk (their logits are masked to -inf)."""
+    return jnp.pad(unembed, ((0, 0), (0, -unembed.shape[1] % chunk)))
+
+
+def _logits_chunk(hidden, padded, vocab, i, chunk):
+    """Columns [i*chunk, (i+1)*chunk) of unembed [D, chunk], and their float32 logits [B, T, chunk]
+    (-inf past vocab)."""
+    w = jax.lax.dynamic_slice_in_dim(padded, i * chunk, chunk, axis=1)
+    logits = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
+    return w, jnp.where(i * chunk + jnp.arange(chunk) < vocab, logits, -jnp.inf)
+
+
+def _label_in_chunk(labels, i, chunk):
+    """labels' column inside chunk i, and whether the label falls in it. [B, T] each."""
+    local = labels - i * chunk
+    return local, (local >= 0) & (local < chunk)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _chunked_nll(hidden, unembed, labels, valid, chunk_size):
-    """nll of `labels` under softmax(hidden @ unembed), scanned over sequence chunks.
+    return _chunked_nll_fwd(hidden, unembed, labels, valid, chunk_size)[0]
 
-    Chunks run along the sequence, not the flattened token axis: the batch axis is sharded over devices
-    and a scan over a sharded axis would gather it; this way every device scans its own rows.
-    """
-    B, T, D = hidden.shape
-    chunk = min(chunk_size, T)
-    n = -(-T // chunk)
-    pad = n * chunk - T
 
-    def to_chunks(x):  # [B, T, ...] -> [n, B, chunk, ...]
-        x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.swapaxes(x.reshape(B, n, chunk, *x.shape[2:]), 0, 1)
+def _chunked_nll_fwd(hidden, unembed, labels, valid, chunk_size):
+    vocab = unembed.shape[1]
+    chunk = min(chunk_size, vocab)
+    padded = _padded(unembed, chunk)
+    B, T = labels.shape
 
-    # Rematerialised so the backward pass, too, holds one chunk's logits instead of saving all of them.
-    @jax.checkpoint
-    def chunk_nll(args):
-        h, y, ok = args
-        logits = jnp.einsum("bcd,dv->bcv", h, unembed, preferred_element_type=jnp.float32)
-        target = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-        return jnp.where(ok, jax.nn.logsumexp(logits, axis=-1) - target, 0.0)
+    def step(carry, i):  # online logsumexp over chunks, plus the target logit from its chunk
+        running_max, running_sum, target = carry
+        _, logits = _logits_chunk(hidden, padded, vocab, i, chunk)
+        new_max = jnp.maximum(running_max, logits.max(-1))
+        running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
+        local, inside = _label_in_chunk(labels, i, chunk)
+        picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
+        return (new_max, running_sum, jnp.where(inside, picked, target)), None
 
-    nll = jax.lax.map(chunk_nll, (to_chunks(hidden), to_chunks(labels), to_chunks(valid)))
-    return jnp.swapaxes(nll, 0, 1).reshape(B, n * chunk)[:, :T]
+    init = (jnp.full((B, T), -jnp.inf), jnp.zeros((B, T)), jnp.zeros((B, T)))
+    (running_max, running_sum, target), _ = jax.lax.scan(step, init, jnp.arange(padded.shape[1] // chunk))
+    lse = running_max + jnp.log(running_sum)
+    nll = jnp.where(valid, lse - target, 0.0)
+    return nll, (hidden, unembed, labels, valid, lse)
+
+
+def _chunked_nll_bwd(chunk_size, residuals, g):
+    """d nll / d logits = softmax - onehot(label), rebuilt one chunk at a time from the saved lse."""
+    hidden, unembed, labels, valid, lse = residuals
+    vocab = unembed.shape[1]
+    chunk = min(chunk_size, vocab)
+    padded = _padded(unembed, chunk)
+    g = jnp.where(valid, g, 0.0)
+
+    def step(d_hidden, i):
+        w, logits = _logits_chunk(hidden, padded, vocab, i, chunk)
+        local, inside = _label_in_chunk(labels, i, chunk)
+        is_label = (jnp.arange(chunk) == local[..., None]) & inside[..., None]  # fused compare, no one-hot
+        d_logits = g[..., None] * (jnp.exp(logits - lse[..., None]) - is_label)  # [B, T, chunk]
+        d_hidden = d_hidden + jnp.einsum("btv,dv->btd", d_logits, w, preferred_element_type=jnp.float32)
+        d_w = jnp.einsum("btd,btv->dv", hidden, d_logits, preferred_element_type=jnp.float32)
+        return d_hidden, d_w.astype(unembed.dtype)
+
+    n = padded.shape[1] // chunk
+    d_hidden, d_w = jax.lax.scan(step, jnp.zeros(hidden.shape, jnp.float32), jnp.arange(n))
+    d_unembed = jnp.moveaxis(d_w, 0, 1).reshape(unembed.shape[0], n * chunk)[:, :vocab]
+    return d_hidden.astype(hidden.dtype), d_unembed, None, None
+
+
+_chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def target_mask(loss_mask: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:

@@ -1,10 +1,15 @@
 """token_nll against full-logits references (jax and torch), packing, memory; loss_weights invariance."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jsft.train.loss import LOSS_AGG_MODES, batch_counts, loss_weights, target_mask, token_nll
 
@@ -35,7 +40,7 @@ def random_inputs(seed, B=2, T=13, D=8, V=37):
     return hidden, unembed, ids, seg
 
 
-@pytest.mark.parametrize("chunk_size", [4, 13, 64])  # 4 does not divide T=13; 64 exceeds it
+@pytest.mark.parametrize("chunk_size", [8, 37, 64])  # 8 does not divide V=37; 64 exceeds it
 def test_token_nll_matches_full_logits_and_grads(chunk_size):
     hidden, unembed, ids, seg = random_inputs(0)
     w = jax.random.uniform(jax.random.key(1), ids.shape)
@@ -96,9 +101,26 @@ def test_chunking_keeps_temp_memory_far_below_full_logits():
         return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
     full = temp_bytes(lambda h, u, i, s: naive_nll(h.astype(jnp.float32), u.astype(jnp.float32), i, s))
-    chunked = temp_bytes(lambda h, u, i, s: token_nll(h, u, i, s, chunk_size=64))
-    print(f"\ntemp memory, fwd+bwd, T={T} V={V}: full logits {full / 2**20:.0f} MiB, chunked(64) {chunked / 2**20:.0f} MiB")
+    chunked = temp_bytes(lambda h, u, i, s: token_nll(h, u, i, s, chunk_size=8192))
+    print(f"\ntemp memory, fwd+bwd, T={T} V={V}: full logits {full / 2**20:.0f} MiB, chunked(8192) {chunked / 2**20:.0f} MiB")
     assert full > 5 * chunked
+
+
+def test_fsdp_sharded_matches_unsharded_and_moves_only_chunks():
+    """Batch over (data, fsdp), unembed's D over fsdp, as the trainer shards them on 8 devices."""
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+    hidden, unembed, ids, _ = random_inputs(5, B=8, T=12, D=16, V=100)
+    seg = jnp.ones_like(ids)
+    grad_fn = jax.grad(lambda h, u, i, s: token_nll(h, u, i, s, chunk_size=32).sum(), argnums=(0, 1))
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    args = [jax.device_put(x, batch) for x in (hidden, ids, seg)]
+    args.insert(1, jax.device_put(unembed, NamedSharding(mesh, P("fsdp", None))))
+    compiled = jax.jit(grad_fn).lower(*args).compile()
+    for a, b in zip(compiled(*args), grad_fn(hidden, unembed, ids, seg)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Every collective moves one [D, chunk] slice of the unembed or its gradient, never all [D, V].
+    shapes = re.findall(r"= \w+\[([\d,]*)\][^=]*? (?:all-gather|all-reduce)\(", compiled.as_text())
+    assert shapes and all(shape in ("16,32", "") for shape in shapes), shapes
 
 
 def random_samples(rng, n):

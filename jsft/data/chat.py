@@ -1,0 +1,185 @@
+"""Conversation -> training samples (`input_ids`, `loss_mask`) with inference-exact masks.
+
+For assistant turn k (message index a):
+
+    P_k = template(messages[:a], add_generation_prompt=True)     the context the model sees
+    F_k = template(messages[:a+1])
+    G_k = F_k minus the prefix P_k, cut just after its first end-of-turn token
+
+The targets of turn k are `tokenize(G_k)` on its own, exactly what the model emits, EOS included; the role
+header (in P_k), the glue after EOS and every system/user/tool token are context. When each prompt
+extends the previous prompt plus generation (`P_{k+1}` starts with `P_k + G_k`), the conversation is one
+sample built piece by piece as a multi-turn rollout builds it:
+
+    tokens(P_1) + tokens(G_1) + tokens(P_2 minus (P_1 + G_1)) + tokens(G_2) + ...
+
+Otherwise (e.g. a template that drops earlier turns' reasoning), `multiturn_policy=auto` emits one sample
+`tokens(P_k) + tokens(G_k)` per trained turn. Masks are aligned with `input_ids` (mask[t] = 1: token t is
+a target); the shift happens in the loss. Each sample is also tokenized in one pass from its whole text,
+and the first position where that differs is recorded (`mismatch`); the piecewise ids are the ones trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from jsft.data.config import DataConfig
+from jsft.data.conversation import Conversation, RowKeys, parse_row
+from jsft.data.sources import BadRow, RawRow
+from jsft.data.tokenizer import end_of_turn_texts
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """The `data.*` options that decide what a sample contains (all part of the cache key)."""
+
+    keys: RowKeys = RowKeys()
+    multiturn_policy: str = "auto"
+    train_tool_calls: bool = True
+    train_turns: str = "all"
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig) -> "ChatOptions":
+        keys = RowKeys(cfg.messages_key, cfg.tools_key, cfg.enable_thinking_key, cfg.prompt_key, cfg.response_key)
+        return cls(keys, cfg.multiturn_policy, cfg.train_tool_calls, cfg.train_turns)
+
+
+@dataclass
+class Sample:
+    input_ids: np.ndarray  # int32 [T]
+    loss_mask: np.ndarray  # uint8 [T]; 1: token t is a target
+    turn_index: Optional[int]  # assistant turn (0-based) of a per-turn sample; None: the whole conversation
+    mismatch: int  # first position where the one-pass tokenization differs; -1: identical
+
+
+@dataclass
+class RowResult:
+    index: int  # source_index of the row
+    where: str
+    samples: list[Sample]
+    split: bool = False  # rendered as one sample per turn although it has several turns
+    error: Optional[BadRow] = None
+
+
+@dataclass
+class _Turn:
+    number: int  # 0-based among the conversation's assistant turns
+    prompt: str  # P_k
+    generation: str  # G_k, ending with the end-of-turn token
+    trained: bool
+
+
+class ChatRenderer:
+    """Raw row -> `RowResult`. Picklable: it is the map transform run in the tokenization workers."""
+
+    def __init__(self, tokenizer, options: ChatOptions):
+        self.tokenizer = tokenizer
+        self.options = options
+        self.end_of_turn = end_of_turn_texts(tokenizer)
+
+    def __call__(self, row: RawRow) -> RowResult:
+        try:
+            if row.error is not None:
+                raise row.error
+            samples, split = self.samples(parse_row(row.record, self.options.keys))
+        except BadRow as e:
+            return RowResult(row.index, row.where, [], error=e)
+        return RowResult(row.index, row.where, samples, split)
+
+    def samples(self, conv: Conversation) -> tuple[list[Sample], bool]:
+        """The samples of one conversation, and whether it was split into one sample per turn."""
+        turns = self._turns(conv)
+        if not turns:
+            return [], False  # nothing to train: counted as a zero-target row
+        broken = _first_non_prefix(turns)
+        policy = self.options.multiturn_policy
+        if policy == "split" or (policy == "auto" and broken is not None):
+            samples = [self._encode([t.prompt, t.generation], [0, 1], t.number) for t in turns if t.trained]
+            return samples, len(turns) > 1
+        if broken is not None:
+            raise BadRow(
+                "not_prefix_preserving",
+                f"multiturn_policy={policy}: the template is not prefix-preserving at assistant turn {broken} "
+                f"(its prompt does not extend turn {broken - 1}'s prompt + generation); use multiturn_policy=auto or split",
+            )
+        pieces, mask, done = [], [], 0
+        for t in turns:
+            pieces += [t.prompt[done:], t.generation]
+            mask += [0, int(t.trained)]
+            done = len(t.prompt) + len(t.generation)
+        return [self._encode(pieces, mask, None)], False
+
+    def _turns(self, conv: Conversation) -> list[_Turn]:
+        """Rendered assistant turns up to the last trained one (later turns train nothing)."""
+        starts = [j for j, m in enumerate(conv.messages) if m["role"] == "assistant"]
+        trained = [self._is_trained(conv, j, k == len(starts) - 1) for k, j in enumerate(starts)]
+        if not any(trained):
+            return []
+        last = max(k for k, t in enumerate(trained) if t)
+        turns = []
+        for k, j in enumerate(starts[: last + 1]):
+            prompt, full = self._render(conv, j, True), self._render(conv, j + 1, False)
+            if not full.startswith(prompt):
+                raise BadRow(
+                    "template_error",
+                    f"assistant turn {k} (messages[{j}]): the rendered turn does not start with the rendered "
+                    "generation prompt (add_generation_prompt=True renders a different header)",
+                )
+            turns.append(_Turn(k, prompt, self._cut(full[len(prompt) :], conv.messages[j], k), trained[k]))
+        return turns
+
+    def _is_trained(self, conv: Conversation, j: int, is_last: bool) -> bool:
+        if j in conv.train:
+            return conv.train[j]
+        if "tool_calls" in conv.messages[j] and not self.options.train_tool_calls:
+            return False
+        return self.options.train_turns == "all" or is_last
+
+    def _render(self, conv: Conversation, n: int, generation_prompt: bool) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(
+                conv.messages[:n],
+                tools=conv.tools,
+                tokenize=False,
+                add_generation_prompt=generation_prompt,
+                **conv.template_kwargs,
+            )
+        except Exception as e:  # any template failure (TemplateError, TypeError, raise_exception) is this row's
+            raise BadRow("template_error", f"chat template failed on messages[:{n}]: {type(e).__name__}: {e}") from None
+
+    def _cut(self, generation: str, message: dict, k: int) -> str:
+        """G_k up to and including its first end-of-turn token."""
+        for text in (message.get("content"), message.get("reasoning_content")):
+            if text and any(t in text for t in self.end_of_turn):
+                raise BadRow("content_has_end_of_turn", f"assistant turn {k} contains an end-of-turn token {self.end_of_turn} in its text")
+        found = [(generation.index(t), t) for t in self.end_of_turn if t in generation]
+        if not found:
+            raise BadRow("template_error", f"assistant turn {k}: the template rendered no end-of-turn token {self.end_of_turn}")
+        pos, text = min(found)
+        return generation[: pos + len(text)]
+
+    def _encode(self, pieces: list[str], mask: list[int], turn: Optional[int]) -> Sample:
+        encoded = self.tokenizer(pieces + ["".join(pieces)], add_special_tokens=False)["input_ids"]
+        ids = np.concatenate([np.asarray(e, np.int32) for e in encoded[:-1]])
+        loss_mask = np.concatenate([np.full(len(e), m, np.uint8) for e, m in zip(encoded[:-1], mask)])
+        return Sample(ids, loss_mask, turn, first_difference(ids, np.asarray(encoded[-1], np.int32)))
+
+
+def _first_non_prefix(turns: list[_Turn]) -> Optional[int]:
+    """The first turn whose prompt does not extend the previous prompt + generation; None if all do."""
+    for prev, turn in zip(turns, turns[1:]):
+        if not turn.prompt.startswith(prev.prompt + prev.generation):
+            return turn.number
+    return None
+
+
+def first_difference(a: np.ndarray, b: np.ndarray) -> int:
+    """First index where two id sequences differ (or the shorter length); -1 when equal."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    if diff.size:
+        return int(diff[0])
+    return -1 if len(a) == len(b) else n

@@ -1,0 +1,59 @@
+"""Export a jsft training checkpoint to a Hugging Face safetensors directory.
+
+    python -m jsft.export --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--step N] [--dtype bfloat16]
+                         [--tokenizer DIR] [--max-shard-size 5GB]
+
+`--checkpoint` may be a run directory (its checkpoints/ subfolder is used), a checkpoints directory, or
+one step's directory; the latest complete step is taken unless --step is given. The tokenizer saved in
+the checkpoint's metadata is copied unless --tokenizer overrides it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import jax
+
+import jsft.models as jm
+from jsft.models.params import abstract_model, flat_params, replace_params, sharding_for
+from jsft.sharding import make_mesh
+from jsft.train import checkpoint as ckpt
+
+
+def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype="float32"):
+    """(model, meta) from a training checkpoint: parameters restored straight into their shardings."""
+    manager, step = ckpt.locate(path, step)
+    meta = ckpt.read_meta(manager, step)
+    cfg = ckpt.model_config_from_json(meta["model_config"])
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=meta.get("param_dtype", "float32"))
+    target = {
+        name: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(var, mesh))
+        for name, var in flat_params(abstract).items()
+    }
+    restored = ckpt.restore(manager, step, params=target)
+    return replace_params(abstract, restored["params"]), meta
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jsft.export", description=__doc__.split("\n")[1])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--dtype", default=None, help="weight dtype of the export (default: the source's)")
+    parser.add_argument("--tokenizer", default=None)
+    parser.add_argument("--max-shard-size", default="5GB")
+    args = parser.parse_args(argv)
+    mesh = make_mesh({"fsdp": -1})
+    model, meta = load_checkpoint_model(args.checkpoint, args.step, mesh=mesh)
+    tokenizer = args.tokenizer or meta.get("tokenizer")
+    out = jm.save_pretrained(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
+    if jax.process_index() == 0:
+        print(f"exported step {meta['step']} of {args.checkpoint} to {Path(out).absolute()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

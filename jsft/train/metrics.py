@@ -1,0 +1,133 @@
+"""Per-optimizer-step metrics: `<run_dir>/metrics.jsonl`, console progress, TensorBoard, wandb.
+
+metrics.jsonl holds one JSON object per `log` call: {"step": N, "<name>": value, ...}; non-finite values
+are written as NaN / Infinity (Python's json reads them). Only the main process writes anything.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _scalar(value: Any) -> Any:
+    """Python number for jax/numpy scalars, so json and TensorBoard take them; other values unchanged."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def format_metrics(metrics: Mapping[str, Any]) -> str:
+    """`loss 2.314 | lr 1e-05 | ...`: names without their `train/` prefix, numbers to 4 significant digits."""
+    parts = []
+    for name, value in metrics.items():
+        short = name.removeprefix("train/")
+        parts.append(f"{short} {value:.4g}" if isinstance(value, float) else f"{short} {value}")
+    return " | ".join(parts)
+
+
+def truncate_from(path: Path, start_step: int) -> None:
+    """Drop lines with step >= start_step (and a line cut short by a crash), so a resumed run reads as one."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] < start_step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)  # atomic: a crash here leaves the old file, never half of it
+
+
+class MetricsLogger:
+    """Writes each optimizer step's metrics to every configured sink; a no-op off the main process.
+
+    loggers: `trainer.logger` (console, tensorboard, wandb); metrics.jsonl is always written.
+    start_step: the first step this run logs (1 + the resumed checkpoint's step); older lines are kept,
+    later ones dropped.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        loggers: list[str],
+        is_main: bool,
+        total_steps: int,
+        project: str,
+        experiment: str,
+        config_dict: Mapping[str, Any],
+        start_step: int = 1,
+    ):
+        self.enabled = is_main
+        if not is_main:
+            return
+        wandb = _import_wandb() if "wandb" in loggers else None  # fail before touching the run directory
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / METRICS_FILE
+        truncate_from(path, start_step)
+        self._file = path.open("a")
+        self._bar = self._tb = None
+        if "console" in loggers:
+            self._bar = tqdm(total=total_steps, initial=start_step - 1, desc=experiment, unit="step", dynamic_ncols=True)
+        if "tensorboard" in loggers:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+            self._tb.add_text("config", f"```\n{json.dumps(config_dict, indent=2, default=str)}\n```")
+        self._wandb = None
+        if wandb is not None:
+            self._wandb = wandb.init(project=project, name=experiment, config=dict(config_dict), dir=str(run_dir))
+
+    def log(self, step: int, metrics: Mapping[str, Any]) -> None:
+        if not self.enabled:
+            return
+        values = {name: _scalar(v) for name, v in metrics.items()}
+        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.flush()  # per step, so a crash loses at most the step in flight
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+            self._bar.write(f"step {step}/{self._bar.total} | {format_metrics(values)}")
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for name, value in numbers.items():
+                self._tb.add_scalar(name, value, step)
+        if self._wandb is not None:
+            self._wandb.log(numbers, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._file.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self.enabled = False
+
+    def __enter__(self) -> "MetricsLogger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _import_wandb() -> Any:
+    """wandb is optional and slow to import, so only a run that asks for it imports it."""
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError(
+            "trainer.logger includes 'wandb' but the wandb package is not installed; "
+            "`pip install wandb` or remove wandb from trainer.logger"
+        ) from None
+    return wandb
