@@ -31,32 +31,32 @@ def sharding_for(var: nnx.Variable, mesh: Optional[Mesh]):
     return param_sharding(var.logical_axes, var.shape, mesh)
 
 
-def state_shardings(model: Decoder, mesh: Optional[Mesh]):
-    """A State of shardings matching nnx.state(model), for jit in/out shardings."""
-    return jax.tree.map(
-        lambda v: sharding_for(v, mesh), nnx.state(model), is_leaf=lambda x: isinstance(x, nnx.Variable)
-    )
+def param_shardings(model: Decoder, mesh: Optional[Mesh]) -> dict:
+    """'layers/q_proj' -> sharding, matching `param_arrays(model)`; for jit in/out shardings."""
+    return {name: sharding_for(var, mesh) for name, var in flat_params(model).items()}
+
+
+def param_arrays(model: Decoder) -> dict[str, jax.Array]:
+    """'layers/q_proj' -> array: the flat parameter dict that training, checkpoints and export pass around."""
+    return {name: var[...] for name, var in flat_params(model).items()}
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None, **decoder_kwargs) -> Decoder:
     """A randomly initialised model, created inside jit so each device materialises only its shard."""
     abstract = abstract_model(cfg, **decoder_kwargs)
-    graphdef, abstract_state = nnx.split(abstract)
-    out_shardings = state_shardings(abstract, mesh)
 
     def make():
-        return nnx.state(Decoder(cfg, rngs=nnx.Rngs(seed), **decoder_kwargs))
+        return param_arrays(Decoder(cfg, rngs=nnx.Rngs(seed), **decoder_kwargs))
 
-    state = jax.jit(make, out_shardings=out_shardings)()
-    return nnx.merge(graphdef, state)
+    return replace_params(abstract, jax.jit(make, out_shardings=param_shardings(abstract, mesh))())
 
 
-def replace_params(abstract: Decoder, values: dict[str, jax.Array]) -> Decoder:
-    """Fill an abstract model's parameters with arrays keyed by flat path."""
-    graphdef, state = nnx.split(abstract)
-    for path, var in nnx.to_flat_state(state):
-        var.set_value(values["/".join(map(str, path))])
-    return nnx.merge(graphdef, state)
+def replace_params(template: Decoder, values: dict[str, jax.Array]) -> Decoder:
+    """A new model like `template` whose parameters are `values` (keyed by flat path); `template` is left
+    untouched, so this also works inside jit with traced values."""
+    graphdef, state = nnx.split(template)
+    flat = [(path, var.replace(values["/".join(map(str, path))])) for path, var in nnx.to_flat_state(state)]
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def model_bytes(model: Decoder) -> tuple[int, dict]:

@@ -1,0 +1,37 @@
+"""Supervised fine-tuning.
+
+    python -m jsft.train [--config configs/X.yaml] [key=value ...]
+
+Keys follow veRL's SFT trainer (model.path, data.train_files, data.train_batch_size, optim.lr, trainer.*);
+see docs/training.md. The resolved config is printed and saved as <trainer.default_local_dir>/config.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jsft.train", description="jsft supervised fine-tuning")
+    parser.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+    args = parser.parse_args(argv)
+
+    from jsft.config import load_config, to_yaml
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ValueError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from jsft.train.loop import log, train
+
+    log(to_yaml(cfg))
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

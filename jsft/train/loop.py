@@ -1,0 +1,292 @@
+"""The training loop. Reads top to bottom as the data flow:
+
+    config -> mesh -> tokenizer + data -> model + optimizer -> (resume) -> steps -> checkpoints -> export
+
+Every process runs this same code; only process 0 writes logs, metrics and run files.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import jax
+import numpy as np
+
+import jsft.models as jm
+from jsft import distributed
+from jsft.config import RunConfig, to_yaml
+from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
+from jsft.data.summary import format_summary
+from jsft.data.tokenizer import load_tokenizer
+from jsft.models.params import param_arrays, replace_params
+from jsft.sharding import make_mesh
+from jsft.train import checkpoint as ckpt
+from jsft.train.loss import batch_counts, loss_weights
+from jsft.train.metrics import MetricsLogger
+from jsft.train.optim import consecutive_skips, current_lr, make_optimizer, skipped_steps
+from jsft.train.perf import device_peak_flops
+from jsft.train.run_info import run_info
+from jsft.train.step import TrainStep
+
+
+def log(msg: str) -> None:
+    if distributed.is_main():
+        print(msg, flush=True)
+
+
+# ---- global batches ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GlobalStep:
+    """One optimizer step's micro-batches (host-local rows with loss weights) and its GLOBAL counts."""
+
+    micro_batches: list[dict]
+    samples: int
+    target_tokens: int
+    tokens: int
+    computed_tokens: int  # rows x row length over all hosts and micro-batches, padding included
+
+
+def gather_step(batch: StepBatch, empty: dict) -> GlobalStep:
+    """This host's micro-batches plus the GLOBAL counts; every host is padded to the same number of
+    micro-batches (an empty one weighs nothing), since all hosts must run the same programs."""
+    counts = np.array([batch_counts(mb["loss_mask"], mb["segment_ids"]) for mb in batch.micro_batches]).reshape(-1, 2)
+    every = distributed.all_hosts([len(batch.micro_batches), *counts.sum(axis=0), batch.num_tokens])
+    num_micro = int(every[:, 0].max())
+    samples, targets, tokens = (int(x) for x in every[:, 1:].sum(axis=0))
+    micro = batch.micro_batches + [dict(empty) for _ in range(num_micro - len(batch.micro_batches))]
+    rows = micro[0]["input_ids"].size * jax.process_count()
+    return GlobalStep(micro, samples, targets, tokens, rows * num_micro)
+
+
+def attach_weights(micro_batches: list[dict], mode: str, *, samples: int, targets: int, max_length: int) -> None:
+    """Per-token loss weights normalised by counts over everything the loss covers (see loss.py)."""
+    for mb in micro_batches:
+        mb["loss_weight"] = loss_weights(
+            mb["loss_mask"], mb["segment_ids"], mode,
+            num_samples=samples, num_target_tokens=targets, max_length=max_length,
+        )
+
+
+# ---- stopping on signals --------------------------------------------------------------------------------------
+
+
+class StopRequest:
+    """SIGTERM/SIGINT set a flag; the loop finishes the step, saves, and exits 0. All hosts agree."""
+
+    def __init__(self):
+        self.flag = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.flag = True
+
+    def requested(self) -> bool:
+        return bool(distributed.all_hosts([int(self.flag)]).max())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Trainer:
+    cfg: RunConfig
+    run_dir: Path = field(init=False)
+
+    def __post_init__(self):
+        cfg = self.cfg
+        distributed.initialize()
+        self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
+        self.mesh = make_mesh(cfg.trainer.mesh)
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
+        self._build_data()
+        self._build_model()
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        if not cfg.data.train_files:
+            raise ValueError("data.train_files is not set")
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template)
+        where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
+                     local_devices=jax.local_device_count())
+        self.train_data = build_train_batches(cfg.data, self.tokenizer, seed=cfg.data.seed, **where)
+        log(format_summary(self.train_data.dataset, "train"))
+        self.val_data = build_eval_batches(cfg.data, self.tokenizer, **where) if cfg.data.val_files else None
+        if self.val_data is not None:
+            log(format_summary(self.val_data.dataset, "val"))
+        per_epoch = self.train_data.steps_per_epoch
+        self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * per_epoch
+        log(f"{per_epoch} optimizer steps per epoch of {cfg.data.train_batch_size} samples; "
+            f"training for {self.total_steps} steps; loss_agg_mode={cfg.trainer.loss_agg_mode}")
+
+    def _build_model(self) -> None:
+        cfg = self.cfg
+        if not cfg.model.path:
+            raise ValueError("model.path is not set (a Hugging Face checkpoint directory)")
+        self.model = jm.from_pretrained(
+            cfg.model.path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=self.mesh,
+            remat_policy=cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none",
+            attention_impl=cfg.model.attention_impl,
+        )
+        self.optimizer = make_optimizer(cfg.optim, self.total_steps)
+        self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size)
+        self.params = param_arrays(self.model)
+        self.opt_state = self.step_fn.init_opt_state(self.params)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------------
+
+    def _meta(self, step: int) -> dict:
+        return {
+            "step": step,
+            "data_state": self.train_data.get_state(),
+            "model_config": ckpt.model_config_to_json(self.model.config),
+            "param_dtype": self.cfg.model.param_dtype,
+            "seed": self.cfg.trainer.seed,
+            "config": to_yaml(self.cfg),
+            "tokenizer": str(self.run_dir / "tokenizer"),
+        }
+
+    def _resume(self, manager) -> int:
+        """The step to continue from (0 for a fresh run), restoring params, optimizer and data state."""
+        t = self.cfg.trainer
+        if t.resume_mode == "disable":
+            return 0
+        if t.resume_mode == "resume_path":
+            manager, step = ckpt.locate(t.resume_from_path)
+        else:
+            step = manager.latest_step()
+            if step is None:
+                return 0
+        restored = ckpt.restore(
+            manager, step, params=ckpt.abstract_like(self.params), opt_state=ckpt.abstract_like(self.opt_state)
+        )
+        self.params, self.opt_state = restored["params"], restored["opt_state"]
+        self.train_data.set_state(restored["meta"]["data_state"])
+        log(f"resumed from step {step} of {manager.directory}")
+        return int(restored["meta"]["step"])
+
+    # ---- steps -------------------------------------------------------------------------------------------------
+
+    def _train_step(self, batch: StepBatch) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        g = gather_step(batch, self.train_data.empty_micro_batch())
+        attach_weights(g.micro_batches, cfg.trainer.loss_agg_mode, samples=g.samples, targets=g.target_tokens,
+                       max_length=cfg.data.max_length)
+        device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
+        self.params, self.opt_state, loss, grad_norm = self.step_fn.train_step(self.params, self.opt_state, device_batches)
+        loss, grad_norm = float(loss), float(grad_norm)  # waits for the step
+        dt = time.perf_counter() - t0
+        mean_len = g.tokens / max(g.samples, 1)
+        flops = self.model.config.flops_per_token(mean_len) * g.tokens
+        return {
+            "epoch": batch.epoch,
+            "train/loss": loss,
+            "train/lr": float(current_lr(self.opt_state)),
+            "train/grad_norm": grad_norm,
+            "train/target_tokens": g.target_tokens,
+            "train/global_tokens": g.tokens,
+            "train/target_token_ratio": g.target_tokens / max(g.tokens, 1),
+            "train/samples": g.samples,
+            "train/micro_batches": len(g.micro_batches),
+            "train/padding_efficiency": g.tokens / max(g.computed_tokens, 1),
+            "train/tokens_per_sec": g.tokens / dt,
+            "train/mfu": flops / dt / self.peak_flops,
+            "train/step_time": dt,
+            "train/skipped_steps": int(skipped_steps(self.opt_state)),
+        }
+
+    def validate(self) -> dict:
+        """val/loss over the whole validation set, normalised like training (global counts of the set)."""
+        cfg = self.cfg
+        chunks = [gather_step(b, self.val_data.empty_micro_batch()) for b in self.val_data]
+        samples = sum(c.samples for c in chunks)
+        targets = sum(c.target_tokens for c in chunks)
+        total = 0.0
+        for c in chunks:
+            attach_weights(c.micro_batches, cfg.trainer.loss_agg_mode, samples=samples, targets=targets,
+                           max_length=cfg.data.max_length)
+            total += float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in c.micro_batches]))
+        return {"val/loss": total, "val/target_tokens": targets}
+
+    # ---- main loop ---------------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        cfg, t = self.cfg, self.cfg.trainer
+        manager = ckpt.open_manager(self.run_dir / ckpt.CHECKPOINT_SUBDIR, max_to_keep=t.max_ckpt_to_keep)
+        start = self._resume(manager)
+        if distributed.is_main() and start == 0:
+            self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+        self.peak_flops = device_peak_flops(cfg.model.dtype)
+        info = run_info(self, self.peak_flops)
+        log("run info: " + json.dumps(info))
+        if distributed.is_main():
+            (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
+        stop = StopRequest()
+        last: dict = {}
+        metrics_logger = MetricsLogger(
+            self.run_dir, t.logger, distributed.is_main(), self.total_steps, t.project_name, t.experiment_name,
+            config_dict=json.loads(json.dumps(_as_dict(cfg), default=str)), start_step=start + 1,
+        )
+        try:
+            for step in range(start + 1, self.total_steps + 1):
+                metrics = self._train_step(next(self.train_data))
+                self._check_skips()
+                stopping = stop.requested()
+                final = step == self.total_steps
+                if self.val_data is not None and (final or (t.test_freq > 0 and step % t.test_freq == 0)):
+                    metrics.update(self.validate())
+                metrics_logger.log(step, metrics)
+                last = {"step": step, **metrics}
+                if final or stopping or (t.save_freq > 0 and step % t.save_freq == 0):
+                    ckpt.save(manager, step, params=self.params, opt_state=self.opt_state, meta=self._meta(step))
+                if stopping:
+                    log(f"stop requested: saved step {step}, exiting")
+                    break
+        finally:
+            manager.wait_until_finished()
+            manager.close()
+            metrics_logger.close()
+            stop.restore()
+        if t.export_hf and last.get("step") == self.total_steps:
+            out = jm.save_pretrained(self.export_model(), self.run_dir / "hf", tokenizer=self.tokenizer)
+            log(f"exported Hugging Face checkpoint to {out}")
+        return last
+
+    def export_model(self):
+        return replace_params(self.model, self.params)
+
+    def _check_skips(self) -> None:
+        limit = self.cfg.optim.max_consecutive_skips
+        n = int(consecutive_skips(self.opt_state))
+        if n >= limit:
+            raise RuntimeError(
+                f"{n} consecutive optimizer steps had a non-finite loss or gradient (optim.max_consecutive_skips="
+                f"{limit}); aborting. Check the data (inspect it with python -m jsft.inspect), lower optim.lr, "
+                "or use model.dtype=float32"
+            )
+
+
+def _as_dict(cfg: RunConfig) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(cfg)
+
+
+def train(cfg: RunConfig) -> dict:
+    return Trainer(cfg).run()

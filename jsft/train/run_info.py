@@ -1,0 +1,48 @@
+"""What a run is about to do, written to <default_local_dir>/run_info.json and printed at start."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def tree_bytes(tree) -> tuple[int, int]:
+    """(total bytes, bytes on the fullest local device) of a pytree of jax arrays."""
+    total, per_device = 0, {}
+    for x in jax.tree.leaves(tree):
+        if not hasattr(x, "addressable_shards"):
+            continue
+        total += x.size * x.dtype.itemsize
+        for shard in x.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.size * x.dtype.itemsize
+    return total, max(per_device.values(), default=0)
+
+
+def run_info(trainer, peak_flops: float) -> dict:
+    cfg, model_cfg = trainer.cfg, trainer.model.config
+    param_total, param_device = tree_bytes(trainer.params)
+    opt_total, opt_device = tree_bytes(trainer.opt_state)
+    example = trainer.step_fn.device_batch(
+        {**trainer.train_data.empty_micro_batch(), "loss_weight": np.zeros(
+            trainer.train_data.empty_micro_batch()["input_ids"].shape, np.float32)}
+    )
+    return {
+        "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "backend": jax.default_backend(),
+        "num_params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.params))),
+        "param_bytes_total": param_total,
+        "param_bytes_per_device": param_device,
+        "opt_state_bytes_total": opt_total,
+        "opt_state_bytes_per_device": opt_device,
+        "flops_per_token": model_cfg.flops_per_token(cfg.data.max_length),
+        "peak_flops": peak_flops,
+        "compute_dtype": str(jnp.dtype(cfg.model.dtype)),
+        "param_dtype": str(jnp.dtype(cfg.model.param_dtype)),
+        "micro_batch_shape": list(example["input_ids"].shape),
+        "step_memory_per_device": trainer.step_fn.memory_analysis(trainer.params, trainer.opt_state, example),
+        "total_steps": trainer.total_steps,
+        "loss_agg_mode": cfg.trainer.loss_agg_mode,
+    }

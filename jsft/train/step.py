@@ -1,0 +1,118 @@
+"""The jitted train and eval steps, with declared in/out shardings and donated buffers.
+
+One optimizer step = `grad_step` once per micro-batch (gradients summed into a float32 accumulator that
+lives sharded like the parameters) + `apply_step` once. Each micro-batch carries per-token `loss_weight`s
+that already hold the global normalisation (see loss.py), so the summed gradient is the exact gradient of
+the global batch's loss, however the batch was split into micro-batches, devices or hosts. The micro-batch
+count follows the data, so accumulation is a Python loop over one compiled program, not a scan that would
+recompile for every count.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jsft.models.decoder import Decoder
+from jsft.models.params import param_arrays, param_shardings, replace_params
+from jsft.sharding import batch_sharding
+from jsft.train.loss import token_nll
+
+BATCH_FIELDS = ("input_ids", "segment_ids", "positions", "loss_weight")
+
+
+class TrainStep:
+    """Compiled functions over (params, opt_state) for one model, optimizer, mesh and micro-batch shape."""
+
+    def __init__(self, model: Decoder, optimizer: optax.GradientTransformation, mesh: Mesh, *, chunk_size: int):
+        self.template = model  # structure and static config; parameters are passed as a flat dict
+        params = param_arrays(model)
+        self.optimizer, self.mesh, self.chunk_size = optimizer, mesh, chunk_size
+        self.param_shardings = param_shardings(model, mesh)
+        replicated = NamedSharding(mesh, P())
+        abstract_opt = jax.eval_shape(optimizer.init, params)
+        self.opt_shardings = optax.tree_utils.tree_map_params(
+            optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        self.batch_sharding = batch_sharding(mesh)
+        self._init_opt = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
+        self._zeros = jax.jit(
+            lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p), out_shardings=self.param_shardings
+        )
+        self._grad = jax.jit(
+            self._grad_step,
+            in_shardings=(self.param_shardings, self.param_shardings, self.batch_sharding),
+            out_shardings=(self.param_shardings, replicated),
+            donate_argnums=(1,),
+        )
+        self._apply = jax.jit(
+            self._apply_step,
+            in_shardings=(self.param_shardings, self.opt_shardings, self.param_shardings),
+            out_shardings=(self.param_shardings, self.opt_shardings, replicated),
+            donate_argnums=(0, 1),
+        )
+        self._eval = jax.jit(
+            self._weighted_loss, in_shardings=(self.param_shardings, self.batch_sharding), out_shardings=replicated
+        )
+
+    # ---- traced functions ---------------------------------------------------------------------------------------
+
+    def _weighted_loss(self, params, batch) -> jax.Array:
+        """sum(loss_weight * nll) over the micro-batch; the weights carry the global normalisation."""
+        model = replace_params(self.template, params)
+        hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+        nll = token_nll(hidden, model.unembed(), batch["input_ids"], batch["segment_ids"], self.chunk_size)
+        return jnp.sum(nll * batch["loss_weight"])
+
+    def _grad_step(self, params, acc, batch):
+        loss, grads = jax.value_and_grad(self._weighted_loss)(params, batch)
+        acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
+        return acc, loss
+
+    def _apply_step(self, params, opt_state, grads):
+        grad_norm = optax.global_norm(grads)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
+        updates, opt_state = self.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, grad_norm
+
+    # ---- host-side API -----------------------------------------------------------------------------------------
+
+    def init_opt_state(self, params):
+        return self._init_opt(params)
+
+    def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Host-local rows -> global arrays sharded over the batch axes (each host passes its own rows)."""
+        return {
+            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k])) for k in BATCH_FIELDS
+        }
+
+    def train_step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
+        """One optimizer step over device micro-batches; returns (params, opt_state, loss, grad_norm)."""
+        acc = self._zeros(params)
+        loss = jnp.zeros((), jnp.float32)
+        for batch in micro_batches:
+            acc, micro_loss = self._grad(params, acc, batch)
+            loss = loss + micro_loss
+        params, opt_state, grad_norm = self._apply(params, opt_state, acc)
+        return params, opt_state, loss, grad_norm
+
+    def eval_loss(self, params, micro_batches: list[dict[str, jax.Array]]) -> jax.Array:
+        return sum((self._eval(params, b) for b in micro_batches), jnp.zeros((), jnp.float32))
+
+    def memory_analysis(self, params, opt_state, example_batch) -> dict:
+        """Per-device bytes of the compiled grad step (XLA's memory analysis): arguments, outputs, temporaries."""
+        compiled = self._grad.lower(params, self._zeros(params), example_batch).compile()
+        stats = compiled.memory_analysis()
+        if stats is None:
+            return {}
+        return {
+            "argument_bytes": int(stats.argument_size_in_bytes),
+            "output_bytes": int(stats.output_size_in_bytes),
+            "temp_bytes": int(stats.temp_size_in_bytes),
+        }
