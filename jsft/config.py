@@ -34,7 +34,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.01
-    no_decay_norms_and_biases: bool = True  # exclude norm scales and biases from weight decay
+    no_decay_norms_and_biases: bool = False  # exclude norm scales and biases from weight decay (veRL decays all)
     lr_warmup_steps_ratio: float = 0.0  # warmup = int(ratio * total optimizer steps)
     lr_warmup_steps: int = -1  # overrides the ratio when >= 0
     lr_scheduler_type: str = "cosine"  # constant | cosine | wsd
@@ -59,7 +59,7 @@ class TrainerConfig:
     experiment_name: str = "default"
     seed: int = 0
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
-    loss_chunk_size: int = 1024  # tokens per chunk of the chunked cross-entropy
+    loss_chunk_size: int = 4096  # vocabulary columns per chunk of the cross-entropy (never full fp32 logits)
     mesh: dict = field(default_factory=lambda: {"data": 1, "fsdp": -1})  # axis -> size; -1 takes the rest
     export_hf: bool = False  # also write an HF safetensors export to <default_local_dir>/hf at the end
 

@@ -69,6 +69,8 @@ def draw(ax, series: Series, title: str, keys: list[str], log_y: bool) -> None:
     finite = [v for k in keys if k in series for v in series[k][1] if math.isfinite(v)]
     if log_y and finite and min(finite) > 0:
         ax.set_yscale("log")
+    if all(k.endswith("_rate") for k in keys):
+        ax.set_ylim(-0.02, 1.02)  # rates: the full [0, 1] range, so 0.95 looks like 0.95
     ax.set_title(title)
     ax.set_xlabel("optimizer step")
     ax.grid(alpha=0.3)

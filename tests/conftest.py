@@ -68,3 +68,62 @@ def tiny_hf(tmp_path):
         return path, make_tiny_hf(path, kind, **overrides)
 
     return make
+
+
+def _short_conversations(n: int, seed: int = 0) -> list[dict]:
+    """Short multi-turn chats (some with a tool call) so trainer tests run at small max_length."""
+    import random
+
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta sun moon river stone red blue seven three".split()
+    rows = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []
+        for _ in range(1 + i % 2):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+            a = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+            msgs += [{"role": "user", "content": q + "?"}, {"role": "assistant", "content": a + "."}]
+        if i % 4 == 1:
+            x, y = rng.randint(1, 99), rng.randint(1, 99)
+            msgs += [
+                {"role": "user", "content": f"add {x} {y}"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "calculator", "arguments": {"op": "add", "a": x, "b": y}}}]},
+                {"role": "tool", "content": str(x + y)},
+                {"role": "assistant", "content": f"{x + y}."},
+            ]
+        rows.append({"messages": msgs})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def sft_setup(tmp_path_factory):
+    """A tiny Qwen2 checkpoint, the built-in demo tokenizer and short train/val JSONL files."""
+    import json
+
+    from jsft.demo import build_tokenizer
+
+    root = tmp_path_factory.mktemp("sft")
+    tokenizer = build_tokenizer(root / "tokenizer")
+    make_tiny_hf(root / "model", "qwen2", vocab_size=768, hidden_size=64, intermediate_size=128)
+    for name, n, seed in (("train", 48, 0), ("val", 8, 1)):
+        with open(root / f"{name}.jsonl", "w") as f:
+            for row in _short_conversations(n, seed):
+                f.write(json.dumps(row) + "\n")
+    return {
+        "model": str(root / "model"), "tokenizer": str(tokenizer),
+        "train": str(root / "train.jsonl"), "val": str(root / "val.jsonl"), "root": root,
+    }
+
+
+def sft_overrides(setup: dict, run_dir, **extra) -> list[str]:
+    """The trainer's key=value overrides for sft_setup, fp32 and small shapes."""
+    base = {
+        "model.path": setup["model"], "data.tokenizer": setup["tokenizer"],
+        "data.train_files": setup["train"], "data.max_length": 256, "data.train_batch_size": 8,
+        "data.micro_batch_size_per_gpu": 1, "data.num_workers": 0, "data.cache_dir": str(setup["root"] / "cache"),
+        "model.dtype": "float32", "optim.lr": 1e-3, "trainer.default_local_dir": str(run_dir),
+        "trainer.logger": "[]",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]

@@ -1,4 +1,4 @@
-"""Causal-LM loss: per-token NLL chunked over the sequence, and per-token weights that make it exact.
+"""Causal-LM loss: per-token NLL chunked over the vocabulary, and per-token weights that make it exact.
 
 The trainer's loss for one optimizer step is `sum(loss_weights(...) * token_nll(...))` summed over every
 micro-batch, device and host. All normalisation lives in the weights, which are computed on the host from
@@ -111,6 +111,8 @@ def _chunked_nll_bwd(chunk_size, residuals, g):
         local, inside = _label_in_chunk(labels, i, chunk)
         is_label = (jnp.arange(chunk) == local[..., None]) & inside[..., None]  # fused compare, no one-hot
         d_logits = g[..., None] * (jnp.exp(logits - lse[..., None]) - is_label)  # [B, T, chunk]
+        # Both matmuls in the compute dtype (bf16 tensor cores), accumulated in float32.
+        d_logits = d_logits.astype(hidden.dtype)
         d_hidden = d_hidden + jnp.einsum("btv,dv->btd", d_logits, w, preferred_element_type=jnp.float32)
         d_w = jnp.einsum("btd,btv->dv", hidden, d_logits, preferred_element_type=jnp.float32)
         return d_hidden, d_w.astype(unembed.dtype)

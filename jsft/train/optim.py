@@ -1,8 +1,8 @@
-"""Optimizer: optax AdamW + global-norm clipping + lr schedule, skipping non-finite steps; accumulation.
+"""Optimizer: optax AdamW + global-norm clipping + lr schedule, skipping non-finite steps.
 
-One call of the optimizer's `update` is one OPTIMIZER step. Gradient accumulation happens before it, inside
-the jitted train step (`accumulate`): micro-batch gradients, already normalised by the global counts (see
-loss.py), are summed in float32 and the optimizer runs once on the sum. We do not use `optax.MultiSteps`:
+One call of the optimizer's `update` is one OPTIMIZER step. Gradient accumulation happens before it: the
+trainer sums micro-batch gradients, already normalised by the global counts (see loss.py), in float32
+(jsft/train/step.py) and the optimizer runs once on the sum. We do not use `optax.MultiSteps`:
 it runs the inner optimizer on every micro step and keeps its result only on the last, and after one
 non-finite micro-batch its accumulator stays NaN for good (it resets with `0 * acc`), so every later step
 would be skipped.
@@ -97,24 +97,6 @@ def make_optimizer(optim_cfg: OptimConfig, total_steps: int) -> optax.GradientTr
         # Outside apply_if_finite, so the schedule counts every optimizer step, skipped or not.
         optax.inject_hyperparams(optax.scale_by_learning_rate)(learning_rate=make_schedule(optim_cfg, total_steps)),
     )
-
-
-def accumulate(fn: Callable[[Any, Any], Any], params: Any, micro_batches: Any) -> Any:
-    """Sum of fn(params, micro_batch) over the leading axis of `micro_batches`, in float32, via lax.scan.
-
-    Use inside the jitted step with fn = jax.value_and_grad(loss_fn, has_aux=...): only one micro-batch's
-    activations are live at a time, and the sum is the exact global-batch gradient because each micro
-    loss is already weighted by global counts.
-    """
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    zeros = jax.tree.map(
-        lambda s: jnp.zeros(s.shape, jnp.promote_types(s.dtype, jnp.float32)), jax.eval_shape(fn, params, first)
-    )
-
-    def add(total, micro_batch):
-        return jax.tree.map(lambda t, x: t + x.astype(t.dtype), total, fn(params, micro_batch)), None
-
-    return jax.lax.scan(add, zeros, micro_batches)[0]
 
 
 def _get(opt_state: Any, key: str) -> jax.Array:

@@ -76,7 +76,7 @@ class TrainStep:
         return acc, loss
 
     def _apply_step(self, params, opt_state, grads):
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, grad_norm
@@ -92,14 +92,19 @@ class TrainStep:
             k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k])) for k in BATCH_FIELDS
         }
 
-    def train_step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
-        """One optimizer step over device micro-batches; returns (params, opt_state, loss, grad_norm)."""
+    def gradients(self, params, micro_batches: list[dict[str, jax.Array]]):
+        """(loss, summed float32 gradients) of one global batch given as device micro-batches."""
         acc = self._zeros(params)
         loss = jnp.zeros((), jnp.float32)
         for batch in micro_batches:
             acc, micro_loss = self._grad(params, acc, batch)
             loss = loss + micro_loss
-        params, opt_state, grad_norm = self._apply(params, opt_state, acc)
+        return loss, acc
+
+    def train_step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
+        """One optimizer step; returns (params, opt_state, loss, grad_norm)."""
+        loss, grads = self.gradients(params, micro_batches)
+        params, opt_state, grad_norm = self._apply(params, opt_state, grads)
         return params, opt_state, loss, grad_norm
 
     def eval_loss(self, params, micro_batches: list[dict[str, jax.Array]]) -> jax.Array:

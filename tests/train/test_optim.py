@@ -1,6 +1,7 @@
 """Schedules in closed form, the no-decay mask, non-finite skips, and accumulation == one big batch."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,6 @@ import pytest
 
 from jsft.config import OptimConfig
 from jsft.train.optim import (
-    accumulate,
     consecutive_skips,
     current_lr,
     decay_mask,
@@ -26,6 +26,7 @@ LR = 1e-3
 
 def cfg(**kw):
     return OptimConfig(lr=LR, **kw)
+
 
 
 def test_warmup_steps_from_ratio_or_count():
@@ -86,6 +87,24 @@ def test_decay_mask_hits_exactly_norms_and_biases():
     assert decay_mask(params) == expected
 
 
+def test_decay_mask_on_the_real_model_state():
+    from flax import nnx
+
+    from jsft.models.config import ModelConfig
+    from jsft.models.decoder import Decoder
+
+    model_cfg = ModelConfig("qwen3", 64, 16, 32, 2, 2, 1, 8, 1e-6, 1e4, qkv_bias=True, o_bias=True, qk_norm=True)
+    state = nnx.state(nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0))), nnx.Param)  # shapes only
+    exempt = {
+        jax.tree_util.keystr(path) for path, decays in jax.tree_util.tree_leaves_with_path(decay_mask(state)) if not decays
+    }
+    expected = {"final_norm", "attn_norm", "mlp_norm", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias", "o_bias"}
+    assert {re.findall(r"'(\w+)'", p)[-1] for p in exempt} == expected
+    tx = make_optimizer(cfg(), 10)
+    updates, _ = jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), state)  # takes the nnx state as is
+    assert jax.tree.structure(updates) == jax.tree.structure(state)
+
+
 @pytest.mark.parametrize("no_decay", [True, False])
 def test_weight_decay_follows_the_mask(no_decay):
     params = {"kernel": jnp.ones(3), "o_bias": jnp.ones(3), "final_norm": {"scale": jnp.ones(3)}}
@@ -117,7 +136,8 @@ def train_step(tx, accum):
     @jax.jit
     def step(params, opt_state, batch):
         micro = jax.tree.map(lambda a: a.reshape(accum, -1, *a.shape[1:]), batch)
-        loss, grads = accumulate(jax.value_and_grad(quadratic_loss), params, micro)
+        per_micro = [jax.value_and_grad(quadratic_loss)(params, jax.tree.map(lambda a: a[i], micro)) for i in range(accum)]
+        loss, grads = jax.tree.map(lambda *xs: sum(xs), *per_micro)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, optax.tree.norm(grads)
 

@@ -1,0 +1,69 @@
+"""The loss and gradient of a global batch do not depend on how it is split: micro-batch size,
+accumulation steps, device count, packing or padding (exact aggregation over global counts)."""
+
+import jax
+import numpy as np
+import pytest
+
+import jsft.models as jm
+from jsft.config import load_config
+from jsft.data.pipeline import build_train_batches
+from jsft.data.tokenizer import load_tokenizer
+from jsft.models.params import param_arrays
+from jsft.sharding import make_mesh
+from jsft.train.loop import attach_weights, gather_step
+from jsft.train.optim import make_optimizer
+from jsft.train.step import TrainStep
+
+from conftest import sft_overrides
+
+_MODELS = {}
+
+
+def global_gradient(setup, tmp_path, *, devices, mode="token-mean", **data):
+    """(loss, grads, micro-batch count) of the first global batch under one way of splitting it."""
+    overrides = sft_overrides(setup, tmp_path, **{f"data.{k}": v for k, v in data.items()})
+    cfg = load_config(None, overrides + [f"trainer.loss_agg_mode={mode}"])
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    batches = build_train_batches(cfg.data, tokenizer, seed=0, process_index=0, process_count=1, local_devices=devices)
+    mesh = make_mesh({"fsdp": -1}, devices=jax.devices()[:devices])
+    model = jm.from_pretrained(cfg.model.path, dtype="float32", mesh=mesh)
+    step = TrainStep(model, make_optimizer(cfg.optim, 10), mesh, chunk_size=256)
+    g = gather_step(next(batches), batches.empty_micro_batch())
+    attach_weights(g.micro_batches, mode, samples=g.samples, targets=g.target_tokens, max_length=cfg.data.max_length)
+    loss, grads = step.gradients(param_arrays(model), [step.device_batch(mb) for mb in g.micro_batches])
+    return float(loss), {k: np.asarray(v) for k, v in grads.items()}, len(g.micro_batches)
+
+
+SPLITS = [
+    dict(devices=8, pad_mode="no_padding", micro_batch_size_per_gpu=1),
+    dict(devices=4, pad_mode="no_padding", micro_batch_size_per_gpu=2),
+    dict(devices=2, pad_mode="right", micro_batch_size_per_gpu=1),  # 4 micro-batches accumulated
+    dict(devices=1, pad_mode="no_padding", micro_batch_size_per_gpu=1),
+    dict(devices=8, pad_mode="no_padding", use_dynamic_bsz=True, max_token_len_per_gpu=512),
+]
+
+
+def _assert_same(a, b):
+    loss_a, grads_a, _ = a
+    loss_b, grads_b, _ = b
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    for name in grads_a:
+        scale = np.abs(grads_a[name]).max()
+        np.testing.assert_allclose(grads_b[name], grads_a[name], rtol=0, atol=1e-5 * scale, err_msg=name)
+
+
+def test_token_mean_is_invariant_to_the_split(sft_setup, tmp_path):
+    results = [global_gradient(sft_setup, tmp_path, **split) for split in SPLITS]
+    assert len({r[2] for r in results}) > 1  # the splits really differ in accumulation steps
+    for other in results[1:]:
+        _assert_same(results[0], other)
+
+
+@pytest.mark.parametrize("mode", ["seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_sequence_modes_are_invariant_to_the_split(sft_setup, tmp_path, mode):
+    packed = global_gradient(sft_setup, tmp_path, mode=mode, **SPLITS[0])
+    padded = global_gradient(sft_setup, tmp_path, mode=mode, **SPLITS[2])
+    _assert_same(packed, padded)
+    token_mean = global_gradient(sft_setup, tmp_path, **SPLITS[0])
+    assert packed[0] != pytest.approx(token_mean[0], rel=1e-3)  # the mode changes the loss
