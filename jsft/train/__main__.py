@@ -26,8 +26,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    from jsft import distributed
     from jsft.train.loop import log, train
 
+    distributed.initialize()  # before anything touches a jax backend
     log(to_yaml(cfg))
     train(cfg)
     return 0

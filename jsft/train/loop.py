@@ -107,6 +107,7 @@ class Trainer:
 
     def __post_init__(self):
         cfg = self.cfg
+        _check_paths(cfg)
         distributed.initialize()
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
         self.mesh = make_mesh(cfg.trainer.mesh)
@@ -119,8 +120,6 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        if not cfg.data.train_files:
-            raise ValueError("data.train_files is not set")
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template)
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                      local_devices=jax.local_device_count())
@@ -136,8 +135,6 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        if not cfg.model.path:
-            raise ValueError("model.path is not set (a Hugging Face checkpoint directory)")
         self.model = jm.from_pretrained(
             cfg.model.path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=self.mesh,
             remat_policy=cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none",
@@ -246,12 +243,12 @@ class Trainer:
         try:
             for step in range(start + 1, self.total_steps + 1):
                 metrics = self._train_step(next(self.train_data))
-                self._check_skips()
                 stopping = stop.requested()
                 final = step == self.total_steps
                 if self.val_data is not None and (final or (t.test_freq > 0 and step % t.test_freq == 0)):
                     metrics.update(self.validate())
                 metrics_logger.log(step, metrics)
+                self._check_skips()
                 last = {"step": step, **metrics}
                 if final or stopping or (t.save_freq > 0 and step % t.save_freq == 0):
                     ckpt.save(manager, step, params=self.params, opt_state=self.opt_state, meta=self._meta(step))
@@ -280,6 +277,17 @@ class Trainer:
                 f"{limit}); aborting. Check the data (inspect it with python -m jsft.inspect), lower optim.lr, "
                 "or use model.dtype=float32"
             )
+
+
+def _check_paths(cfg: RunConfig) -> None:
+    """Fail before any work on missing inputs; jsft never downloads from a hub."""
+    if not cfg.model.path:
+        raise ValueError("model.path is not set (a local Hugging Face checkpoint directory)")
+    if not cfg.data.train_files:
+        raise ValueError("data.train_files is not set")
+    for key, value in (("model.path", cfg.model.path), ("data.tokenizer", cfg.data.tokenizer)):
+        if value and not Path(value).is_dir():
+            raise FileNotFoundError(f"{key}={value}: no such directory (jsft loads local checkpoints only)")
 
 
 def _as_dict(cfg: RunConfig) -> dict:

@@ -1,0 +1,50 @@
+"""Two processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo) reproduce the 1 x 8 loss curve."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from jsft.config import load_config
+from jsft.train.loop import train
+
+from conftest import sft_overrides
+
+EXTRA = {"trainer.total_training_steps": 4, "data.train_batch_size": 8, "trainer.save_freq": 2}
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_follow_the_single_process_curve(sft_setup, tmp_path):
+    single = tmp_path / "single"
+    train(load_config(None, sft_overrides(sft_setup, single, **EXTRA)))
+
+    multi = tmp_path / "multi"
+    port = _free_port()
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jsft.train", *sft_overrides(sft_setup, multi, **EXTRA)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    assert "2 process(es)" in outputs[0]
+
+    def curve(run):
+        return [json.loads(line)["train/loss"] for line in open(run / "metrics.jsonl")]
+
+    np.testing.assert_allclose(curve(multi), curve(single), rtol=1e-5)
+    info = json.loads((multi / "run_info.json").read_text())
+    assert info["processes"] == 2 and info["devices"] == 8
+    assert (multi / "checkpoints" / "4").is_dir()
