@@ -8,7 +8,9 @@ import subprocess
 import sys
 import time
 
+from jsft.config import load_config
 from jsft.train import checkpoint as ckpt
+from jsft.train.loop import train
 
 from conftest import sft_overrides
 
@@ -45,6 +47,15 @@ def test_kill_9_then_resume_is_exact(sft_setup, tmp_path):
     reference = tmp_path / "reference"
     rc, out = finish(launch(sft_setup, reference))
     assert rc == 0, out[-3000:]
+
+    # resume_mode=resume_path continues another run's checkpoint in a new directory
+    forked = tmp_path / "forked"
+    train(load_config(None, sft_overrides(sft_setup, forked, **{
+        "trainer.total_training_steps": STEPS, "trainer.resume_mode": "resume_path",
+        "trainer.resume_from_path": str(reference / "checkpoints" / "4"), "trainer.max_ckpt_to_keep": 1,
+        "trainer.save_freq": 2})))
+    assert losses(forked) == {s: v for s, v in losses(reference).items() if s > 4}
+    assert [p.name for p in (forked / "checkpoints").iterdir() if p.name.isdigit()] == [str(STEPS)]
 
     run = tmp_path / "killed"
     proc = launch(sft_setup, run)

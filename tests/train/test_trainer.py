@@ -28,6 +28,32 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
 
 
+def torch_val_loss(model, setup, cfg):
+    """Token-mean CE over every validation sample, one sample at a time."""
+    total, count = 0.0, 0
+    from jsft.data.pipeline import build_eval_batches
+
+    val = build_eval_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), process_index=0, process_count=1, local_devices=8)
+    with torch.no_grad():
+        for ids, mask in _samples(b for b in val):
+            logits = model(input_ids=torch.tensor(ids)[None]).logits[0]
+            nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:], dtype=torch.long), reduction="none")
+            total += float((nll * torch.tensor(mask[1:], dtype=torch.float32)).sum())
+            count += int(mask[1:].sum())
+    return total / count
+
+
+def _samples(step_batches):
+    """(input_ids, loss_mask) of every sample in packed/padded rows, recovered through segment ids."""
+    for batch in step_batches:
+        for mb in batch.micro_batches:
+            for r in range(len(mb["input_ids"])):
+                for s in np.unique(mb["segment_ids"][r]):
+                    if s > 0:
+                        sel = mb["segment_ids"][r] == s
+                        yield mb["input_ids"][r][sel], mb["loss_mask"][r][sel]
+
+
 def torch_losses(setup, cfg):
     """veRL-style reference: per-step token-mean CE over the global batch's samples, AdamW, clipping,
     the same lr schedule; each sample run on its own (padded batch with an attention mask)."""
@@ -39,11 +65,7 @@ def torch_losses(setup, cfg):
                                   process_index=0, process_count=1, local_devices=8)
     losses = []
     for step in range(STEPS):
-        samples = [
-            (mb["input_ids"][r][mb["segment_ids"][r] == s], mb["loss_mask"][r][mb["segment_ids"][r] == s])
-            for mb in next(batches).micro_batches for r in range(len(mb["input_ids"]))
-            for s in np.unique(mb["segment_ids"][r]) if s > 0
-        ]
+        samples = list(_samples([next(batches)]))
         width = max(len(ids) for ids, _ in samples)
         ids = torch.zeros(len(samples), width, dtype=torch.long)
         attn = torch.zeros(len(samples), width, dtype=torch.long)
@@ -60,20 +82,27 @@ def torch_losses(setup, cfg):
             group["lr"] = float(schedule(step))
         opt.step()
         losses.append(loss.item())
-    return losses
+    return losses, model
 
 
 def test_loss_curve_matches_a_torch_loop(sft_setup, tmp_path):
-    overrides = sft_overrides(sft_setup, tmp_path / "run", **PARITY)
+    extra = {"data.val_files": sft_setup["val"], "trainer.test_freq": 6, "trainer.export_hf": True}
+    overrides = sft_overrides(sft_setup, tmp_path / "run", **PARITY, **extra)
     cfg = load_config(None, overrides)
     train(cfg)
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert max(m["train/micro_batches"] for m in metrics) >= 2  # gradient accumulation happened
     assert metrics[0]["train/lr"] == 0.0 and metrics[2]["train/lr"] == pytest.approx(2e-3)  # warmup of 2 steps
-    expected = torch_losses(sft_setup, cfg)
+    expected, torch_model = torch_losses(sft_setup, cfg)
     np.testing.assert_allclose([m["train/loss"] for m in metrics], expected, rtol=1e-3)
     assert expected[-1] < expected[0] * 0.8  # it learns
+    assert [m["step"] for m in metrics if "val/loss" in m] == [6, 12]
+    assert metrics[-1]["val/loss"] == pytest.approx(torch_val_loss(torch_model, sft_setup, cfg), rel=1e-3)
+    # the HF export at the end is the trained model: transformers gives the same validation loss
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "hf")
+    assert torch_val_loss(exported, sft_setup, cfg) == pytest.approx(metrics[-1]["val/loss"], rel=1e-4)
+    assert (tmp_path / "run" / "hf" / "tokenizer_config.json").exists()
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
     assert info["mesh"] == {"data": 1, "fsdp": 8}
     assert info["param_bytes_per_device"] < info["param_bytes_total"] / 8 * 1.5
