@@ -10,17 +10,23 @@ import dataclasses
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from jsft.data.config import DataConfig
 
+# the built-in demo job, run by `python -m jsft.train` when no model is named
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
 
 @dataclass
 class ModelConfig:
     path: Optional[str] = None  # Hugging Face checkpoint directory (safetensors)
+    # random initialisation instead of model.path: HF config fields ({model_type: qwen2, hidden_size: 256,
+    # ...}); vocab_size defaults to the tokenizer's size rounded up to a multiple of 64
+    init: Optional[Dict[str, Any]] = None
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
     enable_gradient_checkpointing: bool = True  # rematerialise each decoder layer in the backward pass
@@ -65,14 +71,26 @@ class TrainerConfig:
 
 
 @dataclass
+class DemoConfig:
+    enabled: bool = False  # generate the built-in tool-use dataset + tokenizer into <default_local_dir>/demo
+    num_train: int = 2000  # training conversations
+    num_val: int = 64  # held-out conversations: val/loss, and generation-based validation on their prompts
+    seed: int = 0
+    max_new_tokens: int = 128  # generation budget per assistant turn in validation episodes
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
-_SECTIONS = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig}
+_SECTIONS = {
+    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "demo": DemoConfig,
+}
 
 
 def _valid_keys(cls, prefix: str = "") -> list[str]:
@@ -116,8 +134,8 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if "=" not in item:
             raise ValueError(f"override '{item}' is not of the form key=value")
         key = item.split("=", 1)[0].strip()
-        # trainer.mesh is a free mapping (axis -> size), so trainer.mesh.<axis> is accepted as is.
-        if key not in _valid_keys(RunConfig) and not key.startswith("trainer.mesh."):
+        # trainer.mesh and model.init are free mappings, so their sub-keys are accepted as they are
+        if key not in _valid_keys(RunConfig) and not key.startswith(("trainer.mesh.", "model.init.")):
             raise _unknown_key_error(key)
     try:
         merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(list(overrides)))
@@ -151,6 +169,8 @@ def validate(cfg: RunConfig) -> None:
     )
     for lg in cfg.trainer.logger:
         _choice("trainer.logger", lg, ["console", "tensorboard", "wandb"])
+    if cfg.model.path and cfg.model.init:
+        raise ValueError("set either model.path (load a checkpoint) or model.init (random init), not both")
     if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
         raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
     if len(cfg.optim.betas) != 2:

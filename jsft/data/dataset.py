@@ -19,9 +19,10 @@ import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 import grain
+from absl import flags
 import numpy as np
 from tqdm import tqdm
 
@@ -32,7 +33,7 @@ from jsft.data.sources import RowLocations, RowSource, resolve_files
 CACHE_FORMAT = 1
 # Starting a worker process costs seconds (imports, tokenizer unpickling); below this many rows per
 # worker it is faster to tokenize in process.
-MIN_ROWS_PER_WORKER = 256
+MIN_ROWS_PER_WORKER = 1000
 _CODE_FILES = ("chat.py", "conversation.py", "sources.py", "tokenizer.py", "dataset.py")
 MAX_LISTED_ERRORS = 10
 
@@ -128,6 +129,10 @@ def _tokenize(source: RowSource, renderer: ChatRenderer, num_workers: int, progr
     ds = grain.MapDataset.source(source).map(renderer).to_iter_dataset(grain.ReadOptions(num_threads=0))
     workers = min(num_workers, len(source) // MIN_ROWS_PER_WORKER)
     if workers > 0:
+        if not flags.FLAGS.is_parsed():
+            # grain 0.2.18 reads an absl flag in mp_prefetch once jax is imported, which raises outside
+            # absl.app (google/grain#1355, fixed upstream); nothing in jsft defines or parses absl flags.
+            flags.FLAGS.mark_as_parsed()
         # Each worker takes rows i::workers and the output interleaves them back, so order is kept.
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=16))
     return tqdm(ds, total=len(source), desc="tokenizing", unit="row", disable=not progress or None)
@@ -213,23 +218,25 @@ def _apply_max_length(dataset: TokenizedDataset, cfg: DataConfig) -> tuple[Token
     tokens, and drop (and count) a sample left with no target token."""
     long = np.flatnonzero(dataset.lengths > cfg.max_length)
     if cfg.truncation == "error":
-        return dataset, [
-            BadRowRecord(
-                int(dataset.source_index[i]),
-                dataset.locations(int(dataset.source_index[i])),
-                "too_long",
-                f"sample of {int(dataset.lengths[i])} tokens is longer than data.max_length={cfg.max_length}"
-                + ("" if dataset.turn_index[i] < 0 else f" (assistant turn {int(dataset.turn_index[i])})"),
-            )
-            for i in long
-        ]
+        first = {}  # one bad-row record per row, for its first over-long sample
+        for i in long:
+            first.setdefault(int(dataset.source_index[i]), int(i))
+        return dataset, [_too_long(dataset, i, cfg.max_length) for i in first.values()]
     if cfg.truncation == "left":
         dataset.begin[long] = dataset.end[long] - cfg.max_length
     else:
         dataset.end[long] = dataset.begin[long] + cfg.max_length
     for i in long:
         dataset.targets[i] = int(np.sum(dataset.loss_mask[dataset.begin[i] : dataset.end[i]]))
-    empty = dataset.targets == 0
+    empty = dataset.targets == 0  # only truncation can empty a sample: untrained rows yield none
+
     dataset.stats.truncated = int(len(long) - empty.sum())
     dataset.stats.dropped_truncated = int(empty.sum())
     return dataset.select(~empty), []
+
+
+def _too_long(dataset: TokenizedDataset, i: int, max_length: int) -> BadRowRecord:
+    turn = "" if dataset.turn_index[i] < 0 else f" (assistant turn {dataset.turn_index[i]})"
+    source = int(dataset.source_index[i])
+    message = f"sample of {dataset.lengths[i]} tokens is longer than data.max_length={max_length}{turn}"
+    return BadRowRecord(source, dataset.locations(source), "too_long", message)

@@ -28,6 +28,9 @@ class BadRow(Exception):
         self.kind = kind
         self.message = message
 
+    def __reduce__(self):  # results cross from the tokenization workers by pickle
+        return BadRow, (self.kind, self.message)
+
 
 @dataclass
 class RawRow:

@@ -49,7 +49,7 @@ def format_summary(dataset: TokenizedDataset, name: str = "data") -> str:
         f"  target tokens         {s['target_tokens']:>12,}   ({s['target_tokens'] / max(tokens, 1):.1%} of tokens)",
         "  target-token ratio per sample:",
         *_histogram(s["target_ratio_histogram"]),
-        f"  zero-target rows      {s['zero_target_rows']:>12,}   (no trained assistant turn: not trained)",
+        f"  zero-target rows      {s['zero_target_rows']:>12,}   (rows with no trained assistant turn)",
         f"  truncated samples     {s['truncated_samples']:>12,}   (+{s['dropped_after_truncation']:,} dropped: no target token left)",
         f"  split conversations   {s['split_conversations']:>12,}   (one sample per assistant turn)",
         f"  alignment mismatches  {s['alignment_mismatches']:>12,}   (one-pass tokenization differs; the per-piece ids are trained)",

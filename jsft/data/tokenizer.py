@@ -36,13 +36,12 @@ def end_of_turn_texts(tokenizer) -> tuple[str, ...]:
     assistant message's content (found by rendering a probe conversation), and the tokenizer's EOS.
 
     Deriving it from the template rather than a fixed list makes Llama-3 (`<|eot_id|>` while EOS is
-    `<|end_of_text|>`), Gemma (`<end_of_turn>`) and ChatML (`<|im_end|>`) work alike.
+    `<|end_of_text|>`), Gemma (`<end_of_turn>`) and ChatML (`<|im_end|>`) work alike. Also refuses a
+    template that ignores add_generation_prompt, which would put the assistant header into the targets.
     """
-    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_ANSWER}]
-    try:
-        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
-    except Exception as e:
-        raise ValueError(f"the chat template failed on a plain user/assistant conversation: {e}") from None
+    if _render_probe(tokenizer, 1, True) == _render_probe(tokenizer, 1, False):
+        raise ValueError("the chat template ignores add_generation_prompt, so the assistant header would be trained")
+    rendered = _render_probe(tokenizer, 2, False)
     if _PROBE_ANSWER not in rendered:
         raise ValueError("the chat template does not render the assistant's content")
     after = rendered[rendered.index(_PROBE_ANSWER) + len(_PROBE_ANSWER) :]
@@ -55,3 +54,11 @@ def end_of_turn_texts(tokenizer) -> tuple[str, ...]:
         )
     eos = [tokenizer.eos_token] if tokenizer.eos_token else []
     return tuple(dict.fromkeys(found[:1] + eos))
+
+
+def _render_probe(tokenizer, n: int, generation_prompt: bool) -> str:
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_ANSWER}]
+    try:
+        return tokenizer.apply_chat_template(probe[:n], tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:
+        raise ValueError(f"the chat template fails on a plain user/assistant conversation: {type(e).__name__}: {e}") from None

@@ -82,6 +82,14 @@ class ModelConfig:
         )
 
     @classmethod
+    def from_init(cls, fields: dict) -> "ModelConfig":
+        """From HF config fields including `model_type` (random-init models), with the family's defaults."""
+        fields = dict(fields)
+        if "model_type" not in fields:
+            raise ValueError("model.init needs a model_type (one of: " + ", ".join(SUPPORTED_MODEL_TYPES) + ")")
+        return cls.from_hf(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields))
+
+    @classmethod
     def from_pretrained(cls, path: str) -> "ModelConfig":
         return cls.from_hf(load_hf_config(path))
 

@@ -2,6 +2,9 @@
 
     python -m jsft.train [--config configs/X.yaml] [key=value ...]
 
+Without --config and without model.path / model.init, the built-in demo job (configs/default.yaml) runs:
+it trains a small model from scratch to call tools, on CPU in minutes.
+
 Keys follow veRL's SFT trainer (model.path, data.train_files, data.train_batch_size, optim.lr, trainer.*);
 see docs/training.md. The resolved config is printed and saved as <trainer.default_local_dir>/config.yaml.
 """
@@ -19,10 +22,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
     args = parser.parse_args(argv)
 
-    from jsft.config import load_config, to_yaml
+    from jsft.config import DEFAULT_CONFIG, load_config, to_yaml
 
+    names_a_model = any(o.split("=", 1)[0].strip() in ("model.path", "model.init") or o.startswith("model.init.")
+                        for o in args.overrides)
+    config = args.config or (None if names_a_model else DEFAULT_CONFIG)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, args.overrides)
     except ValueError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

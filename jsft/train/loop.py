@@ -23,6 +23,8 @@ from jsft.config import RunConfig, to_yaml
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
 from jsft.data.summary import format_summary
 from jsft.data.tokenizer import load_tokenizer
+from jsft.demo import job as demo_job
+from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
@@ -107,9 +109,13 @@ class Trainer:
 
     def __post_init__(self):
         cfg = self.cfg
-        _check_paths(cfg)
+        if not (cfg.model.path or cfg.model.init):
+            raise ValueError("set model.path (a local Hugging Face checkpoint directory) or model.init (random init)")
         distributed.initialize()
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
+        if cfg.demo.enabled:
+            self.cfg = cfg = demo_job.prepare(cfg, self.run_dir)
+        _check_paths(cfg)
         self.mesh = make_mesh(cfg.trainer.mesh)
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,11 +141,22 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        self.model = jm.from_pretrained(
-            cfg.model.path, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=self.mesh,
+        kwargs = dict(
+            dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=self.mesh,
             remat_policy=cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none",
             attention_impl=cfg.model.attention_impl,
         )
+        if cfg.model.path:
+            self.model = jm.from_pretrained(cfg.model.path, **kwargs)
+        else:
+            model_cfg = random_init_config(cfg.model.init, self.tokenizer)
+            self.model = jm.init_model(model_cfg, seed=cfg.trainer.seed, **kwargs)
+            log(f"random init: {model_cfg}")
+        if len(self.tokenizer) > self.model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
+                f"{self.model.config.vocab_size}: they do not belong together"
+            )
         self.optimizer = make_optimizer(cfg.optim, self.total_steps)
         self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size)
         self.params = param_arrays(self.model)
@@ -279,10 +296,18 @@ class Trainer:
             )
 
 
+def random_init_config(init: dict, tokenizer) -> ModelConfig:
+    """model.init (HF config fields) completed from the tokenizer: vocab rounded up to 64, special ids."""
+    fields = dict(init)
+    fields.setdefault("vocab_size", -(-len(tokenizer) // 64) * 64)
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            fields.setdefault(name, getattr(tokenizer, name))
+    return ModelConfig.from_init(fields)
+
+
 def _check_paths(cfg: RunConfig) -> None:
     """Fail before any work on missing inputs; jsft never downloads from a hub."""
-    if not cfg.model.path:
-        raise ValueError("model.path is not set (a local Hugging Face checkpoint directory)")
     if not cfg.data.train_files:
         raise ValueError("data.train_files is not set")
     for key, value in (("model.path", cfg.model.path), ("data.tokenizer", cfg.data.tokenizer)):

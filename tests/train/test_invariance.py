@@ -15,7 +15,7 @@ from jsft.train.loop import attach_weights, gather_step
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
 
-from conftest import sft_overrides
+from jsft_testing import sft_overrides
 
 _MODELS = {}
 

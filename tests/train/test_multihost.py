@@ -11,7 +11,7 @@ import numpy as np
 from jsft.config import load_config
 from jsft.train.loop import train
 
-from conftest import sft_overrides
+from jsft_testing import sft_overrides
 
 EXTRA = {"trainer.total_training_steps": 4, "data.train_batch_size": 8, "trainer.save_freq": 2}
 

@@ -12,7 +12,7 @@ from jsft.config import load_config
 from jsft.train import checkpoint as ckpt
 from jsft.train.loop import train
 
-from conftest import sft_overrides
+from jsft_testing import sft_overrides
 
 STEPS = 8
 

@@ -14,7 +14,7 @@ from jsft.train.__main__ import main
 from jsft.train.loop import train
 from jsft.train.optim import make_schedule
 
-from conftest import sft_overrides
+from jsft_testing import sft_overrides
 
 STEPS = 12
 PARITY = {
@@ -128,7 +128,7 @@ def test_config_errors_name_the_key(capsys):
     assert "did you mean data.max_length" in capsys.readouterr().err
     assert main(["optim.lr_scheduler_type=linear"]) == 2
     assert "allowed: constant, cosine, wsd" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="model.path is not set"):
+    with pytest.raises(ValueError, match="set model.path"):
         train(load_config(None, ["data.train_files=x.jsonl"]))
     with pytest.raises(FileNotFoundError, match="model.path=/nonexistent: no such directory"):
         train(load_config(None, ["data.train_files=x.jsonl", "model.path=/nonexistent"]))

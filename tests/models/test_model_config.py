@@ -6,7 +6,7 @@ import transformers
 import jsft.models as jm
 from jsft.models.config import ModelConfig
 
-from conftest import TINY
+from jsft_testing import TINY
 
 
 def test_unknown_model_type_is_refused():

@@ -1,0 +1,11 @@
+"""Chat data pipeline: rows -> validated conversations -> samples with inference-exact loss masks ->
+cached sample table -> per-step, per-host packed micro-batches. See docs/data.md.
+
+    sources.py       rows from JSONL / Parquet with file:line locations
+    conversation.py  row validation and normalisation
+    tokenizer.py     tokenizer, chat template, end-of-turn detection
+    chat.py          conversation -> samples (the masking semantics)
+    dataset.py       all rows -> tokenized sample table (grain workers, on-disk cache, bad rows, truncation)
+    pipeline.py      sample table -> StepBatch per optimizer step (grain shuffle, host share, packing)
+    summary.py       the data summary printed by inspect and the trainer
+"""

@@ -1,0 +1,78 @@
+"""Helpers shared by the test modules: tiny HF checkpoints, short chat data, trainer overrides.
+
+Imported by name (`from jsft_testing import ...`); `conftest` is not importable reliably because several
+test folders have one."""
+
+TINY = dict(
+    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
+}
+
+
+def make_tiny_hf(path, kind: str, seed: int = 0, **overrides):
+    """A tiny random HF checkpoint (fp32 safetensors) with norms and biases moved away from their init."""
+    import torch
+    import transformers
+
+    kw = {**TINY, **overrides}
+    if kind == "qwen2":
+        config = transformers.Qwen2Config(**kw)
+    elif kind == "qwen3":
+        config = transformers.Qwen3Config(**{"head_dim": 48, **kw})
+    elif kind == "llama3":
+        config = transformers.LlamaConfig(**{"rope_parameters": LLAMA3_ROPE, **kw})
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**{"sliding_window": None, **kw})
+    else:
+        raise ValueError(kind)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
+def short_conversations(n: int, seed: int = 0) -> list[dict]:
+    """Short multi-turn chats (some with a tool call) so trainer tests run at small max_length."""
+    import random
+
+    rng = random.Random(seed)
+    words = "alpha beta gamma delta sun moon river stone red blue seven three".split()
+    rows = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": "Be brief."}] if i % 3 == 0 else []
+        for _ in range(1 + i % 2):
+            q = " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+            a = " ".join(rng.choice(words) for _ in range(rng.randint(1, 8)))
+            msgs += [{"role": "user", "content": q + "?"}, {"role": "assistant", "content": a + "."}]
+        if i % 4 == 1:
+            x, y = rng.randint(1, 99), rng.randint(1, 99)
+            msgs += [
+                {"role": "user", "content": f"add {x} {y}"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": "calculator", "arguments": {"op": "add", "a": x, "b": y}}}]},
+                {"role": "tool", "content": str(x + y)},
+                {"role": "assistant", "content": f"{x + y}."},
+            ]
+        rows.append({"messages": msgs})
+    return rows
+
+
+def sft_overrides(setup: dict, run_dir, **extra) -> list[str]:
+    """The trainer's key=value overrides for sft_setup, fp32 and small shapes."""
+    base = {
+        "model.path": setup["model"], "data.tokenizer": setup["tokenizer"],
+        "data.train_files": setup["train"], "data.max_length": 256, "data.train_batch_size": 8,
+        "data.micro_batch_size_per_gpu": 1, "data.num_workers": 0, "data.cache_dir": str(setup["root"] / "cache"),
+        "model.dtype": "float32", "optim.lr": 1e-3, "trainer.default_local_dir": str(run_dir),
+        "trainer.logger": "[]",
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
