@@ -40,11 +40,12 @@ class ChatOptions:
     multiturn_policy: str = "auto"
     train_tool_calls: bool = True
     train_turns: str = "all"
+    ablation_train_tool_outputs: bool = False
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "ChatOptions":
         keys = RowKeys(cfg.messages_key, cfg.tools_key, cfg.enable_thinking_key, cfg.prompt_key, cfg.response_key)
-        return cls(keys, cfg.multiturn_policy, cfg.train_tool_calls, cfg.train_turns)
+        return cls(keys, cfg.multiturn_policy, cfg.train_tool_calls, cfg.train_turns, cfg.ablation_train_tool_outputs)
 
 
 @dataclass
@@ -108,7 +109,8 @@ class ChatRenderer:
         pieces, mask, done = [], [], 0
         for t in turns:
             pieces += [t.prompt[done:], t.generation]
-            mask += [0, int(t.trained)]
+            # the ablation trains what lies between generations (tool outputs with their headers): a wrong mask
+            mask += [int(self.options.ablation_train_tool_outputs and done > 0), int(t.trained)]
             done = len(t.prompt) + len(t.generation)
         return [self._encode(pieces, mask, None)], False
 

@@ -18,6 +18,8 @@ class DataConfig:
     multiturn_policy: str = "auto"  # auto | split | single | error
     train_tool_calls: bool = True  # train assistant tool calls
     train_turns: str = "all"  # all | last: which assistant turns are targets
+    # ablation, wrong on purpose: also train the text between assistant turns (tool outputs, their headers)
+    ablation_train_tool_outputs: bool = False
     max_length: int = 2048  # tokens per sample (and per packed row)
     truncation: str = "error"  # error | left | right
     on_bad_row: str = "error"  # error | skip

@@ -220,3 +220,19 @@ def test_chat_template_sources(tmp_path, qwen_tokenizer_dir):
     assert load_tokenizer(str(no_template), inline).chat_template == inline
     with pytest.raises(ValueError, match="neither an existing file nor a Jinja template"):
         load_tokenizer(str(no_template), "templates/missing.jinja")
+
+
+def test_ablation_trains_the_tool_outputs(qwen):
+    """The deliberately wrong mask of the demo's ablation: the block between generations becomes a target."""
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [tool_call("get_weather", {"city": "Paris"})]},
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "assistant", "content": "21°C."},
+    ]
+    right = one_sample(qwen, messages, tools=WEATHER_TOOL)
+    wrong = one_sample(qwen, messages, tools=WEATHER_TOOL, ablation_train_tool_outputs=True)
+    assert (right.input_ids == wrong.input_ids).all()
+    spans = target_spans(qwen, wrong.input_ids, wrong.loss_mask)
+    assert len(spans) == 1 and '<tool_response>\n{"temp": 21}\n</tool_response>' in spans[0]
+    assert not any("tool_response" in s for s in target_spans(qwen, right.input_ids, right.loss_mask))
