@@ -81,11 +81,12 @@ def rope(x, positions, inv_freq):
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
 
-def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, attn_impl, cache=None):
+def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, attn_impl, cache=None, layer=None):
     """One pre-norm decoder layer. p: this layer's parameters (already in the compute dtype). x [B,T,D].
 
-    With `cache` (generation), keys/values are written into the cache at `cache["index"]` and attention runs
-    over the whole cache; returns (x, new_cache)."""
+    With `cache` (generation: see `init_cache`; its slot ids already cover this chunk), the keys/values go
+    into cache layer `layer` at `cache["index"]` and attention runs over all that layer's slots.
+    Returns (x, cache)."""
     eps = cfg.rms_norm_eps
     with jax.named_scope("attention"):
         h = rms_norm(x, p["attn_norm"], eps)
@@ -99,7 +100,8 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
         kv_seg, kv_pos = segment_ids, positions
         if cache is not None:
-            cache, k, v, kv_seg, kv_pos = _update_cache(cache, k, v, segment_ids, positions)
+            cache, k, v = _write_kv(cache, layer, k, v)
+            kv_seg, kv_pos = cache["segment_ids"], cache["positions"]
         a = attention(
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
             q_positions=positions, kv_positions=kv_pos, impl=attn_impl,
@@ -114,15 +116,25 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
     return constrain(x, ("batch", None, None)), cache
 
 
-def _update_cache(cache, k, v, segment_ids, positions):
-    """Write this step's keys/values at cache["index"]; return the whole cache as the attention's keys."""
-    i = cache["index"]
+def _write_kv(cache, layer, k, v):
+    """Write one layer's keys/values [B, T, K, H] at slot cache["index"]; return (cache, that layer's
+    keys, values [B, S, K, H]). The stacked cache is a scan carry, so XLA updates it in place; as scanned
+    inputs and outputs, every layer's slice would be copied out and back at each decode step."""
+    start = (layer, 0, cache["index"], 0, 0)
     new = dict(cache)
-    new["k"] = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), i, axis=1)
-    new["v"] = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), i, axis=1)
-    new["segment_ids"] = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, i, axis=1)
-    new["positions"] = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, i, axis=1)
-    return new, new["k"], new["v"], new["segment_ids"], new["positions"]
+    new["k"] = jax.lax.dynamic_update_slice(cache["k"], k[None].astype(cache["k"].dtype), start)
+    new["v"] = jax.lax.dynamic_update_slice(cache["v"], v[None].astype(cache["v"].dtype), start)
+    return new, new["k"][layer], new["v"][layer]
+
+
+def _write_slots(cache, segment_ids, positions):
+    """Record a chunk's segment ids and positions [B, T] in the slots it is about to fill (all layers)."""
+    i = cache["index"]
+    return {
+        **cache,
+        "segment_ids": jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, i, axis=1),
+        "positions": jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, i, axis=1),
+    }
 
 
 # ---- the module -------------------------------------------------------------------------------------------------
@@ -166,7 +178,9 @@ class Decoder(nnx.Module):
         return w.astype(self.dtype)
 
     def hidden_states(self, input_ids, positions=None, segment_ids=None, cache=None):
-        """Final-normed hidden states [B, T, D] (and the updated cache when one is given)."""
+        """Final-normed hidden states [B, T, D]. With a `cache` (see `init_cache`), the chunk is written at
+        the cache's next free slots and attends to everything cached; returns (hidden, cache) with the index
+        advanced past the chunk, so the caller just feeds the next one."""
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
@@ -177,20 +191,26 @@ class Decoder(nnx.Module):
             x = constrain(x, ("batch", None, None))
         params = {name: p[...].astype(self.dtype) for name, p in self.layers.items()}
         inv_freq = jnp.asarray(cfg.inv_freq())
+        if cache is not None:
+            cache = _write_slots(cache, segment_ids, positions)
 
-        def body(x, scanned):
-            p, layer_cache = scanned
-            return block(
+        def body(carry, scanned):
+            x, cache = carry
+            p, layer = scanned
+            carry = block(
                 p, x, cfg=cfg, inv_freq=inv_freq, positions=positions, segment_ids=segment_ids,
-                attn_impl=self.attention_impl, cache=layer_cache,
+                attn_impl=self.attention_impl, cache=cache, layer=layer,
             )
+            return carry, None
 
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        x, new_cache = jax.lax.scan(body, x, (params, cache))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (params, jnp.arange(cfg.num_layers)))
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
-        return (x, new_cache) if cache is not None else x
+        if cache is None:
+            return x
+        return x, {**cache, "index": cache["index"] + input_ids.shape[1]}
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         """Logits [B, T, V] in fp32 (tests, generation; training uses the chunked loss on hidden states)."""
@@ -199,12 +219,14 @@ class Decoder(nnx.Module):
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:
-    """An empty KV cache for `length` tokens: per layer k/v [L, B, S, K, H], slot segment ids and positions."""
+    """An empty KV cache for `length` tokens: k/v [L, B, S, K, H]; each slot's segment id and position
+    [B, S], shared by the layers (empty slots are segment 0, so attention skips them); index: the next
+    free slot."""
     shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
     return {
         "k": jnp.zeros(shape, dtype),
         "v": jnp.zeros(shape, dtype),
-        "segment_ids": jnp.zeros((cfg.num_layers, batch, length), jnp.int32),
-        "positions": jnp.zeros((cfg.num_layers, batch, length), jnp.int32),
-        "index": jnp.zeros((cfg.num_layers,), jnp.int32),
+        "segment_ids": jnp.zeros((batch, length), jnp.int32),
+        "positions": jnp.zeros((batch, length), jnp.int32),
+        "index": jnp.zeros((), jnp.int32),
     }

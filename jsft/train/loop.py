@@ -22,7 +22,8 @@ from jsft import distributed
 from jsft.config import RunConfig, to_yaml
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
 from jsft.data.summary import format_summary
-from jsft.data.tokenizer import load_tokenizer
+from jsft.data.tokenizer import end_of_turn_texts, load_tokenizer
+from jsft.generate import Generator
 from jsft.demo import job as demo_job
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
@@ -161,6 +162,12 @@ class Trainer:
         self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size)
         self.params = param_arrays(self.model)
         self.opt_state = self.step_fn.init_opt_state(self.params)
+        self.generation_eval = None
+        if cfg.demo.enabled:
+            eos = self.tokenizer.convert_tokens_to_ids(list(end_of_turn_texts(self.tokenizer)))
+            generator = Generator(self.model, max_new_tokens=cfg.demo.max_new_tokens, eos_ids=eos,
+                                  pad_id=self.tokenizer.pad_token_id or 0)
+            self.generation_eval = demo_job.GenerationEval(cfg, self.tokenizer, generator, self.run_dir)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -225,7 +232,7 @@ class Trainer:
             "train/skipped_steps": int(skipped_steps(self.opt_state)),
         }
 
-    def validate(self) -> dict:
+    def validate(self, step: int) -> dict:
         """val/loss over the whole validation set, normalised like training (global counts of the set)."""
         cfg = self.cfg
         chunks = [gather_step(b, self.val_data.empty_micro_batch()) for b in self.val_data]
@@ -236,7 +243,10 @@ class Trainer:
             attach_weights(c.micro_batches, cfg.trainer.loss_agg_mode, samples=samples, targets=targets,
                            max_length=cfg.data.max_length)
             total += float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in c.micro_batches]))
-        return {"val/loss": total, "val/target_tokens": targets}
+        metrics = {"val/loss": total, "val/target_tokens": targets}
+        if self.generation_eval is not None:
+            metrics.update(self.generation_eval(self.params, step))
+        return metrics
 
     # ---- main loop ---------------------------------------------------------------------------------------------
 
@@ -263,7 +273,7 @@ class Trainer:
                 stopping = stop.requested()
                 final = step == self.total_steps
                 if self.val_data is not None and (final or (t.test_freq > 0 and step % t.test_freq == 0)):
-                    metrics.update(self.validate())
+                    metrics.update(self.validate(step))
                 metrics_logger.log(step, metrics)
                 self._check_skips()
                 last = {"step": step, **metrics}
