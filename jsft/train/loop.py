@@ -290,7 +290,24 @@ class Trainer:
         if t.export_hf and last.get("step") == self.total_steps:
             out = jm.save_pretrained(self.export_model(), self.run_dir / "hf", tokenizer=self.tokenizer)
             log(f"exported Hugging Face checkpoint to {out}")
+        log(self._where_everything_is(last))
         return last
+
+    def _where_everything_is(self, last: dict) -> str:
+        d = self.run_dir
+        lines = [f"run directory {d}"]
+        if last:
+            vals = {k: v for k, v in last.items() if k.startswith("val/") or k == "train/loss"}
+            lines.append(f"  step {last['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items()))
+        items = [
+            ("config.yaml", "resolved config"), ("run_info.json", "mesh, parameter and memory figures"),
+            ("metrics.jsonl", "one JSON object per optimizer step (python -m jsft.plot " + str(d) + ")"),
+            ("checkpoints", "orbax checkpoints (python -m jsft.export --checkpoint " + str(d) + " --out DIR)"),
+            ("samples", "validation generations, samples/step_N.jsonl"), ("hf", "Hugging Face export"),
+            ("demo", "generated dataset and tokenizer"), ("tensorboard", "TensorBoard logs"),
+        ]
+        lines += [f"  {name:<14} {what}" for name, what in items if (d / name).exists()]
+        return "\n".join(lines)
 
     def export_model(self):
         return replace_params(self.model, self.params)
