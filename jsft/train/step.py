@@ -94,25 +94,29 @@ class TrainStep:
 
     def gradients(self, params, micro_batches: list[dict[str, jax.Array]]):
         """(loss, summed float32 gradients) of one global batch given as device micro-batches."""
-        acc = self._zeros(params)
-        loss = jnp.zeros((), jnp.float32)
-        for batch in micro_batches:
-            acc, micro_loss = self._grad(params, acc, batch)
-            loss = loss + micro_loss
+        with jax.set_mesh(self.mesh):  # traced under the mesh, so block-boundary constraints keep rows split
+            acc = self._zeros(params)
+            loss = jnp.zeros((), jnp.float32)
+            for batch in micro_batches:
+                acc, micro_loss = self._grad(params, acc, batch)
+                loss = loss + micro_loss
         return loss, acc
 
     def train_step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
         """One optimizer step; returns (params, opt_state, loss, grad_norm)."""
         loss, grads = self.gradients(params, micro_batches)
-        params, opt_state, grad_norm = self._apply(params, opt_state, grads)
+        with jax.set_mesh(self.mesh):
+            params, opt_state, grad_norm = self._apply(params, opt_state, grads)
         return params, opt_state, loss, grad_norm
 
     def eval_loss(self, params, micro_batches: list[dict[str, jax.Array]]) -> jax.Array:
-        return sum((self._eval(params, b) for b in micro_batches), jnp.zeros((), jnp.float32))
+        with jax.set_mesh(self.mesh):
+            return sum((self._eval(params, b) for b in micro_batches), jnp.zeros((), jnp.float32))
 
     def memory_analysis(self, params, opt_state, example_batch) -> dict:
         """Per-device bytes of the compiled grad step (XLA's memory analysis): arguments, outputs, temporaries."""
-        compiled = self._grad.lower(params, self._zeros(params), example_batch).compile()
+        with jax.set_mesh(self.mesh):
+            compiled = self._grad.lower(params, self._zeros(params), example_batch).compile()
         stats = compiled.memory_analysis()
         if stats is None:
             return {}
