@@ -31,7 +31,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
     enable_gradient_checkpointing: bool = True  # rematerialise each decoder layer in the backward pass
     remat_policy: str = "full"  # none | full | dots_saveable (with enable_gradient_checkpointing)
-    attention_impl: str = "auto"  # auto | xla | cudnn (see jsft/models/attention.py)
+    attention_impl: str = "auto"  # auto (cudnn on GPU, blockwise elsewhere) | blockwise | xla | cudnn (jsft/models/attention.py)
 
 
 @dataclass
@@ -159,7 +159,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("data.on_bad_row", cfg.data.on_bad_row, ["error", "skip"])
     _choice("data.pad_mode", cfg.data.pad_mode, ["no_padding", "right"])
     _choice("model.remat_policy", cfg.model.remat_policy, ["none", "full", "dots_saveable"])
-    _choice("model.attention_impl", cfg.model.attention_impl, ["auto", "xla", "cudnn"])
+    _choice("model.attention_impl", cfg.model.attention_impl, ["auto", "blockwise", "xla", "cudnn"])
     _choice("optim.lr_scheduler_type", cfg.optim.lr_scheduler_type, ["constant", "cosine", "wsd"])
     _choice("trainer.resume_mode", cfg.trainer.resume_mode, ["auto", "disable", "resume_path"])
     _choice(

@@ -1,0 +1,285 @@
+"""Will this run fit? Per-device memory of the train step, compiled from abstract shapes before any download.
+
+    python -m jsft.plan [--config C] [key=value ...] [--device-memory 80GB] [--devices N] [--preset NAME]
+
+No weight is read and no array is allocated: the model comes from `model.path`'s config.json (or
+`model.init`, or `--preset`), parameters, optimizer state and the micro-batch are `jax.ShapeDtypeStruct`s
+with the shardings the trainer uses on the configured mesh (`trainer.mesh`), and XLA compiles the real
+micro-step (forward + backward + gradient accumulation) and optimizer update. Printed per device:
+parameters, optimizer state, gradient accumulator, the micro-step's temporaries (activations), the
+update's temporaries, and the peak, then whether the peak fits `--device-memory` x `--mem-fraction`
+(JAX preallocates 75% of a GPU by default). Exit status 0 when it fits, 1 when it does not.
+
+On a CPU host, `--devices N` fakes N devices (XLA_FLAGS) so an 8-GPU mesh can be planned on a laptop; the
+figures are then XLA:CPU's buffer assignment, an estimate of a GPU's (fusion choices differ). On the GPU
+host itself they are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+# HF config fields of common models, for planning without a checkpoint (`--preset`; fills model.init).
+PRESETS = {
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768),
+    "qwen2.5-1.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                         num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                         tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768),
+    "qwen2.5-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                       rope_theta=1e6, max_position_embeddings=32768),
+    "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                         rope_theta=5e5, max_position_embeddings=131072),
+}
+
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (1e9), '80GiB' / '80G' (2**30), '512MB', '1e9' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GB, 80GiB or 512MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+# ---- compiled memory ---------------------------------------------------------------------------------------------
+
+
+def _temp_bytes(fn, *abstract_args) -> int:
+    """Temporaries of `fn` compiled for these abstract arguments (XLA's memory analysis)."""
+    return int(_compile(fn, *abstract_args).memory_analysis().temp_size_in_bytes)
+
+
+def _compile(fn, *abstract_args):
+    import jax
+
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    return jitted.lower(*abstract_args).compile()
+
+
+def loss_memory(*, vocab: int, hidden: int, tokens: int, chunk_size: int = 4096, dtype="float32") -> dict:
+    """Temp bytes of the loss's forward + backward on one row of `tokens` tokens: jsft's vocabulary-chunked
+    cross-entropy against the plain one that materialises fp32 logits [T, V] and their log-softmax."""
+    import jax
+    import jax.numpy as jnp
+
+    from jsft.train.loss import token_nll
+
+    h = jax.ShapeDtypeStruct((1, tokens, hidden), jnp.dtype(dtype))
+    w = jax.ShapeDtypeStruct((hidden, vocab), jnp.dtype(dtype))
+    ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
+
+    def chunked(h, w, ids):
+        return jnp.sum(token_nll(h, w, ids, jnp.ones_like(ids), chunk_size))
+
+    def full(h, w, ids):
+        logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
+        logp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        return -jnp.sum(jnp.take_along_axis(logp, ids[:, 1:, None], axis=-1))
+
+    grad = lambda f: jax.grad(f, argnums=(0, 1))  # noqa: E731
+    return {
+        "vocab": vocab, "hidden": hidden, "tokens": tokens, "chunk_size": chunk_size,
+        "chunked_temp_bytes": _temp_bytes(grad(chunked), h, w, ids),
+        "full_temp_bytes": _temp_bytes(grad(full), h, w, ids),
+        "fp32_logits_bytes": tokens * vocab * 4,
+    }
+
+
+@dataclass
+class Plan:
+    """Per-device bytes of one training configuration."""
+
+    params: int
+    opt_state: int
+    grad_accumulator: int
+    batch: int
+    step_temp: int  # the micro-step's temporaries: activations saved for the backward, logits chunks, ...
+    update_temp: int  # the optimizer update's temporaries
+
+    @property
+    def peak(self) -> int:
+        """Parameters, optimizer state and accumulator live throughout; the two programs run in turn."""
+        resident = self.params + self.opt_state + self.grad_accumulator
+        return resident + max(self.batch + self.step_temp, self.update_temp)
+
+
+def _per_device_bytes(abstract_tree, shardings_tree) -> int:
+    """The largest device's share of a pytree of ShapeDtypeStructs laid out with these shardings."""
+    import jax
+
+    total = 0
+    for x, s in zip(jax.tree.leaves(abstract_tree), jax.tree.leaves(shardings_tree)):
+        total += math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+    return total
+
+
+def _readable(model):
+    """The abstract model with parameters that also read like arrays (`var[...]`), as TrainStep reads them.
+
+    Needed while `jsft.models.params.param_arrays` uses `var[...]`, which a bare ShapeDtypeStruct does not
+    support (`var.get_value()` would serve both)."""
+    import jax
+
+    from jsft.models.params import flat_params, replace_params
+
+    class Abstract(jax.ShapeDtypeStruct):
+        __slots__ = ()
+
+        def __getitem__(self, index):
+            if index is not Ellipsis:
+                raise TypeError("an abstract parameter has no values")
+            return jax.ShapeDtypeStruct(self.shape, self.dtype)
+
+    return replace_params(model, {n: Abstract(v.shape, v.dtype) for n, v in flat_params(model).items()})
+
+
+def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_size: int, update: bool = True) -> Plan:
+    """Compile the trainer's micro-step and update for an ABSTRACT model (jsft.models.params.abstract_model).
+    update=False skips the update's compile (its temporaries count 0), to compare micro-step settings fast."""
+    import jax
+    import jax.numpy as jnp
+
+    from jsft.models.params import flat_params
+    from jsft.train.step import BATCH_FIELDS, TrainStep
+
+    step = TrainStep(_readable(model), optimizer, mesh, chunk_size=chunk_size)
+    params = {name: jax.ShapeDtypeStruct(v.shape, v.dtype) for name, v in flat_params(model).items()}
+    acc = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
+    opt_state = jax.eval_shape(optimizer.init, params)
+    dtypes = {"loss_weight": jnp.float32}
+    batch = {k: jax.ShapeDtypeStruct((rows, row_length), dtypes.get(k, jnp.int32)) for k in BATCH_FIELDS}
+    # TrainStep's jitted programs carry the in/out shardings and donation the trainer runs with.
+    grad_step = _compile(step._grad, params, acc, batch).memory_analysis()
+    update_temp = _compile(step._apply, params, opt_state, acc).memory_analysis().temp_size_in_bytes if update else 0
+    batch_shardings = {k: step.batch_sharding for k in batch}
+    return Plan(
+        params=_per_device_bytes(params, step.param_shardings),
+        opt_state=_per_device_bytes(opt_state, step.opt_shardings),
+        grad_accumulator=_per_device_bytes(acc, step.param_shardings),
+        batch=_per_device_bytes(batch, batch_shardings),
+        step_temp=int(grad_step.temp_size_in_bytes),
+        update_temp=int(update_temp),
+    )
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+
+
+def model_config(cfg):
+    """The decoder's config from model.path's config.json (no weights read) or from model.init."""
+    from jsft.models.config import ModelConfig
+
+    if cfg.model.path:
+        return ModelConfig.from_pretrained(cfg.model.path)
+    if cfg.model.init:
+        init = dict(cfg.model.init)
+        if "vocab_size" not in init:
+            from jsft.data.tokenizer import load_tokenizer
+            from jsft.train.loop import random_init_config
+
+            if not cfg.data.tokenizer:
+                raise ValueError("model.init has no vocab_size: set it, or data.tokenizer to take it from")
+            return random_init_config(init, load_tokenizer(cfg.data.tokenizer))
+        return ModelConfig.from_init(init)
+    raise ValueError("nothing to plan: set model.path (a checkpoint directory), model.init or --preset")
+
+
+def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
+    """(Plan, description) for a run config on the devices of this process (see plan_memory for `update`)."""
+    import jax
+
+    from jsft.data.pipeline import BatchLayout
+    from jsft.models.params import abstract_model
+    from jsft.sharding import make_mesh
+    from jsft.train.optim import make_optimizer
+
+    model_cfg = model_config(cfg)
+    remat = cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none"
+    model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
+                           remat_policy=remat, attention_impl=cfg.model.attention_impl)
+    mesh = make_mesh(cfg.trainer.mesh)
+    layout = BatchLayout.from_config(cfg.data, jax.local_device_count())
+    rows = layout.rows_per_micro_batch * jax.process_count()
+    plan = plan_memory(model, make_optimizer(cfg.optim, 1), mesh, rows=rows, row_length=layout.row_length,
+                       chunk_size=cfg.trainer.loss_chunk_size, update=update)
+    about = {
+        "model": f"{model_cfg.model_type}, {model_cfg.num_params() / 1e9:.2f}B parameters",
+        "mesh": dict(mesh.shape),
+        "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
+        "micro-batch": f"[{rows}, {layout.row_length}]",
+        "dtypes": f"compute {cfg.model.dtype}, parameters {cfg.model.param_dtype}",
+        "remat": remat,
+        "attention": model.attention_impl,
+    }
+    return plan, about
+
+
+def report(plan: Plan, about: dict, budget: Optional[int]) -> str:
+    rows = [
+        ("parameters", plan.params),
+        ("optimizer state", plan.opt_state),
+        ("gradient accumulator", plan.grad_accumulator),
+        ("micro-batch", plan.batch),
+        ("micro-step temporaries", plan.step_temp),
+        ("optimizer-update temporaries", plan.update_temp),
+        ("peak", plan.peak),
+    ]
+    lines = ["plan: " + ", ".join(f"{k} {v}" for k, v in about.items()), "per device:"]
+    lines += [f"  {name:<30}{_gib(n):>12}" for name, n in rows]
+    if budget is not None:
+        verdict = "fits" if plan.peak <= budget else "does NOT fit"
+        lines.append(f"{verdict}: peak {_gib(plan.peak)} of {_gib(budget)} usable ({plan.peak / budget:.0%})")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jsft.plan", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML run config")
+    parser.add_argument("--device-memory", help="memory of one device, e.g. 80GB; omit to only print the plan")
+    parser.add_argument("--mem-fraction", type=float, default=0.75,
+                        help="share of device memory jax may use (its GPU default preallocation: 0.75)")
+    parser.add_argument("--devices", type=int, help="CPU only: plan for N fake devices")
+    parser.add_argument("--preset", choices=sorted(PRESETS), help="plan a known model without a checkpoint")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=4096")
+    args = parser.parse_args(argv)
+    if args.devices:  # must precede the first jax import of this process
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
+    from jsft.config import load_config
+
+    overrides = list(args.overrides)
+    if args.preset:
+        overrides.append(f"model.init={_yaml_inline(PRESETS[args.preset])}")
+    try:
+        cfg = load_config(args.config, overrides)
+        budget = parse_bytes(args.device_memory) * args.mem_fraction if args.device_memory else None
+        plan, about = make_plan(cfg)
+    except ValueError as e:
+        print(f"plan error: {e}", file=sys.stderr)
+        return 2
+    print(report(plan, about, budget))
+    return 0 if budget is None or plan.peak <= budget else 1
+
+
+def _yaml_inline(fields: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Every attention implementation equals the reference `xla_attention`: outputs and gradients, on packed
+rows, padding, an all-padding row, GQA, a KV-cache-shaped call and a batch split over devices."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jsft.models import attention as A
+from jsft.sharding import make_mesh
+
+N, K, H = 4, 2, 16  # GQA: two query heads per kv head
+
+
+def packed_ids(rows: list[list[int]], length: int):
+    """segment_ids, positions [B, length] for rows of back-to-back samples; the rest is padding."""
+    seg = np.zeros((len(rows), length), np.int32)
+    pos = np.zeros((len(rows), length), np.int32)
+    for r, lengths in enumerate(rows):
+        start = 0
+        for s, n in enumerate(lengths):
+            seg[r, start : start + n] = s + 1
+            pos[r, start : start + n] = np.arange(n)
+            start += n
+    return jnp.asarray(seg), jnp.asarray(pos)
+
+
+def qkv(b: int, t: int, s: int, seed: int = 0, dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(keys[0], (b, t, N, H), dtype)
+    k = jax.random.normal(keys[1], (b, s, K, H), dtype)
+    v = jax.random.normal(keys[2], (b, s, K, H), dtype)
+    return q, k, v
+
+
+def reference(q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+    return A.xla_attention(q, k, v, A.attention_mask(q_seg, kv_seg, q_pos, kv_pos))
+
+
+def loss_and_grads(fn, q, k, v, ids, weights):
+    """sum(weights * out) and its gradients; weights are zero at padding queries, whose output is unspecified."""
+    f = lambda q, k, v: jnp.sum(fn(q, k, v, *ids) * weights)  # noqa: E731
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+
+def assert_matches(ids, q, k, v, block, rtol=2e-5, atol=2e-5):
+    q_seg = ids[0]
+    weights = jax.random.normal(jax.random.PRNGKey(9), q.shape) * (q_seg > 0)[..., None, None]
+    blockwise = lambda *a: A.blockwise_attention(*a, block=block)  # noqa: E731
+    out, ref = jax.jit(blockwise)(q, k, v, *ids), reference(q, k, v, *ids)
+    valid = np.asarray(q_seg > 0)
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=rtol, atol=atol)
+    (loss, grads), (ref_loss, ref_grads) = (loss_and_grads(f, q, k, v, ids, weights) for f in (blockwise, reference))
+    np.testing.assert_allclose(loss, ref_loss, rtol=rtol, atol=atol)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("block", [8, 16, 128])
+def test_blockwise_matches_reference_on_packed_rows(block):
+    # row 0: three samples crossing tile edges, padding at the end; row 1: one sample filling the row;
+    # row 2: all padding (an empty row of a micro-batch); T = 75 is not a multiple of the tile.
+    seg, pos = packed_ids([[30, 17, 21], [75], []], 75)
+    q, k, v = qkv(3, 75, 75)
+    assert_matches((seg, seg, pos, pos), q, k, v, block)
+
+
+def test_blockwise_matches_reference_on_a_kv_cache_chunk():
+    # a 12-token chunk at slots 28..39 of a 48-slot cache whose last 8 slots are still empty (segment 0)
+    kv_seg = jnp.asarray(np.r_[np.ones(40), np.zeros(8)][None].astype(np.int32))
+    kv_pos = jnp.asarray(np.r_[np.arange(40), np.zeros(8)][None].astype(np.int32))
+    q_seg, q_pos = kv_seg[:, 28:40], kv_pos[:, 28:40]
+    q, k, v = qkv(1, 12, 48, seed=1)
+    assert_matches((q_seg, kv_seg, q_pos, kv_pos), q, k, v, block=8)
+
+
+def test_blockwise_in_bfloat16_stays_close_to_the_fp32_reference():
+    seg, pos = packed_ids([[40, 24]], 64)
+    q, k, v = qkv(1, 64, 64, seed=2)
+    blockwise = jax.jit(lambda *a: A.blockwise_attention(*a, block=16))
+    out = blockwise(*(x.astype(jnp.bfloat16) for x in (q, k, v)), seg, seg, pos, pos)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), reference(q, k, v, seg, seg, pos, pos), atol=3e-2)
+
+
+def test_only_tiles_with_a_visible_key_are_visited():
+    seg, pos = packed_ids([[30, 17, 21], [50]], 75)
+    ids = tuple(A._pad_to(x, 1, 8) for x in (seg, seg, pos, pos))
+    pairs, count = A._live_pairs(ids, 8, 8)
+    mask = np.asarray(A.attention_mask(*ids))  # [B, 80, 80]
+    expected = mask.reshape(2, 10, 8, 10, 8).any(axis=(0, 2, 4))
+    assert int(count) == expected.sum() < expected.size // 2  # causal + segments: well under half the tiles
+    assert sorted(map(tuple, np.asarray(pairs)[: int(count)].tolist())) == sorted(zip(*np.nonzero(expected)))
+
+
+def test_attention_dispatch_and_auto():
+    seg, pos = packed_ids([[300, 200], [520]], 520)  # longer than one tile: the blockwise path runs
+    q, k, v = qkv(2, 520, 520, seed=3)
+    ids = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
+    out = jax.jit(lambda q, k, v: A.attention(q, k, v, impl="blockwise", **ids))(q, k, v)
+    ref = A.attention(q, k, v, impl="xla", **ids)
+    valid = np.asarray(seg > 0)
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
+    assert A.resolve_impl("auto") == "blockwise"  # tests run on CPU
+    with pytest.raises(ValueError, match="needs a GPU"):
+        A.resolve_impl("cudnn")
+    with pytest.raises(ValueError, match="allowed: auto, xla, blockwise, cudnn"):
+        A.resolve_impl("flash")
+
+
+def test_blockwise_per_device_under_a_mesh():
+    """With a mesh active, each device lists and visits the live tiles of its own rows (shard_map)."""
+    mesh = make_mesh({"fsdp": -1})
+    rows = [[300, 200], [520], [100, 100, 100], [], [400], [260, 260], [10], [519]]
+    seg, pos = packed_ids(rows, 520)
+    q, k, v = qkv(8, 520, 520, seed=4)
+    ids = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda q, k, v: A.attention(q, k, v, impl="blockwise", **ids))(q, k, v)
+    valid = np.asarray(seg > 0)
+    ref = A.attention(q, k, v, impl="xla", **ids)
+    np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)

@@ -1,0 +1,80 @@
+"""python -m jsft.plan: per-device memory from a config.json alone (no weights), on the 8 fake devices."""
+
+import jax
+import pytest
+import transformers
+
+from jsft import plan
+from jsft.config import load_config
+from jsft.models.config import ModelConfig
+
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def config_only(tmp_path_factory):
+    """A checkpoint directory holding config.json and nothing else: planning must not need weights."""
+    path = tmp_path_factory.mktemp("config_only")
+    transformers.Qwen2Config(**TINY).save_pretrained(path)
+    assert sorted(p.name for p in path.iterdir()) == ["config.json"]
+    return str(path)
+
+
+def overrides(path, **extra):
+    base = {"model.path": path, "model.dtype": "float32", "data.max_length": 256, "data.micro_batch_size_per_gpu": 1}
+    return [f"{k}={v}" for k, v in {**base, **extra}.items()]
+
+
+@pytest.fixture(scope="module")
+def plans(config_only):
+    """A plan per remat policy; only the default's ("full") compiles the optimizer update too."""
+    def make(policy):
+        cfg = load_config(None, overrides(config_only, **{"model.remat_policy": policy}))
+        return plan.make_plan(cfg, update=policy == "full")
+
+    return {policy: make(policy) for policy in ("none", "dots_saveable", "full")}
+
+
+def test_plan_prints_per_device_memory_and_the_verdict(config_only, plans, capsys, monkeypatch):
+    seen = []
+    monkeypatch.setattr(plan, "make_plan", lambda cfg: seen.append(cfg) or plans["full"])  # compiled above
+    assert plan.main(overrides(config_only) + ["--device-memory", "1GiB", "--mem-fraction", "1"]) == 0
+    assert seen[0].model.path == config_only and seen[0].data.max_length == 256
+    out = capsys.readouterr().out
+    assert "mesh {'data': 1, 'fsdp': 8}" in out and "micro-batch [8, 256]" in out and "remat full" in out
+    for row in ("parameters", "optimizer state", "gradient accumulator", "micro-step temporaries", "peak"):
+        assert row in out
+    assert "fits: peak" in out
+    result, about = plans["full"]
+    assert "does NOT fit" in plan.report(result, about, budget=result.peak - 1)
+
+
+def test_parameters_are_split_over_the_fsdp_devices(config_only, plans):
+    result = plans["full"][0]
+    total = ModelConfig.from_pretrained(config_only).num_params() * 4  # fp32
+    assert jax.device_count() == 8
+    assert total / 8 <= result.params < total / 4  # large tensors split 8 ways, norms and biases replicated
+    assert result.opt_state == pytest.approx(2 * result.params, rel=0.01)  # Adam's two moments
+    assert result.grad_accumulator == result.params
+    assert result.peak > result.params + result.opt_state + result.step_temp
+
+
+def test_remat_policies_trade_activation_memory(plans):
+    temps = {policy: p.step_temp for policy, (p, _) in plans.items()}
+    assert temps["none"] > temps["dots_saveable"] > temps["full"], temps
+
+
+def test_chunked_cross_entropy_temporaries_stay_far_below_full_logits():
+    m = plan.loss_memory(vocab=32768, hidden=64, tokens=512, chunk_size=4096)
+    assert m["chunked_temp_bytes"] * 4 < m["full_temp_bytes"]
+
+
+def test_presets_and_sizes():
+    for fields in plan.PRESETS.values():
+        ModelConfig.from_init(fields)  # every preset is a valid model description
+    assert plan.parse_bytes("80GB") == 80 * 10**9
+    assert plan.parse_bytes("80GiB") == plan.parse_bytes("80G") == 80 * 2**30
+    with pytest.raises(ValueError, match="memory size"):
+        plan.parse_bytes("eighty")
+    assert plan.main(["model.dtype=float32"]) == 2  # nothing to plan: an error, not a traceback
