@@ -129,26 +129,6 @@ def _per_device_bytes(abstract_tree, shardings_tree) -> int:
     return total
 
 
-def _readable(model):
-    """The abstract model with parameters that also read like arrays (`var[...]`), as TrainStep reads them.
-
-    Needed while `jsft.models.params.param_arrays` uses `var[...]`, which a bare ShapeDtypeStruct does not
-    support (`var.get_value()` would serve both)."""
-    import jax
-
-    from jsft.models.params import flat_params, replace_params
-
-    class Abstract(jax.ShapeDtypeStruct):
-        __slots__ = ()
-
-        def __getitem__(self, index):
-            if index is not Ellipsis:
-                raise TypeError("an abstract parameter has no values")
-            return jax.ShapeDtypeStruct(self.shape, self.dtype)
-
-    return replace_params(model, {n: Abstract(v.shape, v.dtype) for n, v in flat_params(model).items()})
-
-
 def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_size: int, update: bool = True) -> Plan:
     """Compile the trainer's micro-step and update for an ABSTRACT model (jsft.models.params.abstract_model).
     update=False skips the update's compile (its temporaries count 0), to compare micro-step settings fast."""
@@ -158,7 +138,7 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
     from jsft.models.params import flat_params
     from jsft.train.step import BATCH_FIELDS, TrainStep
 
-    step = TrainStep(_readable(model), optimizer, mesh, chunk_size=chunk_size)
+    step = TrainStep(model, optimizer, mesh, chunk_size=chunk_size)
     params = {name: jax.ShapeDtypeStruct(v.shape, v.dtype) for name, v in flat_params(model).items()}
     acc = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
     opt_state = jax.eval_shape(optimizer.init, params)

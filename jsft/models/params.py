@@ -37,8 +37,9 @@ def param_shardings(model: Decoder, mesh: Optional[Mesh]) -> dict:
 
 
 def param_arrays(model: Decoder) -> dict[str, jax.Array]:
-    """'layers/q_proj' -> array: the flat parameter dict that training, checkpoints and export pass around."""
-    return {name: var[...] for name, var in flat_params(model).items()}
+    """'layers/q_proj' -> array: the flat parameter dict that training, checkpoints and export pass around
+    (ShapeDtypeStructs for an abstract model, which `var[...]` cannot index)."""
+    return {name: var.get_value() for name, var in flat_params(model).items()}
 
 
 def init_model(cfg: ModelConfig, *, seed: int = 0, mesh: Optional[Mesh] = None, **decoder_kwargs) -> Decoder:

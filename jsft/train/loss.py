@@ -32,13 +32,16 @@ def token_nll(
     segment of token t-1 (segment_ids equal and non-zero), else 0.
 
     hidden [B, T, D] (compute dtype), unembed [D, V]. Logits are computed in float32 for `chunk_size`
-    vocabulary columns at a time ([B, T, chunk_size] live, forward and backward), never [B, T, V].
+    vocabulary columns at a time ([B*T, chunk_size] live, forward and backward), never [B, T, V].
     """
     labels = jnp.roll(input_ids, -1, axis=1)  # [B, T] label of position t is token t+1
     valid = _continues_segment(segment_ids)  # [B, T] token t has a predecessor in its sample
     valid_next = jnp.roll(valid, -1, axis=1).at[:, -1].set(False)
-    nll_next = _chunked_nll(hidden, unembed, labels, valid_next, chunk_size)  # [B, T] predicts t+1
-    return jnp.pad(nll_next[:, :-1], ((0, 0), (1, 0)))
+    # Tokens flattened to [B*T, D]: XLA:CPU runs 2-D matmuls (and the dW contraction over tokens) faster
+    # than the same einsums over [B, T, D].
+    b, t, d = hidden.shape
+    nll_next = _chunked_nll(hidden.reshape(b * t, d), unembed, labels.reshape(-1), valid_next.reshape(-1), chunk_size)
+    return jnp.pad(nll_next.reshape(b, t)[:, :-1], ((0, 0), (1, 0)))
 
 
 def _continues_segment(segment_ids) -> jax.Array:
@@ -50,25 +53,33 @@ def _continues_segment(segment_ids) -> jax.Array:
 # whole unembed and would add into the whole dW [D, V] inside the loop, which XLA turns into one
 # gather + all-reduce of [D, V] per chunk. A vocabulary chunk touches only its own columns, so each
 # weight column is gathered and reduced once, and the token axis stays sharded over devices throughout.
+#
+# The last chunk is shifted left to end at V (overlapping the one before) instead of padding unembed to a
+# multiple of the chunk: a padded copy of unembed, and of its gradient, would cost two [D, V] fp32 buffers,
+# more than the chunks themselves (1.1 GiB of 1.2 GiB at a 152k vocabulary).
 
 
-def _padded(unembed, chunk):
-    """unembed with zero columns up to a multiple of chunk (their logits are masked to -inf)."""
-    return jnp.pad(unembed, ((0, 0), (0, -unembed.shape[1] % chunk)))
+def _chunk(unembed, i, chunk):
+    """Chunk i: its first column, weights [D, chunk], and which of its columns no earlier chunk covered."""
+    start = jnp.minimum(i * chunk, unembed.shape[1] - chunk)
+    fresh = start + jnp.arange(chunk) >= i * chunk
+    return start, jax.lax.dynamic_slice_in_dim(unembed, start, chunk, axis=1), fresh
 
 
-def _logits_chunk(hidden, padded, vocab, i, chunk):
-    """Columns [i*chunk, (i+1)*chunk) of unembed [D, chunk], and their float32 logits [B, T, chunk]
-    (-inf past vocab)."""
-    w = jax.lax.dynamic_slice_in_dim(padded, i * chunk, chunk, axis=1)
-    logits = jnp.einsum("btd,dv->btv", hidden, w, preferred_element_type=jnp.float32)
-    return w, jnp.where(i * chunk + jnp.arange(chunk) < vocab, logits, -jnp.inf)
+def _logits(hidden, w, fresh):
+    """float32 logits [N, chunk]; columns an earlier chunk covered are -inf, so they count once."""
+    logits = jnp.einsum("nd,dv->nv", hidden, w, preferred_element_type=jnp.float32)
+    return jnp.where(fresh, logits, -jnp.inf)
 
 
-def _label_in_chunk(labels, i, chunk):
-    """labels' column inside chunk i, and whether the label falls in it. [B, T] each."""
-    local = labels - i * chunk
-    return local, (local >= 0) & (local < chunk)
+def _label_in_chunk(labels, start, i, chunk):
+    """labels' column inside the chunk, and whether the label is one of its fresh columns. [N] each."""
+    local = labels - start
+    return local, (labels >= i * chunk) & (local < chunk)
+
+
+def _num_chunks(vocab, chunk):
+    return -(-vocab // chunk)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -79,47 +90,50 @@ def _chunked_nll(hidden, unembed, labels, valid, chunk_size):
 def _chunked_nll_fwd(hidden, unembed, labels, valid, chunk_size):
     vocab = unembed.shape[1]
     chunk = min(chunk_size, vocab)
-    padded = _padded(unembed, chunk)
-    B, T = labels.shape
 
     def step(carry, i):  # online logsumexp over chunks, plus the target logit from its chunk
         running_max, running_sum, target = carry
-        _, logits = _logits_chunk(hidden, padded, vocab, i, chunk)
+        start, w, fresh = _chunk(unembed, i, chunk)
+        logits = _logits(hidden, w, fresh)
         new_max = jnp.maximum(running_max, logits.max(-1))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
-        local, inside = _label_in_chunk(labels, i, chunk)
+        local, inside = _label_in_chunk(labels, start, i, chunk)
         picked = jnp.take_along_axis(logits, jnp.clip(local, 0, chunk - 1)[..., None], axis=-1)[..., 0]
         return (new_max, running_sum, jnp.where(inside, picked, target)), None
 
-    init = (jnp.full((B, T), -jnp.inf), jnp.zeros((B, T)), jnp.zeros((B, T)))
-    (running_max, running_sum, target), _ = jax.lax.scan(step, init, jnp.arange(padded.shape[1] // chunk))
+    n = labels.shape[0]
+    init = (jnp.full((n,), -jnp.inf), jnp.zeros((n,)), jnp.zeros((n,)))
+    (running_max, running_sum, target), _ = jax.lax.scan(step, init, jnp.arange(_num_chunks(vocab, chunk)))
     lse = running_max + jnp.log(running_sum)
     nll = jnp.where(valid, lse - target, 0.0)
     return nll, (hidden, unembed, labels, valid, lse)
 
 
 def _chunked_nll_bwd(chunk_size, residuals, g):
-    """d nll / d logits = softmax - onehot(label), rebuilt one chunk at a time from the saved lse."""
+    """d nll / d logits = softmax - onehot(label), rebuilt one chunk at a time from the saved lse; each
+    chunk's dW is added into its columns of one [D, V] buffer (in place in the loop)."""
     hidden, unembed, labels, valid, lse = residuals
     vocab = unembed.shape[1]
     chunk = min(chunk_size, vocab)
-    padded = _padded(unembed, chunk)
     g = jnp.where(valid, g, 0.0)
 
-    def step(d_hidden, i):
-        w, logits = _logits_chunk(hidden, padded, vocab, i, chunk)
-        local, inside = _label_in_chunk(labels, i, chunk)
+    def step(carry, i):
+        d_hidden, d_unembed = carry
+        start, w, fresh = _chunk(unembed, i, chunk)
+        logits = _logits(hidden, w, fresh)
+        local, inside = _label_in_chunk(labels, start, i, chunk)
         is_label = (jnp.arange(chunk) == local[..., None]) & inside[..., None]  # fused compare, no one-hot
-        d_logits = g[..., None] * (jnp.exp(logits - lse[..., None]) - is_label)  # [B, T, chunk]
+        d_logits = g[..., None] * (jnp.exp(logits - lse[..., None]) - is_label)  # [N, chunk]
         # Both matmuls in the compute dtype (bf16 tensor cores), accumulated in float32.
         d_logits = d_logits.astype(hidden.dtype)
-        d_hidden = d_hidden + jnp.einsum("btv,dv->btd", d_logits, w, preferred_element_type=jnp.float32)
-        d_w = jnp.einsum("btd,btv->dv", hidden, d_logits, preferred_element_type=jnp.float32)
-        return d_hidden, d_w.astype(unembed.dtype)
+        d_hidden = d_hidden + jnp.einsum("nv,dv->nd", d_logits, w, preferred_element_type=jnp.float32)
+        d_w = jnp.einsum("nd,nv->dv", hidden, d_logits, preferred_element_type=jnp.float32)
+        old = jax.lax.dynamic_slice_in_dim(d_unembed, start, chunk, axis=1)  # overlap columns get + 0
+        d_unembed = jax.lax.dynamic_update_slice_in_dim(d_unembed, old + d_w.astype(unembed.dtype), start, axis=1)
+        return (d_hidden, d_unembed), None
 
-    n = padded.shape[1] // chunk
-    d_hidden, d_w = jax.lax.scan(step, jnp.zeros(hidden.shape, jnp.float32), jnp.arange(n))
-    d_unembed = jnp.moveaxis(d_w, 0, 1).reshape(unembed.shape[0], n * chunk)[:, :vocab]
+    init = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros_like(unembed))
+    (d_hidden, d_unembed), _ = jax.lax.scan(step, init, jnp.arange(_num_chunks(vocab, chunk)))
     return d_hidden.astype(hidden.dtype), d_unembed, None, None
 
 
