@@ -60,12 +60,18 @@ def replace_params(template: Decoder, values: dict[str, jax.Array]) -> Decoder:
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def model_bytes(model: Decoder) -> tuple[int, dict]:
-    """Total parameter bytes and bytes per device (the largest device's share)."""
+def array_bytes(tree) -> tuple[int, dict]:
+    """(total bytes, bytes on each local device) of a pytree of jax arrays; non-arrays are skipped."""
     total, per_device = 0, {}
-    for var in flat_params(model).values():
-        arr = var[...]
-        total += arr.size * arr.dtype.itemsize
-        for shard in arr.addressable_shards:
-            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.size * arr.dtype.itemsize
+    for x in jax.tree.leaves(tree):
+        if not hasattr(x, "addressable_shards"):
+            continue
+        total += x.size * x.dtype.itemsize
+        for shard in x.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.size * x.dtype.itemsize
     return total, per_device
+
+
+def model_bytes(model: Decoder) -> tuple[int, dict]:
+    """Total parameter bytes and bytes on each device."""
+    return array_bytes(param_arrays(model))

@@ -6,16 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsft.models.params import array_bytes
+
 
 def tree_bytes(tree) -> tuple[int, int]:
     """(total bytes, bytes on the fullest local device) of a pytree of jax arrays."""
-    total, per_device = 0, {}
-    for x in jax.tree.leaves(tree):
-        if not hasattr(x, "addressable_shards"):
-            continue
-        total += x.size * x.dtype.itemsize
-        for shard in x.addressable_shards:
-            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.size * x.dtype.itemsize
+    total, per_device = array_bytes(tree)
     return total, max(per_device.values(), default=0)
 
 
