@@ -48,6 +48,9 @@ class OptimConfig:
     wsd_decay_ratio: float = 0.1  # fraction of steps spent decaying in wsd
     clip_grad: float = 1.0  # global-norm clipping; <= 0 disables
     max_consecutive_skips: int = 10  # abort after this many non-finite steps in a row
+    # keep the optimizer state (Adam moments) in pinned host memory between updates, moved to the device
+    # only for the update: frees its device memory during the micro-steps (veRL: fsdp_config.optimizer_offload)
+    offload_state: bool = False
 
 
 @dataclass
@@ -66,6 +69,10 @@ class TrainerConfig:
     seed: int = 0
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     loss_chunk_size: int = 4096  # vocabulary columns per chunk of the cross-entropy (never full fp32 logits)
+    # micro-batch row lengths and per-row target capacities are rounded up to multiples of 1/shape_buckets
+    # of the row (jsft/train/batch.py): fewer padded tokens and logits only at targets, for at most
+    # shape_buckets^2 compiled shapes; 1 = one fixed shape (whole rows, a logit at every position)
+    shape_buckets: int = 4
     mesh: dict = field(default_factory=lambda: {"data": 1, "fsdp": -1})  # axis -> size; -1 takes the rest
     export_hf: bool = False  # also write an HF safetensors export to <default_local_dir>/hf at the end
 
@@ -177,6 +184,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
     if cfg.data.max_length <= 0 or cfg.data.train_batch_size <= 0 or cfg.data.micro_batch_size_per_gpu <= 0:
         raise ValueError("data.max_length, data.train_batch_size and data.micro_batch_size_per_gpu must be > 0")
+    if cfg.trainer.shape_buckets < 1 or cfg.trainer.loss_chunk_size < 1:
+        raise ValueError("trainer.shape_buckets and trainer.loss_chunk_size must be >= 1")
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -78,14 +78,15 @@ def loss_memory(*, vocab: int, hidden: int, tokens: int, chunk_size: int = 4096,
     import jax
     import jax.numpy as jnp
 
-    from jsft.train.loss import token_nll
+    from jsft.train.loss import target_nll
 
     h = jax.ShapeDtypeStruct((1, tokens, hidden), jnp.dtype(dtype))
     w = jax.ShapeDtypeStruct((hidden, vocab), jnp.dtype(dtype))
     ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
 
-    def chunked(h, w, ids):
-        return jnp.sum(token_nll(h, w, ids, jnp.ones_like(ids), chunk_size))
+    def chunked(h, w, ids):  # every position a target (the most a micro-batch can hold)
+        pos = jnp.arange(tokens)[None]
+        return jnp.sum(target_nll(h, w, pos, ids, jnp.ones(ids.shape), chunk_size))
 
     def full(h, w, ids):
         logits = jnp.einsum("btd,dv->btv", h, w, preferred_element_type=jnp.float32)
@@ -111,12 +112,14 @@ class Plan:
     batch: int
     step_temp: int  # the micro-step's temporaries: activations saved for the backward, logits chunks, ...
     update_temp: int  # the optimizer update's temporaries
+    opt_offloaded: bool = False  # optim.offload_state: the state is on the device during the update only
 
     @property
     def peak(self) -> int:
-        """Parameters, optimizer state and accumulator live throughout; the two programs run in turn."""
-        resident = self.params + self.opt_state + self.grad_accumulator
-        return resident + max(self.batch + self.step_temp, self.update_temp)
+        """Parameters and accumulator live throughout; the two programs run in turn. The optimizer state
+        lives in device memory throughout, or (offloaded) is brought in for the update only."""
+        during_steps = self.batch + self.step_temp + (0 if self.opt_offloaded else self.opt_state)
+        return self.params + self.grad_accumulator + max(during_steps, self.opt_state + self.update_temp)
 
 
 def _per_device_bytes(abstract_tree, shardings_tree) -> int:
@@ -129,7 +132,8 @@ def _per_device_bytes(abstract_tree, shardings_tree) -> int:
     return total
 
 
-def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_size: int, update: bool = True) -> Plan:
+def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_size: int, update: bool = True,
+                offload_opt_state: bool = False) -> Plan:
     """Compile the trainer's micro-step and update for an ABSTRACT model (jsft.models.params.abstract_model).
     update=False skips the update's compile (its temporaries count 0), to compare micro-step settings fast."""
     import jax
@@ -138,11 +142,12 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
     from jsft.models.params import flat_params
     from jsft.train.step import BATCH_FIELDS, TrainStep
 
-    step = TrainStep(model, optimizer, mesh, chunk_size=chunk_size)
+    step = TrainStep(model, optimizer, mesh, chunk_size=chunk_size, offload_opt_state=offload_opt_state)
     params = {name: jax.ShapeDtypeStruct(v.shape, v.dtype) for name, v in flat_params(model).items()}
     acc = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
     opt_state = jax.eval_shape(optimizer.init, params)
-    dtypes = {"loss_weight": jnp.float32}
+    # The largest micro-batch: whole rows, a target slot per token (as batch.largest_micro_batch).
+    dtypes = {"target_weight": jnp.float32}
     batch = {k: jax.ShapeDtypeStruct((rows, row_length), dtypes.get(k, jnp.int32)) for k in BATCH_FIELDS}
     # TrainStep's jitted programs carry the in/out shardings and donation the trainer runs with.
     grad_step = _compile(step._grad, params, acc, batch).memory_analysis()
@@ -155,6 +160,7 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
         batch=_per_device_bytes(batch, batch_shardings),
         step_temp=int(grad_step.temp_size_in_bytes),
         update_temp=int(update_temp),
+        opt_offloaded=offload_opt_state,
     )
 
 
@@ -197,7 +203,7 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
     layout = BatchLayout.from_config(cfg.data, jax.local_device_count())
     rows = layout.rows_per_micro_batch * jax.process_count()
     plan = plan_memory(model, make_optimizer(cfg.optim, 1), mesh, rows=rows, row_length=layout.row_length,
-                       chunk_size=cfg.trainer.loss_chunk_size, update=update)
+                       chunk_size=cfg.trainer.loss_chunk_size, update=update, offload_opt_state=cfg.optim.offload_state)
     about = {
         "model": f"{model_cfg.model_type}, {model_cfg.num_params() / 1e9:.2f}B parameters",
         "mesh": dict(mesh.shape),
@@ -213,7 +219,7 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
 def report(plan: Plan, about: dict, budget: Optional[int]) -> str:
     rows = [
         ("parameters", plan.params),
-        ("optimizer state", plan.opt_state),
+        ("optimizer state" + (" (host between updates)" if plan.opt_offloaded else ""), plan.opt_state),
         ("gradient accumulator", plan.grad_accumulator),
         ("micro-batch", plan.batch),
         ("micro-step temporaries", plan.step_temp),
@@ -221,7 +227,7 @@ def report(plan: Plan, about: dict, budget: Optional[int]) -> str:
         ("peak", plan.peak),
     ]
     lines = ["plan: " + ", ".join(f"{k} {v}" for k, v in about.items()), "per device:"]
-    lines += [f"  {name:<30}{_gib(n):>12}" for name, n in rows]
+    lines += [f"  {name:<40}{_gib(n):>12}" for name, n in rows]
     if budget is not None:
         verdict = "fits" if plan.peak <= budget else "does NOT fit"
         lines.append(f"{verdict}: peak {_gib(plan.peak)} of {_gib(budget)} usable ({plan.peak / budget:.0%})")

@@ -174,13 +174,12 @@ class JsftSide:
     """jsft's real data pipeline and TrainStep on one CPU device."""
 
     def __init__(self, paths: dict, w: Workload, workdir: Path):
-        import numpy as np
-
         import jsft.models as jm
         from jsft.data.pipeline import build_train_batches
         from jsft.data.tokenizer import load_tokenizer
         from jsft.models.params import param_arrays
         from jsft.sharding import make_mesh
+        from jsft.train.batch import largest_micro_batch
         from jsft.train.optim import make_optimizer
         from jsft.train.step import TrainStep
 
@@ -194,11 +193,30 @@ class JsftSide:
                                  chunk_size=cfg.trainer.loss_chunk_size)
         self.params = param_arrays(self.model)
         self.opt_state = self.step_fn.init_opt_state(self.params)
-        empty = self.data.empty_micro_batch()
-        self.example = self.step_fn.device_batch({**empty, "loss_weight": np.zeros(empty["input_ids"].shape, np.float32)})
+        self.example = self.step_fn.device_batch(largest_micro_batch(self.data.empty_micro_batch()))
+        self.memory = self.step_fn.memory_analysis(self.params, self.opt_state, self.example)
+        rerun = build_train_batches(cfg.data, load_tokenizer(paths["tokenizer"]), seed=0, process_index=0,
+                                    process_count=1, local_devices=1)
+        self.compile_s, self.shapes = self._compile_shapes([next(rerun) for _ in range(w.warmup_steps + w.steps)])
+
+    def _prepare(self, batch):
+        from jsft.train.batch import prepare_step
+
+        c = self.cfg
+        return prepare_step(batch, self.data.empty_micro_batch(), mode=c.trainer.loss_agg_mode,
+                            max_length=c.data.max_length, buckets=c.trainer.shape_buckets)
+
+    def _compile_shapes(self, batches) -> tuple[float, int]:
+        """Compile (and run once) every micro-batch shape the run's steps will use, so that the measured
+        steps time steady-state training; the compile cost is reported on its own."""
+        shapes = {}
+        for batch in batches:
+            for mb in self._prepare(batch).micro_batches:
+                shapes.setdefault(tuple(mb[k].shape for k in ("input_ids", "target_pos")), mb)
         t = time.perf_counter()
-        self.memory = self.step_fn.memory_analysis(self.params, self.opt_state, self.example)  # compiles
-        self.compile_s = time.perf_counter() - t
+        loss, _ = self.step_fn.gradients(self.params, [self.step_fn.device_batch(mb) for mb in shapes.values()])
+        float(loss)
+        return time.perf_counter() - t, len(shapes)
 
     def peak(self) -> float:
         """fp32 matmul FLOP/s right now: the machine's current capacity, for MFU and to spot busy steps."""
@@ -207,18 +225,19 @@ class JsftSide:
         return measured_matmul_flops("float32")
 
     def step(self) -> dict:
-        from jsft.train.loop import attach_weights, gather_step
-
         t = time.perf_counter()
-        g = gather_step(next(self.data), self.data.empty_micro_batch())
-        attach_weights(g.micro_batches, self.cfg.trainer.loss_agg_mode, samples=g.samples,
-                       targets=g.target_tokens, max_length=self.cfg.data.max_length)
+        g = self._prepare(next(self.data))
         batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
+        compiled = self.step_fn.compiled_programs()
         self.params, self.opt_state, loss, _ = self.step_fn.train_step(self.params, self.opt_state, batches)
         loss = float(loss)  # waits for the step
+        new_shapes = self.step_fn.compiled_programs() - compiled
         lengths = [n for mb in g.micro_batches for n in _segment_lengths(mb["segment_ids"])]
+        flops = sample_flops(self.model.config, lengths)
+        c = self.model.config  # the unembedding is needed at target tokens only (6 FLOPs per weight)
+        needed = flops - 6 * c.vocab_size * c.hidden_size * (g.tokens - g.target_tokens)
         return {"time": time.perf_counter() - t, "real": g.tokens, "computed": g.computed_tokens,
-                "flops": sample_flops(self.model.config, lengths), "loss": loss}
+                "flops": flops, "needed_flops": needed, "loss": loss, "compiled": new_shapes}
 
     def summary(self) -> dict:
         import jax
@@ -227,6 +246,7 @@ class JsftSide:
 
         return {
             "compile_s": self.compile_s,
+            "compiled_shapes_ahead": self.shapes,
             "param_bytes": tree_bytes(self.params)[1],
             "opt_state_bytes": tree_bytes(self.opt_state)[1],
             "step_memory": self.memory,
@@ -383,8 +403,11 @@ QUIET = 0.85
 
 
 def _figures(steps: list[dict], warmup: int) -> dict:
-    """Medians over the measured steps; MFU of each step against the matmul peak probed around it."""
-    measured = steps[warmup:]
+    """Medians over the measured steps; MFU of each step against the matmul peak probed around it. A step
+    that compiled a new micro-batch shape (trainer.shape_buckets) is left out: its time is compile time."""
+    measured = [s for s in steps[warmup:] if not s.get("compiled")]
+    if not measured:
+        raise RuntimeError("every measured step compiled a new shape: run more steps (--steps)")
     best = max(max(s["peaks"]) for s in steps)
     quiet = [s for s in measured if min(s["peaks"]) >= QUIET * best]
     peak = lambda s: sum(s["peaks"]) / 2  # noqa: E731
@@ -394,9 +417,13 @@ def _figures(steps: list[dict], warmup: int) -> dict:
         "quiet_steps": len(quiet),
         "step_s": statistics.median(s["time"] for s in measured),
         "mfu": statistics.median(s["flops"] / s["time"] / peak(s) for s in measured),
+        "needed_flops_utilisation": statistics.median(s.get("needed_flops", s["flops"]) / s["time"] / peak(s)
+                                                      for s in measured),
         "matmul_peak_flops": statistics.median(peak(s) for s in measured),
         "padding_efficiency": sum(s["real"] for s in steps) / sum(s["computed"] for s in steps),
         "first_step_s": steps[0]["time"],
+        "compiled_shapes": sum(s.get("compiled", 0) for s in steps),
+        "measured_steps": len(measured),
         "steps": steps,
     }
 
@@ -467,8 +494,12 @@ def print_report(r: dict) -> None:
     print(f"ratio        jsft / torch real tokens/s = {r['ratio_tokens_per_s']:.2f}x; over quiet steps only "
           f"({j['quiet_steps']} jsft, {t['quiet_steps']} torch): {_fmt_ratio(quiet)}")
     print(f"MFU          jsft {j['mfu']:.1%}, torch {t['mfu']:.1%} of the measured fp32 matmul peak "
-          f"{j['matmul_peak_flops'] / 1e9:.0f} GFLOP/s")
-    print(f"compile      {j['compile_s']:.1f}s (micro-step lower + compile); first step {j['first_step_s']:.1f}s")
+          f"{j['matmul_peak_flops'] / 1e9:.0f} GFLOP/s (model FLOPs of the real tokens: 6N + causal attention "
+          f"per sample, logits at every token)")
+    print(f"             jsft {j['needed_flops_utilisation']:.1%} counting the logits it needs (at target tokens only)")
+    print(f"compile      {j['compile_s']:.1f}s: {j['compiled_shapes_ahead']} micro-batch shapes compiled and run once "
+          f"before the steps (trainer.shape_buckets); first step {j['first_step_s']:.1f}s; medians over "
+          f"{j['measured_steps']} measured steps ({j['compiled_shapes']} compiled a shape and are left out)")
     print(f"loss         jsft {_losses(j)}, torch {_losses(t)} (same weights, data and hyperparameters)")
     print(f"memory       params {j['param_bytes'] / mib:.0f} MiB, opt state {j['opt_state_bytes'] / mib:.0f} MiB, "
           f"micro-step temporaries {mem.get('temp_bytes', 0) / mib:.0f} MiB "

@@ -3,6 +3,9 @@
 Imported by name (`from jsft_testing import ...`); `conftest` is not importable reliably because several
 test folders have one."""
 
+import json
+from pathlib import Path
+
 TINY = dict(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -76,3 +79,8 @@ def sft_overrides(setup: dict, run_dir, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def losses(run_dir) -> dict:
+    """{step: train/loss} from a run's metrics.jsonl."""
+    return {m["step"]: m["train/loss"] for m in map(json.loads, open(Path(run_dir) / "metrics.jsonl"))}

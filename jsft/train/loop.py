@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Optional
 
 import jax
-import numpy as np
 
 import jsft.models as jm
 from jsft import distributed
@@ -29,7 +28,7 @@ from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
-from jsft.train.loss import batch_counts, loss_weights
+from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.metrics import MetricsLogger
 from jsft.train.optim import consecutive_skips, current_lr, make_optimizer, skipped_steps
 from jsft.train.perf import device_peak_flops
@@ -40,41 +39,6 @@ from jsft.train.step import TrainStep
 def log(msg: str) -> None:
     if distributed.is_main():
         print(msg, flush=True)
-
-
-# ---- global batches ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class GlobalStep:
-    """One optimizer step's micro-batches (host-local rows with loss weights) and its GLOBAL counts."""
-
-    micro_batches: list[dict]
-    samples: int
-    target_tokens: int
-    tokens: int
-    computed_tokens: int  # rows x row length over all hosts and micro-batches, padding included
-
-
-def gather_step(batch: StepBatch, empty: dict) -> GlobalStep:
-    """This host's micro-batches plus the GLOBAL counts; every host is padded to the same number of
-    micro-batches (an empty one weighs nothing), since all hosts must run the same programs."""
-    counts = np.array([batch_counts(mb["loss_mask"], mb["segment_ids"]) for mb in batch.micro_batches]).reshape(-1, 2)
-    every = distributed.all_hosts([len(batch.micro_batches), *counts.sum(axis=0), batch.num_tokens])
-    num_micro = int(every[:, 0].max())
-    samples, targets, tokens = (int(x) for x in every[:, 1:].sum(axis=0))
-    micro = batch.micro_batches + [dict(empty) for _ in range(num_micro - len(batch.micro_batches))]
-    rows = micro[0]["input_ids"].size * jax.process_count()
-    return GlobalStep(micro, samples, targets, tokens, rows * num_micro)
-
-
-def attach_weights(micro_batches: list[dict], mode: str, *, samples: int, targets: int, max_length: int) -> None:
-    """Per-token loss weights normalised by counts over everything the loss covers (see loss.py)."""
-    for mb in micro_batches:
-        mb["loss_weight"] = loss_weights(
-            mb["loss_mask"], mb["segment_ids"], mode,
-            num_samples=samples, num_target_tokens=targets, max_length=max_length,
-        )
 
 
 # ---- stopping on signals --------------------------------------------------------------------------------------
@@ -159,7 +123,8 @@ class Trainer:
                 f"{self.model.config.vocab_size}: they do not belong together"
             )
         self.optimizer = make_optimizer(cfg.optim, self.total_steps)
-        self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size)
+        self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size,
+                                 offload_opt_state=cfg.optim.offload_state)
         self.params = param_arrays(self.model)
         self.opt_state = self.step_fn.init_opt_state(self.params)
         self.generation_eval = None
@@ -206,9 +171,8 @@ class Trainer:
     def _train_step(self, batch: StepBatch) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
-        g = gather_step(batch, self.train_data.empty_micro_batch())
-        attach_weights(g.micro_batches, cfg.trainer.loss_agg_mode, samples=g.samples, targets=g.target_tokens,
-                       max_length=cfg.data.max_length)
+        g = prepare_step(batch, self.train_data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode,
+                         max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets)
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
         self.params, self.opt_state, loss, grad_norm = self.step_fn.train_step(self.params, self.opt_state, device_batches)
         loss, grad_norm = float(loss), float(grad_norm)  # waits for the step
@@ -242,7 +206,8 @@ class Trainer:
         for c in chunks:
             attach_weights(c.micro_batches, cfg.trainer.loss_agg_mode, samples=samples, targets=targets,
                            max_length=cfg.data.max_length)
-            total += float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in c.micro_batches]))
+            micro = fit_shapes(c.micro_batches, cfg.trainer.shape_buckets)
+            total += float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in micro]))
         metrics = {"val/loss": total, "val/target_tokens": targets}
         if self.generation_eval is not None:
             metrics.update(self.generation_eval(self.params, step))

@@ -1,15 +1,19 @@
-"""Causal-LM loss: per-token NLL chunked over the vocabulary, and per-token weights that make it exact.
+"""Causal-LM loss: NLL of the target tokens, chunked over the vocabulary, and weights that make it exact.
 
-The trainer's loss for one optimizer step is `sum(loss_weights(...) * token_nll(...))` summed over every
-micro-batch, device and host. All normalisation lives in the weights, which are computed on the host from
-GLOBAL counts, so the sum is the same number however the global batch is split or packed.
+The trainer's loss for one optimizer step is `sum(weight * nll)` over every target token of every
+micro-batch, device and host. All normalisation lives in the weights (`loss_weights`), computed on the
+host from GLOBAL counts, so the sum is the same number however the global batch is split or packed.
 
-Alignment: `loss_mask[t] = 1` means token t is a target. The shift to "hidden state t-1 predicts token t"
-happens in exactly one place, `token_nll`, and the result is aligned with `input_ids` again:
+Alignment: `loss_mask[t] = 1` means token t is a target, and `loss_weights` keeps only targets that
+continue their sample (a sample's first token has nothing to be predicted from). The shift to "hidden
+state t-1 predicts token t" happens in exactly one place, `causal_targets`, which lists each row's
+targets as (predicting position, label, weight) slots; `target_nll` computes logits at those positions
+only:
 
     input_ids    a0 a1 a2 b0 b1 0          segment_ids  1 1 1 2 2 0
-    predictor    -- a0 a1 -- b0 --         (hidden state of the previous token, same segment only)
-    nll[t]        0  *  *  0  *  0
+    loss_mask     0  1  1  1  1 0          (b0 is masked in, but starts a sample: weight 0)
+    target_pos   0 1 3                     (hidden states of a0, a1, b0)
+    target_ids   a1 a2 b1
 """
 
 from __future__ import annotations
@@ -23,30 +27,58 @@ import numpy as np
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def token_nll(
-    hidden: jax.Array, unembed: jax.Array, input_ids: jax.Array, segment_ids: jax.Array, chunk_size: int
-) -> jax.Array:
-    """Per-token causal-LM negative log-likelihood, float32 [B, T], aligned with `input_ids`.
+def causal_targets(loss_weight: np.ndarray, input_ids: np.ndarray, capacity: int) -> dict[str, np.ndarray]:
+    """The causal shift, done here and nowhere else: target token t is predicted by hidden state t-1.
 
-    nll[b, t] = -log softmax(hidden[b, t-1] @ unembed)[input_ids[b, t]] where token t continues the
-    segment of token t-1 (segment_ids equal and non-zero), else 0.
+    loss_weight [R, T] (from `loss_weights`: non-zero only at tokens that continue their sample) ->
+    per row, the first `capacity` slots list the targets in order, the rest are padding (weight 0):
 
-    hidden [B, T, D] (compute dtype), unembed [D, V]. Logits are computed in float32 for `chunk_size`
-    vocabulary columns at a time ([B*T, chunk_size] live, forward and backward), never [B, T, V].
+        target_pos    [R, C] int32    t - 1, the position whose hidden state predicts token t
+        target_ids    [R, C] int32    input_ids[t], the label
+        target_weight [R, C] float32  loss_weight[t]
+
+    The loss computes logits for these slots only: in chat SFT most tokens (system, user, tool outputs,
+    padding) are never targets, and the unembed matmul plus its softmax are a large share of the step.
     """
-    labels = jnp.roll(input_ids, -1, axis=1)  # [B, T] label of position t is token t+1
-    valid = _continues_segment(segment_ids)  # [B, T] token t has a predecessor in its sample
-    valid_next = jnp.roll(valid, -1, axis=1).at[:, -1].set(False)
-    # Tokens flattened to [B*T, D]: XLA:CPU runs 2-D matmuls (and the dW contraction over tokens) faster
-    # than the same einsums over [B, T, D].
-    b, t, d = hidden.shape
-    nll_next = _chunked_nll(hidden.reshape(b * t, d), unembed, labels.reshape(-1), valid_next.reshape(-1), chunk_size)
-    return jnp.pad(nll_next.reshape(b, t)[:, :-1], ((0, 0), (1, 0)))
+    w = np.asarray(loss_weight, np.float32)
+    rows, length = w.shape
+    if (w[:, 0] != 0).any():
+        raise ValueError("a token at position 0 has a loss weight but nothing before it to predict it from")
+    out = {
+        "target_pos": np.zeros((rows, capacity), np.int32),
+        "target_ids": np.zeros((rows, capacity), np.int32),
+        "target_weight": np.zeros((rows, capacity), np.float32),
+    }
+    for r in range(rows):
+        t = np.flatnonzero(w[r])
+        if len(t) > capacity:
+            raise ValueError(f"row {r} has {len(t)} targets, more than the capacity {capacity}")
+        out["target_pos"][r, : len(t)] = t - 1
+        out["target_ids"][r, : len(t)] = input_ids[r, t]
+        out["target_weight"][r, : len(t)] = w[r, t]
+    return out
 
 
-def _continues_segment(segment_ids) -> jax.Array:
-    prev = jnp.pad(segment_ids[:, :-1], ((0, 0), (1, 0)))  # position 0 has no predecessor
-    return (segment_ids == prev) & (segment_ids != 0)
+def target_nll(hidden: jax.Array, unembed: jax.Array, target_pos, target_ids, target_weight, chunk_size: int) -> jax.Array:
+    """Negative log-likelihood of each listed target, float32 [R, C] (0 in padding slots):
+
+        nll[r, k] = -log softmax(hidden[r, target_pos[r, k]] @ unembed)[target_ids[r, k]]
+
+    hidden [R, T, D] (compute dtype), unembed [D, V]; the slots come from `causal_targets`. Logits are
+    float32 for `chunk_size` vocabulary columns at a time ([R*C, chunk_size] live, forward and backward),
+    never [R, T, V]. Rows stay whole, so a row-sharded batch gathers on its own device.
+    """
+    picked = jnp.take_along_axis(hidden, target_pos[..., None], axis=1)  # [R, C, D]
+    r, c, d = picked.shape
+    # Flat [R*C, D]: XLA:CPU runs 2-D matmuls (and the dW contraction over tokens) faster than 3-D einsums.
+    nll = _chunked_nll(picked.reshape(r * c, d), unembed, target_ids.reshape(-1), target_weight.reshape(-1) != 0, chunk_size)
+    return nll.reshape(r, c)
+
+
+def weighted_nll(hidden, unembed, batch: dict, chunk_size: int) -> jax.Array:
+    """sum(target_weight * nll) of one micro-batch; the weights carry the global normalisation."""
+    nll = target_nll(hidden, unembed, batch["target_pos"], batch["target_ids"], batch["target_weight"], chunk_size)
+    return jnp.sum(nll * batch["target_weight"])
 
 
 # Chunks run over the VOCABULARY, not over tokens, because of FSDP: every token chunk would need the
@@ -141,7 +173,7 @@ _chunked_nll.defvjp(_chunked_nll_fwd, _chunked_nll_bwd)
 
 
 def target_mask(loss_mask: np.ndarray, segment_ids: np.ndarray) -> np.ndarray:
-    """The tokens `token_nll` scores: masked AND preceded by a token of the same sample. Bool [..., L]."""
+    """The tokens the loss scores: masked AND preceded by a token of the same sample. Bool [..., L]."""
     seg = np.asarray(segment_ids)
     prev = np.concatenate([np.zeros_like(seg[..., :1]), seg[..., :-1]], axis=-1)
     return (np.asarray(loss_mask) > 0) & (seg == prev) & (seg != 0)

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsft.models.params import array_bytes
+from jsft.train.batch import largest_micro_batch
 
 
 def tree_bytes(tree) -> tuple[int, int]:
@@ -19,10 +20,7 @@ def run_info(trainer, peak_flops: float) -> dict:
     cfg, model_cfg = trainer.cfg, trainer.model.config
     param_total, param_device = tree_bytes(trainer.params)
     opt_total, opt_device = tree_bytes(trainer.opt_state)
-    example = trainer.step_fn.device_batch(
-        {**trainer.train_data.empty_micro_batch(), "loss_weight": np.zeros(
-            trainer.train_data.empty_micro_batch()["input_ids"].shape, np.float32)}
-    )
+    example = trainer.step_fn.device_batch(largest_micro_batch(trainer.train_data.empty_micro_batch()))
     return {
         "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
         "devices": jax.device_count(),
@@ -33,11 +31,13 @@ def run_info(trainer, peak_flops: float) -> dict:
         "param_bytes_per_device": param_device,
         "opt_state_bytes_total": opt_total,
         "opt_state_bytes_per_device": opt_device,
+        "opt_state_memory": "pinned_host between updates" if trainer.step_fn.offload_opt_state else "device",
         "flops_per_token": model_cfg.flops_per_token(cfg.data.max_length),
         "peak_flops": peak_flops,
         "compute_dtype": str(jnp.dtype(cfg.model.dtype)),
         "param_dtype": str(jnp.dtype(cfg.model.param_dtype)),
-        "micro_batch_shape": list(example["input_ids"].shape),
+        "micro_batch_shape": list(example["input_ids"].shape),  # the largest; shape_buckets may cut it
+        "shape_buckets": cfg.trainer.shape_buckets,
         "step_memory_per_device": trainer.step_fn.memory_analysis(trainer.params, trainer.opt_state, example),
         "total_steps": trainer.total_steps,
         "loss_agg_mode": cfg.trainer.loss_agg_mode,

@@ -21,25 +21,48 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jsft.models.decoder import Decoder
 from jsft.models.params import param_arrays, param_shardings, replace_params
 from jsft.sharding import batch_sharding
-from jsft.train.loss import token_nll
+from jsft.train.loss import weighted_nll
 
-BATCH_FIELDS = ("input_ids", "segment_ids", "positions", "loss_weight")
+HOST_MEMORY = "pinned_host"
+
+BATCH_FIELDS = ("input_ids", "segment_ids", "positions", "target_pos", "target_ids", "target_weight")
+
+
+def check_memory_kind(mesh: Mesh, kind: str) -> None:
+    """Fail early, with the kinds there are, when the mesh's devices cannot address `kind` memory."""
+    for device in mesh.devices.flat:
+        kinds = sorted(m.kind for m in device.addressable_memories())
+        if kind not in kinds:
+            raise ValueError(
+                f"optim.offload_state needs '{kind}' memory, but {device.platform} device {device.id} offers "
+                f"{', '.join(kinds)}"
+            )
 
 
 class TrainStep:
     """Compiled functions over (params, opt_state) for one model, optimizer, mesh and micro-batch shape."""
 
-    def __init__(self, model: Decoder, optimizer: optax.GradientTransformation, mesh: Mesh, *, chunk_size: int):
+    def __init__(
+        self, model: Decoder, optimizer: optax.GradientTransformation, mesh: Mesh, *, chunk_size: int,
+        offload_opt_state: bool = False,
+    ):
         self.template = model  # structure and static config; parameters are passed as a flat dict
         params = param_arrays(model)
         self.optimizer, self.mesh, self.chunk_size = optimizer, mesh, chunk_size
         self.param_shardings = param_shardings(model, mesh)
         replicated = NamedSharding(mesh, P())
         abstract_opt = jax.eval_shape(optimizer.init, params)
-        self.opt_shardings = optax.tree_utils.tree_map_params(
+        # Where the optimizer state is used (device memory) and where it lives between steps: the same,
+        # or pinned host memory with optim.offload_state (moved in and out by the update program).
+        self.opt_device_shardings = optax.tree_utils.tree_map_params(
             optimizer, lambda _, s: s, abstract_opt, self.param_shardings,
             transform_non_params=lambda _: replicated,
         )
+        self.offload_opt_state = offload_opt_state
+        self.opt_shardings = self.opt_device_shardings
+        if offload_opt_state:
+            check_memory_kind(mesh, HOST_MEMORY)
+            self.opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), self.opt_device_shardings)
         self.batch_sharding = batch_sharding(mesh)
         self._init_opt = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
         self._zeros = jax.jit(
@@ -64,11 +87,10 @@ class TrainStep:
     # ---- traced functions ---------------------------------------------------------------------------------------
 
     def _weighted_loss(self, params, batch) -> jax.Array:
-        """sum(loss_weight * nll) over the micro-batch; the weights carry the global normalisation."""
+        """sum(target_weight * nll) over the micro-batch; the weights carry the global normalisation."""
         model = replace_params(self.template, params)
         hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
-        nll = token_nll(hidden, model.unembed(), batch["input_ids"], batch["segment_ids"], self.chunk_size)
-        return jnp.sum(nll * batch["loss_weight"])
+        return weighted_nll(hidden, model.unembed(), batch, self.chunk_size)
 
     def _grad_step(self, params, acc, batch):
         loss, grads = jax.value_and_grad(self._weighted_loss)(params, batch)
@@ -76,6 +98,8 @@ class TrainStep:
         return acc, loss
 
     def _apply_step(self, params, opt_state, grads):
+        if self.offload_opt_state:  # host -> device for the update; out_shardings send it back
+            opt_state = jax.device_put(opt_state, self.opt_device_shardings)
         grad_norm = optax.tree.norm(grads)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
@@ -112,6 +136,10 @@ class TrainStep:
     def eval_loss(self, params, micro_batches: list[dict[str, jax.Array]]) -> jax.Array:
         with jax.set_mesh(self.mesh):
             return sum((self._eval(params, b) for b in micro_batches), jnp.zeros((), jnp.float32))
+
+    def compiled_programs(self) -> int:
+        """How many micro-batch shapes the grad step has compiled so far (one program per shape)."""
+        return self._grad._cache_size()
 
     def memory_analysis(self, params, opt_state, example_batch) -> dict:
         """Per-device bytes of the compiled grad step (XLA's memory analysis): arguments, outputs, temporaries."""

@@ -1,5 +1,6 @@
 """The loss and gradient of a global batch do not depend on how it is split: micro-batch size,
-accumulation steps, device count, packing or padding (exact aggregation over global counts)."""
+accumulation steps, device count, packing or padding, or the shapes the micro-batches are cut to
+(exact aggregation over global counts)."""
 
 import jax
 import numpy as np
@@ -11,7 +12,7 @@ from jsft.data.pipeline import build_train_batches
 from jsft.data.tokenizer import load_tokenizer
 from jsft.models.params import param_arrays
 from jsft.sharding import make_mesh
-from jsft.train.loop import attach_weights, gather_step
+from jsft.train.batch import attach_weights, fit_shapes, gather_step
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
 
@@ -20,7 +21,7 @@ from jsft_testing import sft_overrides
 _MODELS = {}
 
 
-def global_gradient(setup, tmp_path, *, devices, mode="token-mean", **data):
+def global_gradient(setup, tmp_path, *, devices, mode="token-mean", shape_buckets=4, **data):
     """(loss, grads, micro-batch count) of the first global batch under one way of splitting it."""
     overrides = sft_overrides(setup, tmp_path, **{f"data.{k}": v for k, v in data.items()})
     cfg = load_config(None, overrides + [f"trainer.loss_agg_mode={mode}"])
@@ -31,7 +32,8 @@ def global_gradient(setup, tmp_path, *, devices, mode="token-mean", **data):
     step = TrainStep(model, make_optimizer(cfg.optim, 10), mesh, chunk_size=256)
     g = gather_step(next(batches), batches.empty_micro_batch())
     attach_weights(g.micro_batches, mode, samples=g.samples, targets=g.target_tokens, max_length=cfg.data.max_length)
-    loss, grads = step.gradients(param_arrays(model), [step.device_batch(mb) for mb in g.micro_batches])
+    micro = fit_shapes(g.micro_batches, shape_buckets)
+    loss, grads = step.gradients(param_arrays(model), [step.device_batch(mb) for mb in micro])
     return float(loss), {k: np.asarray(v) for k, v in grads.items()}, len(g.micro_batches)
 
 
@@ -40,6 +42,7 @@ SPLITS = [
     dict(devices=4, pad_mode="no_padding", micro_batch_size_per_gpu=2),
     dict(devices=2, pad_mode="right", micro_batch_size_per_gpu=1),  # 4 micro-batches accumulated
     dict(devices=1, pad_mode="no_padding", micro_batch_size_per_gpu=1),
+    dict(devices=2, pad_mode="right", micro_batch_size_per_gpu=1, shape_buckets=1),  # whole rows, every logit
     dict(devices=8, pad_mode="no_padding", use_dynamic_bsz=True, max_token_len_per_gpu=512),
 ]
 

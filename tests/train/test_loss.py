@@ -1,4 +1,5 @@
-"""token_nll against full-logits references (jax and torch), packing, memory; loss_weights invariance."""
+"""The loss path (causal_targets on the host + target_nll on device) against full-logits references (jax and
+torch), packing, memory; loss_weights invariance."""
 
 import re
 
@@ -11,8 +12,19 @@ import torch
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jsft.train.loss import LOSS_AGG_MODES, batch_counts, loss_weights, target_mask, token_nll
+from jsft.train.loss import LOSS_AGG_MODES, batch_counts, causal_targets, loss_weights, target_mask, target_nll
 
+
+def token_nll(hidden, unembed, input_ids, segment_ids, chunk_size):
+    """Per-token NLL aligned with input_ids ([B, T], 0 where nothing is predicted), computed the way the
+    trainer does: every token that continues its sample is a target (causal_targets), logits at the
+    listed positions only (target_nll), scattered back to the targets' positions for comparison."""
+    weights = target_mask(np.ones(segment_ids.shape), np.asarray(segment_ids)).astype(np.float32)
+    slots = causal_targets(weights, np.asarray(input_ids), capacity=segment_ids.shape[1])
+    nll = target_nll(hidden, unembed, slots["target_pos"], slots["target_ids"], slots["target_weight"], chunk_size)
+    rows = np.arange(nll.shape[0])[:, None]
+    nll = jnp.where(slots["target_weight"] != 0, nll, 0.0)
+    return jnp.zeros(input_ids.shape, jnp.float32).at[rows, slots["target_pos"] + 1].add(nll)
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +123,8 @@ def test_chunking_keeps_temp_memory_far_below_full_logits():
         return jax.jit(grad).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
     full = temp_bytes(lambda h, u, i, s: naive_nll(h.astype(jnp.float32), u.astype(jnp.float32), i, s))
-    chunked = temp_bytes(lambda h, u, i, s: token_nll(h, u, i, s, chunk_size=8192))
+    every_position = jnp.arange(T)[None]  # the most a row can hold: every position a target
+    chunked = temp_bytes(lambda h, u, i, s: target_nll(h, u, every_position, i, jnp.ones(i.shape), chunk_size=8192))
     print(f"\ntemp memory, fwd+bwd, T={T} V={V}: full logits {full / 2**20:.0f} MiB, chunked(8192) {chunked / 2**20:.0f} MiB")
     assert full > 5 * chunked
 
@@ -120,13 +133,13 @@ def test_fsdp_sharded_matches_unsharded_and_moves_only_chunks():
     """Batch over (data, fsdp), unembed's D over fsdp, as the trainer shards them on 8 devices."""
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
     hidden, unembed, ids, _ = random_inputs(5, B=8, T=12, D=16, V=100)
-    seg = jnp.ones_like(ids)
-    grad_fn = jax.grad(lambda h, u, i, s: token_nll(h, u, i, s, chunk_size=32).sum(), argnums=(0, 1))
+    pos = jnp.broadcast_to(jnp.arange(12), ids.shape)
+    grad_fn = jax.grad(lambda h, u, i, p: target_nll(h, u, p, i, jnp.ones(i.shape), chunk_size=32).sum(), argnums=(0, 1))
     batch = NamedSharding(mesh, P(("data", "fsdp")))
-    args = [jax.device_put(x, batch) for x in (hidden, ids, seg)]
+    args = [jax.device_put(x, batch) for x in (hidden, ids, pos)]
     args.insert(1, jax.device_put(unembed, NamedSharding(mesh, P("fsdp", None))))
     compiled = jax.jit(grad_fn).lower(*args).compile()
-    for a, b in zip(compiled(*args), grad_fn(hidden, unembed, ids, seg)):
+    for a, b in zip(compiled(*args), grad_fn(hidden, unembed, ids, pos)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     # Every collective moves one [D, chunk] slice of the unembed or its gradient, never all [D, V].
     shapes = re.findall(r"= \w+\[([\d,]*)\][^=]*? (?:all-gather|all-reduce)\(", compiled.as_text())
@@ -194,3 +207,36 @@ def test_batch_counts_and_unknown_mode():
     assert batch_counts(mask, seg) == (3, 3)
     with pytest.raises(ValueError, match="token-mean"):
         loss_weights(mask, seg, "mean", num_samples=3, num_target_tokens=3, max_length=6)
+
+
+def test_causal_targets_list_each_target_with_its_predicting_position():
+    # input_ids a0 a1 a2 b0 b1 pad, b0 masked in but starting its sample (loss_weights drops it)
+    ids = np.array([[10, 11, 12, 20, 21, 0]])
+    seg = np.array([[1, 1, 1, 2, 2, 0]])
+    w = loss_weights(np.array([[0, 1, 1, 1, 1, 0]]), seg, "token-mean", num_samples=2, num_target_tokens=3,
+                     max_length=6)
+    slots = causal_targets(w, ids, capacity=4)
+    np.testing.assert_array_equal(slots["target_pos"], [[0, 1, 3, 0]])
+    np.testing.assert_array_equal(slots["target_ids"], [[11, 12, 21, 0]])
+    np.testing.assert_allclose(slots["target_weight"], [[1 / 3, 1 / 3, 1 / 3, 0]])
+    with pytest.raises(ValueError, match="capacity 2"):
+        causal_targets(w, ids, capacity=2)
+    with pytest.raises(ValueError, match="position 0"):
+        causal_targets(np.array([[1.0, 0, 0]]), np.array([[1, 2, 3]]), capacity=3)
+
+
+def test_padding_slots_change_neither_loss_nor_gradients():
+    hidden, unembed, ids, seg = random_inputs(7)
+    weights = target_mask(np.ones(seg.shape), np.asarray(seg)).astype(np.float32) * 0.1
+
+    def loss(h, u, capacity):
+        slots = causal_targets(weights, np.asarray(ids), capacity)
+        nll = target_nll(h, u, slots["target_pos"], slots["target_ids"], slots["target_weight"], 8)
+        return jnp.sum(nll * slots["target_weight"])
+
+    tight = int((weights != 0).sum(axis=1).max())
+    grad = jax.value_and_grad(loss, argnums=(0, 1))
+    (a, ga), (b, gb) = grad(hidden, unembed, tight), grad(hidden, unembed, ids.shape[1])
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+    for x, y in zip(ga, gb):
+        np.testing.assert_allclose(x, y, atol=1e-7)

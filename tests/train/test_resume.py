@@ -12,7 +12,7 @@ from jsft.config import load_config
 from jsft.train import checkpoint as ckpt
 from jsft.train.loop import train
 
-from jsft_testing import sft_overrides
+from jsft_testing import losses, sft_overrides
 
 STEPS = 8
 
@@ -26,10 +26,6 @@ def launch(setup, run_dir, **extra):
 def finish(proc, timeout=600):
     out, _ = proc.communicate(timeout=timeout)
     return proc.returncode, out
-
-
-def losses(run_dir):
-    return {m["step"]: m["train/loss"] for m in map(json.loads, open(run_dir / "metrics.jsonl"))}
 
 
 def wait_for_step(run_dir, step, proc, timeout=300):

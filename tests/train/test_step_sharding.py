@@ -7,6 +7,7 @@ import jsft.models as jm
 from jsft.models.params import param_arrays
 from jsft.sharding import make_mesh
 from jsft.config import OptimConfig
+from jsft.train.batch import largest_micro_batch
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
 
@@ -16,8 +17,7 @@ def _temp_bytes(path, devices):
     model = jm.from_pretrained(path, dtype="float32", mesh=mesh)
     step = TrainStep(model, make_optimizer(OptimConfig(), 10), mesh, chunk_size=512)
     rows = np.zeros((8, 256), np.int32)
-    batch = step.device_batch({"input_ids": rows, "segment_ids": rows + 1, "positions": rows,
-                               "loss_weight": np.zeros((8, 256), np.float32)})
+    batch = step.device_batch(largest_micro_batch({"input_ids": rows, "segment_ids": rows + 1, "positions": rows}))
     params = param_arrays(model)
     return step.memory_analysis(params, step.init_opt_state(params), batch)["temp_bytes"]
 
