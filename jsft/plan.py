@@ -149,9 +149,11 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
     # The largest micro-batch: whole rows, a target slot per token (as batch.largest_micro_batch).
     dtypes = {"target_weight": jnp.float32}
     batch = {k: jax.ShapeDtypeStruct((rows, row_length), dtypes.get(k, jnp.int32)) for k in BATCH_FIELDS}
-    # TrainStep's jitted programs carry the in/out shardings and donation the trainer runs with.
-    grad_step = _compile(step._grad, params, acc, batch).memory_analysis()
-    update_temp = _compile(step._apply, params, opt_state, acc).memory_analysis().temp_size_in_bytes if update else 0
+    # TrainStep's jitted programs carry the in/out shardings and donation the trainer runs with, and are
+    # traced under the mesh as the trainer traces them (else activations would not stay split by rows).
+    with jax.set_mesh(mesh):
+        grad_step = _compile(step._grad, params, acc, batch).memory_analysis()
+        update_temp = _compile(step._apply, params, opt_state, acc).memory_analysis().temp_size_in_bytes if update else 0
     batch_shardings = {k: step.batch_sharding for k in batch}
     return Plan(
         params=_per_device_bytes(params, step.param_shardings),
@@ -243,7 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--devices", type=int, help="CPU only: plan for N fake devices")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="plan a known model without a checkpoint")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.max_length=4096")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after the options
     if args.devices:  # must precede the first jax import of this process
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                    f" --xla_force_host_platform_device_count={args.devices}").strip()

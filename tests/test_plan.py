@@ -39,7 +39,8 @@ def plans(config_only):
 def test_plan_prints_per_device_memory_and_the_verdict(config_only, plans, capsys, monkeypatch):
     seen = []
     monkeypatch.setattr(plan, "make_plan", lambda cfg: seen.append(cfg) or plans["full"])  # compiled above
-    assert plan.main(overrides(config_only) + ["--device-memory", "1GiB", "--mem-fraction", "1"]) == 0
+    args = overrides(config_only)  # overrides before and after the options
+    assert plan.main(args[:2] + ["--device-memory", "1GiB"] + args[2:] + ["--mem-fraction", "1"]) == 0
     assert seen[0].model.path == config_only and seen[0].data.max_length == 256
     out = capsys.readouterr().out
     assert "mesh {'data': 1, 'fsdp': 8}" in out and "micro-batch [8, 256]" in out and "remat full" in out
@@ -78,3 +79,26 @@ def test_presets_and_sizes():
     with pytest.raises(ValueError, match="memory size"):
         plan.parse_bytes("eighty")
     assert plan.main(["model.dtype=float32"]) == 2  # nothing to plan: an error, not a traceback
+
+
+def test_plan_matches_the_trainers_compiled_step(tmp_path):
+    """The plan compiles the trainer's own step, traced under the mesh like the trainer: its micro-step
+    temporaries equal those of a TrainStep on real weights (replicated activations would be ~8x more)."""
+    import jsft.models as jm
+    from jsft.models.params import param_arrays
+    from jsft.sharding import make_mesh
+    from jsft.train.batch import largest_micro_batch
+    from jsft.train.optim import make_optimizer
+    from jsft.train.step import TrainStep
+
+    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**TINY)).save_pretrained(tmp_path)
+    cfg = load_config(None, overrides(str(tmp_path), **{"model.enable_gradient_checkpointing": False}))
+    planned, _ = plan.make_plan(cfg, update=False)
+    mesh = make_mesh({"data": 1, "fsdp": -1})
+    model = jm.from_pretrained(str(tmp_path), dtype="float32", mesh=mesh, remat_policy="none")
+    step = TrainStep(model, make_optimizer(cfg.optim, 1), mesh, chunk_size=cfg.trainer.loss_chunk_size)
+    params = param_arrays(model)
+    rows = {k: jax.numpy.zeros((8, 256), jax.numpy.int32) for k in ("input_ids", "segment_ids", "positions")}
+    example = step.device_batch(largest_micro_batch({k: v.__array__() for k, v in rows.items()}))
+    measured = step.memory_analysis(params, step.init_opt_state(params), example)["temp_bytes"]
+    assert planned.step_temp == pytest.approx(measured, rel=0.05), (planned.step_temp, measured)

@@ -41,3 +41,13 @@ def test_unknown_keys_suggest_the_closest(tmp_path):
 def test_bad_values_are_named(override, message):
     with pytest.raises(ValueError, match=message):
         load_config(None, [override])
+
+
+def test_command_line_takes_overrides_before_and_after_config(tmp_path, capsys):
+    from jsft.train.__main__ import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("optim:\n  lr: 0.001\n")
+    # a bad value after --config reaches the config check (argparse would have refused the layout)
+    assert main(["data.max_length=128", "--config", str(cfg), "trainer.shape_buckets=0"]) == 2
+    assert "trainer.shape_buckets" in capsys.readouterr().err

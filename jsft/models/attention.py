@@ -209,11 +209,13 @@ def _blockwise_bwd(bq, bk, residuals, d_out):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block: int = BLOCK):
-    """Same contract as xla_attention, the mask given by ids; q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H]."""
+def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block=BLOCK):
+    """Same contract as xla_attention, the mask given by ids; q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
+    `block`: the tile edge, or (query tile, key tile)."""
     b, t, n, h = q.shape
     kh = k.shape[2]
-    bq, bk = min(block, t), min(block, k.shape[1])
+    bq, bk = (block, block) if isinstance(block, int) else block
+    bq, bk = min(bq, t), min(bk, k.shape[1])
     # Padding tokens (segment 0) are never visible, so padding T and S up to whole tiles changes nothing.
     pad_q = lambda x: _pad_to(x, 1, bq)  # noqa: E731
     pad_k = lambda x: _pad_to(x, 1, bk)  # noqa: E731

@@ -20,7 +20,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jsft.train", description="jsft supervised fine-tuning")
     parser.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
 
     from jsft.config import DEFAULT_CONFIG, load_config, to_yaml
 
