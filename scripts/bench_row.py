@@ -3,7 +3,7 @@
     python scripts/bench_row.py [--workdir D]
 
 Builds (or reuses, in D) the workload of scripts/bench.py, takes the first packed row of its first step
-and times the grad micro-step (median of 3, one CPU device) with logits at the targets (the trainer's
+and times the grad micro-step (median of 5, one CPU device) with logits at the targets (the trainer's
 default), at every position (trainer.shape_buckets=1) and with the reference `xla` attention; then the
 grad of `blockwise` attention alone for one layer under several tile shapes. Prints MFU against a matmul
 peak probed before and after.
@@ -39,7 +39,7 @@ from jsft.train.perf import measured_matmul_flops  # noqa: E402
 from jsft.train.step import TrainStep  # noqa: E402
 
 
-def median_time(fn, repeats: int = 3) -> float:
+def median_time(fn, repeats: int = 5) -> float:
     jax.block_until_ready(fn())  # compile
     times = []
     for _ in range(repeats):
