@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -336,13 +337,21 @@ SIDES = {"jsft": JsftSide, "torch": TorchSide}
 
 
 def serve(kind: str, conn, paths: dict, w: Workload, workdir: str) -> None:
-    """Child process: build one side, then answer "step" requests until "summary"."""
+    """Child process: build one side, then answer "step" requests until "summary". An exception is sent
+    to the parent as ("error", traceback) instead of dying silently."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    side = SIDES[kind](paths, w, Path(workdir))
-    conn.send("ready")
-    while (request := conn.recv()) != "summary":
-        conn.send(getattr(side, request)())  # "step" or "peak"
-    conn.send(side.summary())
+    # One real CPU device, whatever fake-device flag the caller runs under (a test session sets 8).
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    try:
+        side = SIDES[kind](paths, w, Path(workdir))
+        conn.send("ready")
+        while (request := conn.recv()) != "summary":
+            conn.send(getattr(side, request)())  # "step" or "peak"
+        conn.send(side.summary())
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        raise
 
 
 class Remote:
@@ -356,9 +365,16 @@ class Remote:
         self._expect("ready")
 
     def _recv(self):
-        if not self.conn.poll(3600):
-            raise TimeoutError("benchmark child did not answer")
-        return self.conn.recv()
+        deadline = time.monotonic() + 3600
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"benchmark child exited with code {self.proc.exitcode} without answering")
+            if time.monotonic() > deadline:
+                raise TimeoutError("benchmark child did not answer in an hour")
+        got = self.conn.recv()
+        if isinstance(got, tuple) and got and got[0] == "error":
+            raise RuntimeError(f"benchmark child failed:\n{got[1]}")
+        return got
 
     def _expect(self, what):
         got = self._recv()

@@ -240,14 +240,21 @@ def _per_device(fn, *args):
 # ---- dispatch ---------------------------------------------------------------------------------------------------
 
 
-def resolve_impl(impl: str) -> str:
-    """`auto`: cuDNN on GPU, blockwise elsewhere."""
+# cuDNN's fused attention takes half-precision inputs only.
+CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
+def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
+    """`auto`: cuDNN on GPU for bf16/fp16 compute, blockwise otherwise (CPU, or fp32 compute)."""
+    on_gpu, half = jax.default_backend() == "gpu", jnp.dtype(dtype) in CUDNN_DTYPES
     if impl == "auto":
-        return "cudnn" if jax.default_backend() == "gpu" else "blockwise"
+        return "cudnn" if on_gpu and half else "blockwise"
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation '{impl}' is not supported; allowed: auto, {', '.join(IMPLEMENTATIONS)}")
-    if impl == "cudnn" and jax.default_backend() != "gpu":
+    if impl == "cudnn" and not on_gpu:
         raise ValueError("attention_impl=cudnn needs a GPU backend")
+    if impl == "cudnn" and not half:
+        raise ValueError(f"attention_impl=cudnn needs bfloat16 or float16 compute (model.dtype), not {jnp.dtype(dtype)}")
     return impl
 
 

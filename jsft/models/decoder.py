@@ -168,7 +168,7 @@ class Decoder(nnx.Module):
         self.dtype = jnp.dtype(dtype)
         self.param_dtype = jnp.dtype(param_dtype)
         self.remat_policy = remat_policy
-        self.attention_impl = resolve_impl(attention_impl)
+        self.attention_impl = resolve_impl(attention_impl, self.dtype)
         pd, L = self.param_dtype, cfg.num_layers
         self.embed = _param(_normal, rngs.params(), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
         self.layers = nnx.Dict(

@@ -189,6 +189,7 @@ class Trainer:
             "train/target_token_ratio": g.target_tokens / max(g.tokens, 1),
             "train/samples": g.samples,
             "train/micro_batches": len(g.micro_batches),
+            "train/compiled_shapes": self.step_fn.compiled_programs(),  # grows when a step compiled a new shape
             "train/padding_efficiency": g.tokens / max(g.computed_tokens, 1),
             "train/tokens_per_sec": g.tokens / dt,
             "train/mfu": flops / dt / self.peak_flops,

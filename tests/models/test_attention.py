@@ -108,6 +108,16 @@ def test_attention_dispatch_and_auto():
         A.resolve_impl("flash")
 
 
+def test_auto_picks_cudnn_on_gpu_for_half_precision_only(monkeypatch):
+    """cuDNN's fused attention takes bf16/fp16 only: fp32 compute on a GPU falls back to blockwise, and an
+    explicit cudnn with fp32 is refused at model construction instead of failing inside XLA."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert A.resolve_impl("auto", jnp.bfloat16) == "cudnn"
+    assert A.resolve_impl("auto", jnp.float32) == "blockwise"
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        A.resolve_impl("cudnn", jnp.float32)
+
+
 def test_blockwise_per_device_under_a_mesh():
     """With a mesh active, each device lists and visits the live tiles of its own rows (shard_map)."""
     mesh = make_mesh({"fsdp": -1})

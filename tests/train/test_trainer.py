@@ -93,6 +93,8 @@ def test_loss_curve_matches_a_torch_loop(sft_setup, tmp_path):
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert max(m["train/micro_batches"] for m in metrics) >= 2  # gradient accumulation happened
+    shapes = [m["train/compiled_shapes"] for m in metrics]  # bucketed shapes: a few, compiled once each
+    assert shapes == sorted(shapes) and 1 <= shapes[-1] <= cfg.trainer.shape_buckets ** 2
     assert metrics[0]["train/lr"] == 0.0 and metrics[2]["train/lr"] == pytest.approx(2e-3)  # warmup of 2 steps
     expected, torch_model = torch_losses(sft_setup, cfg)
     np.testing.assert_allclose([m["train/loss"] for m in metrics], expected, rtol=1e-3)
