@@ -73,6 +73,8 @@ class TrainerConfig:
     # of the row (jsft/train/batch.py): fewer padded tokens and logits only at targets, for at most
     # shape_buckets^2 compiled shapes; 1 = one fixed shape (whole rows, a logit at every position)
     shape_buckets: int = 4
+    # JAX's persistent compilation cache (a directory; None = off): restarts and resumes skip recompiling
+    compilation_cache_dir: Optional[str] = None
     mesh: dict = field(default_factory=lambda: {"data": 1, "fsdp": -1})  # axis -> size; -1 takes the rest
     export_hf: bool = False  # also write an HF safetensors export to <default_local_dir>/hf at the end
 

@@ -67,6 +67,14 @@ class StopRequest:
 # ---- the run ----------------------------------------------------------------------------------------------------
 
 
+def enable_compilation_cache(directory: Optional[str]) -> None:
+    """JAX's persistent compilation cache: a restarted or resumed run loads its compiled programs (one per
+    micro-batch shape, the update, validation, generation) instead of compiling them again."""
+    if directory:
+        jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 @dataclass
 class Trainer:
     cfg: RunConfig
@@ -77,6 +85,7 @@ class Trainer:
         if not (cfg.model.path or cfg.model.init):
             raise ValueError("set model.path (a local Hugging Face checkpoint directory) or model.init (random init)")
         distributed.initialize()
+        enable_compilation_cache(cfg.trainer.compilation_cache_dir)
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
         if cfg.demo.enabled:
             self.cfg = cfg = demo_job.prepare(cfg, self.run_dir)

@@ -85,3 +85,18 @@ def test_sigterm_saves_and_exits_cleanly(sft_setup, tmp_path):
     meta = ckpt.read_meta(manager, step)
     assert meta["step"] == last
     assert divmod(last, 48 // 8) == (meta["data_state"]["epoch"], meta["data_state"]["step"])  # data position saved
+
+
+def test_compilation_cache_is_written_and_reused(sft_setup, tmp_path):
+    """trainer.compilation_cache_dir: a run writes its compiled programs; the same job run again finds
+    every one of them there (it adds no entry)."""
+    cache = tmp_path / "xla-cache"
+    job = {"trainer.total_training_steps": 2, "trainer.compilation_cache_dir": str(cache)}
+    rc, out = finish(launch(sft_setup, tmp_path / "first", **job))
+    assert rc == 0, out[-3000:]
+    written = sorted(p.name for p in cache.iterdir())
+    assert written, "no compiled program was cached"
+    rc, out = finish(launch(sft_setup, tmp_path / "again", **job))
+    assert rc == 0, out[-3000:]
+    assert sorted(p.name for p in cache.iterdir()) == written
+    assert losses(tmp_path / "again") == losses(tmp_path / "first")
