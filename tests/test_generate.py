@@ -1,5 +1,12 @@
 """The KV-cache sampler against transformers' generate and against full forward passes, sharded and not."""
 
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,3 +138,29 @@ def test_fsdp_mesh_and_new_params_reuse_the_compiled_program(tiny_hf):
     shorter = [p[:-1] for p in PROMPTS]  # same bucket
     assert generator(changed, shorter) != generator(params, shorter)  # parameters are inputs, not constants
     assert _generate_jit._cache_size() == compiled
+
+
+def test_two_processes_generate_what_one_process_generates(tiny_hf, tmp_path):
+    """Generation under jax.distributed (2 processes x 4 CPU devices, gloo): every process passes the same
+    prompts, rows are split over the 8 devices of both, and process 0 gets the single-process tokens."""
+    path, _ = _sharpened(tiny_hf, "qwen2")
+    plain = generate(jm.from_pretrained(path, dtype="float32"), PROMPTS, max_new_tokens=MAX_NEW, eos_ids={0})
+    assert len({tuple(t) for t in plain}) == len(PROMPTS)  # distinct continuations: a meaningful comparison
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("generate_worker.py")
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen(
+            [sys.executable, str(worker), path, str(tmp_path / "out.json"), json.dumps(PROMPTS), str(MAX_NEW)],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-4000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["devices"] == 8
+    assert result["tokens"] == [list(map(int, t)) for t in plain]
