@@ -14,7 +14,8 @@ builds its share:
 
 and groups the rows into micro-batches of `local_devices * micro_batch_size_per_gpu` rows
 (`local_devices` rows with use_dynamic_bsz), padding the last with empty rows, so every micro-batch has
-one shape and the jitted step never recompiles; the number of micro-batches follows the data.
+one shape (the trainer then cuts each to a bucketed length: jsft/train/batch.py); the number of
+micro-batches follows the data.
 
 A packed row, and what the loss does with it (segment_ids 0 = padding; positions restart per sample):
 
