@@ -1,4 +1,5 @@
-"""Two processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo) reproduce the 1 x 8 loss curve."""
+"""Two processes x 4 CPU devices (jax.distributed over 127.0.0.1, gloo) reproduce the 1 x 8 loss curve,
+with the optimizer state offloaded to pinned host memory in the two-process run."""
 
 import json
 import os
@@ -33,7 +34,8 @@ def test_two_processes_follow_the_single_process_curve(sft_setup, tmp_path):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
         procs.append(subprocess.Popen(
-            [sys.executable, "-m", "jsft.train", *sft_overrides(sft_setup, multi, **EXTRA)],
+            [sys.executable, "-m", "jsft.train",
+             *sft_overrides(sft_setup, multi, **EXTRA, **{"optim.offload_state": True})],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
@@ -47,4 +49,5 @@ def test_two_processes_follow_the_single_process_curve(sft_setup, tmp_path):
     np.testing.assert_allclose(curve(multi), curve(single), rtol=1e-5)
     info = json.loads((multi / "run_info.json").read_text())
     assert info["processes"] == 2 and info["devices"] == 8
+    assert info["opt_state_memory"] == "pinned_host between updates"
     assert (multi / "checkpoints" / "4").is_dir()
