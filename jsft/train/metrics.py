@@ -7,6 +7,7 @@ are written as NaN / Infinity (Python's json reads them). Only the main process 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -90,7 +91,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         values = {name: _scalar(v) for name, v in metrics.items()}
-        self._file.write(json.dumps({"step": step, **values}) + "\n")
+        self._file.write(json.dumps({"step": step, **_strict_json(values)}, allow_nan=False) + "\n")
         self._file.flush()  # per step, so a crash loses at most the step in flight
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
@@ -131,3 +132,11 @@ def _import_wandb() -> Any:
             "`pip install wandb` or remove wandb from trainer.logger"
         ) from None
     return wandb
+
+
+def _strict_json(values: dict) -> dict:
+    """NaN and infinities as null (JSON has neither), their names listed under `non_finite`."""
+    bad = sorted(k for k, v in values.items() if isinstance(v, float) and not math.isfinite(v))
+    if not bad:
+        return values
+    return {**{k: (None if k in bad else v) for k, v in values.items()}, "non_finite": bad}

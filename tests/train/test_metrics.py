@@ -15,8 +15,13 @@ def make(run_dir, loggers=("console",), is_main=True, start_step=1):
     return MetricsLogger(run_dir, list(loggers), is_main, 10, "jsft", "test", CONFIG, start_step=start_step)
 
 
+def _reject(constant):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def read(run_dir):
-    return [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    """Strict JSON: NaN / Infinity tokens are refused, as any non-Python reader would."""
+    return [json.loads(line, parse_constant=_reject) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
 
 
 def test_one_json_object_per_step_with_python_numbers(tmp_path):
@@ -26,7 +31,8 @@ def test_one_json_object_per_step_with_python_numbers(tmp_path):
         m.log(2, {"train/loss": 2.0})
     rows = read(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
-    assert rows[0]["epoch"] == 0 and np.isnan(rows[0]["train/grad_norm"])
+    assert rows[0]["epoch"] == 0 and rows[0]["train/grad_norm"] is None
+    assert rows[0]["non_finite"] == ["train/grad_norm"] and "non_finite" not in rows[1]
 
 
 def test_resume_drops_steps_at_and_after_the_start_step(tmp_path):
