@@ -98,3 +98,17 @@ def test_plot_writes_one_png_per_panel(tmp_path):
     names = {"loss", "lr", "grad_norm", "tokens_per_sec", "val_tool_call_parse_rate", "overview"}
     assert {p.stem for p in (tmp_path / "png").glob("*.png")} == names
     assert all((tmp_path / "png" / f"{n}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+def test_wandb_offline_run_is_written(tmp_path, monkeypatch):
+    """Runs where wandb is installed (it is not a test dependency): an offline run is created in the run
+    directory, takes the logged steps and finishes cleanly."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    with make(tmp_path / "run", loggers=["wandb"]) as m:
+        m.log(1, {"train/loss": 2.5})
+        m.log(2, {"train/loss": 2.0, "train/grad_norm": float("nan")})
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0
+    assert [r["step"] for r in read(tmp_path / "run")] == [1, 2]
