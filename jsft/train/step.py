@@ -1,11 +1,11 @@
 """The jitted train and eval steps, with declared in/out shardings and donated buffers.
 
 One optimizer step = `grad_step` once per micro-batch (gradients summed into a float32 accumulator that
-lives sharded like the parameters) + `apply_step` once. Each micro-batch carries per-token `loss_weight`s
-that already hold the global normalisation (see loss.py), so the summed gradient is the exact gradient of
-the global batch's loss, however the batch was split into micro-batches, devices or hosts. The micro-batch
-count follows the data, so accumulation is a Python loop over one compiled program, not a scan that would
-recompile for every count.
+lives sharded like the parameters) + `apply_step` once. Each micro-batch carries its target slots with
+weights that already hold the global normalisation (see loss.py and batch.py), so the summed gradient is
+the exact gradient of the global batch's loss, however the batch was split into micro-batches, devices or
+hosts. The micro-batch count follows the data, so accumulation is a Python loop over compiled programs
+(one per micro-batch shape, see trainer.shape_buckets), not a scan that would recompile for every count.
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def check_memory_kind(mesh: Mesh, kind: str) -> None:
 
 
 class TrainStep:
-    """Compiled functions over (params, opt_state) for one model, optimizer, mesh and micro-batch shape."""
+    """Compiled functions over (params, opt_state) for one model, optimizer and mesh; the micro-step
+    compiles once per micro-batch shape it is given."""
 
     def __init__(
         self, model: Decoder, optimizer: optax.GradientTransformation, mesh: Mesh, *, chunk_size: int,
