@@ -1,7 +1,8 @@
 """Per-optimizer-step metrics: `<run_dir>/metrics.jsonl`, console progress, TensorBoard, wandb.
 
-metrics.jsonl holds one JSON object per `log` call: {"step": N, "<name>": value, ...}; non-finite values
-are written as NaN / Infinity (Python's json reads them). Only the main process writes anything.
+metrics.jsonl holds one JSON object per `log` call: {"step": N, "<name>": value, ...}, strict JSON: a
+non-finite value is written as null and its name listed under "non_finite". Only the main process writes
+anything.
 """
 
 from __future__ import annotations
