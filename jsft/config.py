@@ -155,6 +155,11 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     return cfg
 
 
+def config_from_yaml(text: str) -> RunConfig:
+    """A RunConfig from a resolved config.yaml (as stored in a run directory and its checkpoints)."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.create(text)))
+
+
 def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; allowed: {', '.join(map(str, allowed))}")

@@ -5,7 +5,8 @@
 
 `--checkpoint` may be a run directory (its checkpoints/ subfolder is used), a checkpoints directory, or
 one step's directory; the latest complete step is taken unless --step is given. The tokenizer saved in
-the checkpoint's metadata is copied unless --tokenizer overrides it.
+the checkpoint's metadata is copied unless --tokenizer overrides it; generation_config.json (stop tokens of
+the trained chat template, the source's sampling defaults) and README.md come from the checkpoint too.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import jax
 
 import jsft.models as jm
 from jsft.models.params import abstract_model, flat_params, replace_params, sharding_for
+from jsft.config import config_from_yaml
 from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
+from jsft.train.hf_export import model_card
 
 
 def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype="float32"):
@@ -38,18 +41,30 @@ def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype=
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jsft.export", description=__doc__.split("\n")[1])
-    parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--step", type=int, default=None)
-    parser.add_argument("--dtype", default=None, help="weight dtype of the export (default: the source's)")
-    parser.add_argument("--tokenizer", default=None)
-    parser.add_argument("--max-shard-size", default="5GB")
+    parser = argparse.ArgumentParser(prog="python -m jsft.export", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True,
+                        help="a run directory, its checkpoints/ directory, or one step's directory")
+    parser.add_argument("--out", required=True, help="output directory of the Hugging Face checkpoint")
+    parser.add_argument("--step", type=int, default=None, help="optimizer step to export (default: the latest complete one)")
+    parser.add_argument("--dtype", default=None, help="weight dtype of the export, e.g. bfloat16 (default: the source's)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer directory to write (default: the run's saved tokenizer)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     args = parser.parse_args(argv)
-    mesh = make_mesh({"fsdp": -1})
-    model, meta = load_checkpoint_model(args.checkpoint, args.step, mesh=mesh)
+    try:
+        if not Path(args.checkpoint).exists():
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or directory")
+        mesh = make_mesh({"fsdp": -1})
+        model, meta = load_checkpoint_model(args.checkpoint, args.step, mesh=mesh)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     tokenizer = args.tokenizer or meta.get("tokenizer")
-    out = jm.save_pretrained(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
+    readme = None
+    if "config" in meta:
+        readme = model_card(config_from_yaml(meta["config"]), meta["step"], meta.get("metrics", {}),
+                            meta.get("stop_tokens", ()))
+    out = jm.save_pretrained(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=tokenizer,
+                             generation_config=meta.get("generation_config"), readme=readme)
     if jax.process_index() == 0:
         print(f"exported step {meta['step']} of {args.checkpoint} to {Path(out).absolute()}")
     return 0

@@ -258,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, overrides)
         budget = parse_bytes(args.device_memory) * args.mem_fraction if args.device_memory else None
         plan, about = make_plan(cfg)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"plan error: {e}", file=sys.stderr)
         return 2
     print(report(plan, about, budget))

@@ -3,10 +3,12 @@
 Usage:
     python -m jsft.plot <run_dir> [--out DIR]
 
-Reads `<run_dir>/metrics.jsonl` and writes, into DIR (default `<run_dir>/plots`), one PNG per panel that
-has data: loss.png (train/loss and val/loss), lr.png, grad_norm.png, tokens_per_sec.png, one
-val_<name>.png per other val/* metric (e.g. val_tool_call_parse_rate.png), and overview.png with all of
-them side by side.
+Reads `<run_dir>/metrics.jsonl` (and the clip threshold from `<run_dir>/config.yaml`) and writes, into DIR
+(default `<run_dir>/plots`), one PNG per panel that has data: loss.png (train and val loss, log axis),
+lr.png (the schedule), grad_norm.png (with the clip threshold), padding_efficiency.png, step_time.png and
+tokens_per_sec.png (steps that compiled a new program left out), one val_<name>.png per other val/* metric
+that changes (e.g. val_tool_call_parse_rate.png), and overview.png with all of them side by side. Series
+with few points are drawn with markers; series that never change are not drawn.
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import matplotlib
 
@@ -25,12 +30,27 @@ from jsft.train.metrics import METRICS_FILE  # noqa: E402
 
 Series = dict[str, tuple[list[int], list[float]]]
 
-# (file stem, title, metrics drawn together, log y-axis)
+# steps whose time includes compiling a program are not throughput: they are dropped from these series
+TIMED = ("train/step_time", "train/tokens_per_sec", "train/mfu")
+SPARSE = 30  # a series with fewer points than this is drawn with markers
+
+
+@dataclass(frozen=True)
+class Panel:
+    stem: str
+    title: str
+    keys: tuple[str, ...]
+    log_y: bool = False
+    ylabel: str = ""
+
+
 FIXED_PANELS = [
-    ("loss", "loss", ["train/loss", "val/loss"], False),
-    ("lr", "learning rate", ["train/lr"], False),
-    ("grad_norm", "gradient norm (before clipping)", ["train/grad_norm"], True),
-    ("tokens_per_sec", "tokens / s", ["train/tokens_per_sec"], False),
+    Panel("loss", "loss (nats per target token)", ("train/loss", "val/loss"), log_y=True),
+    Panel("lr", "learning rate (schedule)", ("train/lr",)),
+    Panel("grad_norm", "gradient norm (before clipping)", ("train/grad_norm",), log_y=True),
+    Panel("padding_efficiency", "padding efficiency (real / computed tokens)", ("train/padding_efficiency",)),
+    Panel("step_time", "step time, compile steps left out", ("train/step_time",), ylabel="s"),
+    Panel("tokens_per_sec", "tokens / s, compile steps left out", ("train/tokens_per_sec",)),
 ]
 
 
@@ -38,63 +58,103 @@ def read_series(path: Path) -> Series:
     """metric name -> (steps, values) for every numeric metric; a metric may be absent from some lines."""
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: is this a jsft run directory?")
-    series: Series = {}
+    rows = []
     for line in path.read_text().splitlines():
         try:
-            row = json.loads(line)
+            rows.append(json.loads(line))
         except json.JSONDecodeError:  # the last line of a run killed mid-write
             continue
+    compiled = _compile_steps(rows)
+    series: Series = {}
+    for row in rows:
         for name, value in row.items():
-            if name != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                steps, values = series.setdefault(name, ([], []))
-                steps.append(row["step"])
-                values.append(float(value))
+            if name == "step" or not isinstance(value, (int, float)) or isinstance(value, bool):
+                continue
+            if name in TIMED and row["step"] in compiled:
+                continue
+            steps, values = series.setdefault(name, ([], []))
+            steps.append(row["step"])
+            values.append(float(value))
     return series
 
 
-def panels(series: Series) -> list[tuple[str, str, list[str], bool]]:
-    """The fixed panels that have data, then one per remaining val/* metric."""
-    chosen = [p for p in FIXED_PANELS if any(k in series for k in p[2])]
-    drawn = {k for p in FIXED_PANELS for k in p[2]}
-    extra = sorted(k for k in series if k.startswith("val/") and k not in drawn)
-    return chosen + [(k.replace("/", "_"), k, [k], False) for k in extra]
+def _compile_steps(rows: list[dict]) -> set[int]:
+    """Steps that compiled a new program: the first logged step, and each step where the count grew."""
+    out, seen = set(), None
+    for row in rows:
+        n = row.get("train/compiled_shapes")
+        if seen is None or (n is not None and n > seen):
+            out.add(row["step"])
+        if n is not None:
+            seen = n if seen is None else max(seen, n)
+    return out
 
 
-def draw(ax, series: Series, title: str, keys: list[str], log_y: bool) -> None:
-    for key in keys:
-        if key in series:
-            steps, values = series[key]
-            # Validation runs every few steps: markers show where the points really are.
-            ax.plot(steps, values, marker="o" if key.startswith("val/") else None, markersize=3, label=key)
-    finite = [v for k in keys if k in series for v in series[k][1] if math.isfinite(v)]
-    if log_y and finite and min(finite) > 0:
+def _changes(values: list[float]) -> bool:
+    finite = [v for v in values if math.isfinite(v)]
+    return len(finite) > 0 and max(finite) != min(finite)
+
+
+def panels(series: Series) -> list[Panel]:
+    """The fixed panels with a changing series, then one per remaining val/* metric that changes."""
+    live = {k for k, (_, v) in series.items() if _changes(v) or (k.endswith("loss") and v)}
+    chosen = [Panel(p.stem, p.title, tuple(k for k in p.keys if k in live), p.log_y, p.ylabel)
+              for p in FIXED_PANELS if any(k in live for k in p.keys)]
+    drawn = {k for p in FIXED_PANELS for k in p.keys}
+    extra = sorted(k for k in live if k.startswith("val/") and k not in drawn)
+    return chosen + [Panel(k.replace("/", "_"), k, (k,)) for k in extra]
+
+
+def draw(ax, series: Series, panel: Panel, clip: Optional[float] = None) -> None:
+    for key in panel.keys:
+        steps, values = series[key]
+        marker = "o" if len(steps) < SPARSE else None
+        ax.plot(steps, values, marker=marker, markersize=4, linewidth=1.2, label=key)
+    finite = [v for k in panel.keys for v in series[k][1] if math.isfinite(v)]
+    if panel.stem == "grad_norm" and clip:
+        ax.axhline(clip, color="tab:red", linestyle="--", linewidth=1, label=f"clip_grad {clip:g}")
+    if panel.log_y and finite and min(finite) > 0:
         ax.set_yscale("log")
-    if all(k.endswith("_rate") for k in keys):
+    if all(k.endswith("_rate") or k.endswith("_match") for k in panel.keys):
         ax.set_ylim(-0.02, 1.02)  # rates: the full [0, 1] range, so 0.95 looks like 0.95
-    ax.set_title(title)
+    ax.set_title(panel.title)
     ax.set_xlabel("optimizer step")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    if panel.ylabel:
+        ax.set_ylabel(panel.ylabel)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+
+
+def clip_threshold(run_dir: Path) -> Optional[float]:
+    """optim.clip_grad from the run's config.yaml (None when absent or disabled)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return None
+    from omegaconf import OmegaConf
+
+    value = OmegaConf.load(path).get("optim", {}).get("clip_grad")
+    return float(value) if value and value > 0 else None
 
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write the PNGs for one run; returns their paths."""
     run_dir = Path(run_dir)
     series = read_series(run_dir / METRICS_FILE)
+    clip = clip_threshold(run_dir)
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     chosen = panels(series)
     written = []
-    for stem, title, keys, log_y in chosen:
+    for panel in chosen:
         fig, ax = plt.subplots(figsize=(6, 4))
-        draw(ax, series, title, keys, log_y)
-        written.append(_save(fig, out / f"{stem}.png"))
+        draw(ax, series, panel, clip)
+        written.append(_save(fig, out / f"{panel.stem}.png"))
     if chosen:
         cols = min(3, len(chosen))
         rows = -(-len(chosen) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-        for ax, (_, title, keys, log_y) in zip(axes.flat, chosen):
-            draw(ax, series, title, keys, log_y)
+        for ax, panel in zip(axes.flat, chosen):
+            draw(ax, series, panel, clip)
         for ax in axes.flat[len(chosen) :]:
             ax.set_visible(False)
         fig.suptitle(run_dir.name)
@@ -109,14 +169,20 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jsft.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help=f"run directory holding {METRICS_FILE}")
     parser.add_argument("--out", default=None, help="output directory (default: <run_dir>/plots)")
     args = parser.parse_args(argv)
-    for path in plot_run(args.run_dir, args.out):
+    try:
+        paths = plot_run(args.run_dir, args.out)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
         print(path)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

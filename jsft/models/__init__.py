@@ -64,10 +64,14 @@ def save_pretrained(
     dtype=None,
     max_shard_size="5GB",
     tokenizer=None,
+    generation_config: Optional[dict] = None,
+    readme: Optional[str] = None,
 ) -> Path:
     """Write config.json, generation_config.json, tokenizer files (a tokenizer object or directory, when
-    given) and HF-named safetensors shards with their index. `dtype` defaults to the source checkpoint's
-    dtype (for imported models) or the parameter dtype. Multi-host: every process calls it; process 0 writes."""
+    given), README.md (`readme`, when given) and HF-named safetensors shards with their index. `dtype`
+    defaults to the source checkpoint's dtype (for imported models) or the parameter dtype.
+    `generation_config` (a dict) replaces the one derived from the model config. Multi-host: every process
+    calls it; process 0 writes."""
     from safetensors.numpy import save_file
 
     cfg = model.config
@@ -76,7 +80,9 @@ def save_pretrained(
     writer = jax.process_index() == 0
     if writer:
         out.mkdir(parents=True, exist_ok=True)
-        _write_configs(cfg, out, dtype, tokenizer)
+        _write_configs(cfg, out, dtype, tokenizer, generation_config)
+        if readme is not None:
+            (out / "README.md").write_text(readme)
     plan, sharded = hf_io.shard_plan(cfg, dtype, max_shard_size)
     remaining = {f: sum(1 for v in plan.values() if v == f) for f in set(plan.values())}
     pending: dict[str, dict[str, np.ndarray]] = {}
@@ -96,19 +102,32 @@ def save_pretrained(
     return out
 
 
-def _write_configs(cfg: ModelConfig, out: Path, dtype, tokenizer) -> None:
+def _write_configs(cfg: ModelConfig, out: Path, dtype, tokenizer, generation_config: Optional[dict]) -> None:
     import transformers
 
     hf_config = cfg.to_hf()
     hf_config.dtype = str(dtype)
     hf_config.architectures = [_ARCHITECTURES[cfg.model_type]]
     hf_config.save_pretrained(out)
-    if cfg.eos_token_id is not None or cfg.bos_token_id is not None:
+    _add_legacy_fields(out / "config.json", cfg, dtype)
+    if generation_config is not None:
+        transformers.GenerationConfig(**generation_config).save_pretrained(out)
+    elif cfg.eos_token_id is not None or cfg.bos_token_id is not None:
         transformers.GenerationConfig.from_model_config(hf_config).save_pretrained(out)
     if tokenizer is not None:
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(tokenizer))
         tokenizer.save_pretrained(out)
+
+
+def _add_legacy_fields(path: Path, cfg: ModelConfig, dtype) -> None:
+    """transformers 5 writes `rope_parameters` and `dtype`; 4.x (still pinned by many serving stacks) reads
+    `rope_theta`, `rope_scaling` and `torch_dtype`, and would silently fall back to its defaults. Write both."""
+    config = json.loads(path.read_text())
+    config["rope_theta"] = cfg.rope_theta
+    config["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    config["torch_dtype"] = str(jnp.dtype(dtype))
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 _ARCHITECTURES = {

@@ -78,7 +78,8 @@ class ModelConfig:
             bos_token_id=getattr(hf, "bos_token_id", None),
             eos_token_id=getattr(hf, "eos_token_id", None),
             pad_token_id=getattr(hf, "pad_token_id", None),
-            torch_dtype=_dtype_name(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)),
+            # transformers 5 names it `dtype` (its `torch_dtype` property only warns); 4.x stores `torch_dtype`
+            torch_dtype=_dtype_name(getattr(hf, "dtype", None) or vars(hf).get("torch_dtype")),
         )
 
     @classmethod

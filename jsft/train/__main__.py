@@ -1,25 +1,36 @@
 """Supervised fine-tuning.
 
-    python -m jsft.train [--config configs/X.yaml] [key=value ...]
+    python -m jsft.train [--config configs/X.yaml] [--print-config] [key=value ...]
 
 Without --config and without model.path / model.init, the built-in demo job (configs/default.yaml) runs:
 it trains a small model from scratch to call tools, on CPU in minutes.
 
 Keys follow veRL's SFT trainer (model.path, data.train_files, data.train_batch_size, optim.lr, trainer.*);
-see docs/training.md. The resolved config is printed and saved as <trainer.default_local_dir>/config.yaml.
+see docs/training.md. A short summary is printed; the resolved config is saved as
+<trainer.default_local_dir>/config.yaml (--print-config prints it whole).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional, Sequence
 
+# errors a user can fix from the message alone: printed as one line, exit status 2, no traceback
+_USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jsft.train", description="jsft supervised fine-tuning")
-    parser.add_argument("--config", default=None, help="YAML run config (default: the built-in defaults)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5")
+    parser = argparse.ArgumentParser(
+        prog="python -m jsft.train", description="jsft supervised fine-tuning (veRL SFT trainer keys)",
+        epilog="With no --config and no model.path/model.init, the built-in demo job runs (configs/default.yaml). "
+               "Set JSFT_TRACEBACK=1 for the full traceback of a start-up error.",
+    )
+    parser.add_argument("--config", default=None, help="YAML run config (default: the built-in demo job)")
+    parser.add_argument("--print-config", action="store_true", help="print the whole resolved config, not just the summary")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="dotted overrides of config keys, e.g. optim.lr=1e-5 data.train_files=train.jsonl")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
 
     from jsft.config import DEFAULT_CONFIG, load_config, to_yaml
@@ -29,15 +40,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = args.config or (None if names_a_model else DEFAULT_CONFIG)
     try:
         cfg = load_config(config, args.overrides)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from jsft import distributed
-    from jsft.train.loop import log, train
+    from jsft.train.console import config_summary
+    from jsft.train.loop import Trainer, log
 
-    distributed.initialize()  # before anything touches a jax backend
-    log(to_yaml(cfg))
-    train(cfg)
+    try:
+        distributed.initialize()  # before anything touches a jax backend
+        log(to_yaml(cfg) if args.print_config else "config (whole: config.yaml in the run dir, or --print-config):\n"
+            + config_summary(cfg))
+        trainer = Trainer(cfg)
+    except _USER_ERRORS as e:
+        if os.environ.get("JSFT_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    trainer.run()
     return 0
 
 

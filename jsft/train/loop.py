@@ -8,6 +8,7 @@ Every process runs this same code; only process 0 writes logs, metrics and run f
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import jsft.models as jm
 from jsft import distributed
 from jsft.config import RunConfig, to_yaml
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
+from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
 from jsft.data.tokenizer import end_of_turn_texts, load_tokenizer
 from jsft.generate import Generator
@@ -29,6 +31,8 @@ from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
+from jsft.train.console import run_info_table
+from jsft.train.hf_export import generation_config, model_card
 from jsft.train.metrics import MetricsLogger
 from jsft.train.optim import consecutive_skips, current_lr, make_optimizer, skipped_steps
 from jsft.train.perf import device_peak_flops
@@ -91,12 +95,13 @@ class Trainer:
             self.cfg = cfg = demo_job.prepare(cfg, self.run_dir)
         _check_paths(cfg)
         self.mesh = make_mesh(cfg.trainer.mesh)
-        if distributed.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
         self._build_data()
         self._build_model()
+        # only now, so that a run refused at start-up leaves no run directory behind
+        if distributed.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -110,7 +115,10 @@ class Trainer:
             log(format_summary(self.val_data.dataset, "val"))
         per_epoch = self.train_data.steps_per_epoch
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * per_epoch
-        log(f"{per_epoch} optimizer steps per epoch of {cfg.data.train_batch_size} samples; "
+        self.dropped_per_epoch = len(self.train_data.dataset) - per_epoch * cfg.data.train_batch_size
+        dropped = (f" ({self.dropped_per_epoch:,} samples per epoch left out: the last partial batch of the "
+                   "shuffled order, different samples each epoch)") if self.dropped_per_epoch else ""
+        log(f"{per_epoch} optimizer steps per epoch of {cfg.data.train_batch_size} samples{dropped}; "
             f"training for {self.total_steps} steps; loss_agg_mode={cfg.trainer.loss_agg_mode}")
 
     def _build_model(self) -> None:
@@ -125,12 +133,16 @@ class Trainer:
         else:
             model_cfg = random_init_config(cfg.model.init, self.tokenizer)
             self.model = jm.init_model(model_cfg, seed=cfg.trainer.seed, **kwargs)
-            log(f"random init: {model_cfg}")
+            log(f"random init: {model_cfg.model_type}, {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
+                f"{model_cfg.num_heads}/{model_cfg.num_kv_heads} heads, vocab {model_cfg.vocab_size}")
         if len(self.tokenizer) > self.model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: they do not belong together"
             )
+        self.stop_tokens = tuple(end_of_turn_texts(self.tokenizer))
+        stop_ids = self.tokenizer.convert_tokens_to_ids(list(self.stop_tokens))
+        self.generation_config = generation_config([cfg.model.path, cfg.data.tokenizer], stop_ids, self.model.config)
         self.optimizer = make_optimizer(cfg.optim, self.total_steps)
         self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size,
                                  offload_opt_state=cfg.optim.offload_state)
@@ -138,16 +150,18 @@ class Trainer:
         self.opt_state = self.step_fn.init_opt_state(self.params)
         self.generation_eval = None
         if cfg.demo.enabled:
-            eos = self.tokenizer.convert_tokens_to_ids(list(end_of_turn_texts(self.tokenizer)))
-            generator = Generator(self.model, max_new_tokens=cfg.demo.max_new_tokens, eos_ids=eos,
+            generator = Generator(self.model, max_new_tokens=cfg.demo.max_new_tokens, eos_ids=stop_ids,
                                   pad_id=self.tokenizer.pad_token_id or 0)
             self.generation_eval = demo_job.GenerationEval(cfg, self.tokenizer, generator, self.run_dir)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
-    def _meta(self, step: int) -> dict:
+    def _meta(self, step: int, metrics: dict) -> dict:
         return {
             "step": step,
+            "metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(v)},
+            "generation_config": self.generation_config,
+            "stop_tokens": list(self.stop_tokens),
             "data_state": self.train_data.get_state(),
             "model_config": ckpt.model_config_to_json(self.model.config),
             "param_dtype": self.cfg.model.param_dtype,
@@ -229,11 +243,16 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         manager = ckpt.open_manager(self.run_dir / ckpt.CHECKPOINT_SUBDIR, max_to_keep=t.max_ckpt_to_keep)
         start = self._resume(manager)
+        if start >= self.total_steps:
+            manager.close()
+            log(_complete_message(self.run_dir, start, self.total_steps))
+            return {"step": start, "complete": True}
         if distributed.is_main() and start == 0:
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
         self.peak_flops = device_peak_flops(cfg.model.dtype)
         info = run_info(self, self.peak_flops)
-        log("run info: " + json.dumps(info))
+        info["dropped_samples_per_epoch"] = self.dropped_per_epoch
+        log("run info (run_info.json):\n" + run_info_table(info))
         if distributed.is_main():
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         stop = StopRequest()
@@ -253,7 +272,7 @@ class Trainer:
                 self._check_skips()
                 last = {"step": step, **metrics}
                 if final or stopping or (t.save_freq > 0 and step % t.save_freq == 0):
-                    ckpt.save(manager, step, params=self.params, opt_state=self.opt_state, meta=self._meta(step))
+                    ckpt.save(manager, step, params=self.params, opt_state=self.opt_state, meta=self._meta(step, metrics))
                 if stopping:
                     log(f"stop requested: saved step {step}, exiting")
                     break
@@ -263,7 +282,10 @@ class Trainer:
             metrics_logger.close()
             stop.restore()
         if t.export_hf and last.get("step") == self.total_steps:
-            out = jm.save_pretrained(self.export_model(), self.run_dir / "hf", tokenizer=self.tokenizer)
+            out = jm.save_pretrained(
+                self.export_model(), self.run_dir / "hf", tokenizer=self.tokenizer, generation_config=self.generation_config,
+                readme=model_card(cfg, last["step"], last, self.stop_tokens),
+            )
             log(f"exported Hugging Face checkpoint to {out}")
         log(self._where_everything_is(last))
         return last
@@ -315,6 +337,22 @@ def _check_paths(cfg: RunConfig) -> None:
     for key, value in (("model.path", cfg.model.path), ("data.tokenizer", cfg.data.tokenizer)):
         if value and not Path(value).is_dir():
             raise FileNotFoundError(f"{key}={value}: no such directory (jsft loads local checkpoints only)")
+    if cfg.model.path and not (Path(cfg.model.path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={cfg.model.path} has no config.json: not a Hugging Face checkpoint directory")
+    for key, files in (("data.train_files", cfg.data.train_files), ("data.val_files", cfg.data.val_files)):
+        if files:
+            try:
+                resolve_files(files)
+            except (ValueError, FileNotFoundError) as e:
+                raise type(e)(f"{key}: {e}") from None
+
+
+def _complete_message(run_dir: Path, step: int, total: int) -> str:
+    return (
+        f"{run_dir} is complete: its checkpoint is at step {step} of {total}; nothing to train. To train more, "
+        "raise trainer.total_training_steps (or trainer.total_epochs); to start over, set trainer.resume_mode=disable "
+        "or a new trainer.default_local_dir"
+    )
 
 
 def _as_dict(cfg: RunConfig) -> dict:

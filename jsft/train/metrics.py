@@ -1,6 +1,6 @@
 """Per-optimizer-step metrics: `<run_dir>/metrics.jsonl`, console progress, TensorBoard, wandb.
 
-metrics.jsonl holds one JSON object per `log` call: {"step": N, "<name>": value, ...}, strict JSON: a
+The console shows a few metrics per step (jsft/train/console.py); metrics.jsonl holds every metric: one JSON object per `log` call: {"step": N, "<name>": value, ...}, strict JSON: a
 non-finite value is written as null and its name listed under "non_finite". Only the main process writes
 anything.
 """
@@ -15,21 +15,14 @@ from typing import Any, Mapping
 
 from tqdm import tqdm
 
+from jsft.train.console import step_lines
+
 METRICS_FILE = "metrics.jsonl"
 
 
 def _scalar(value: Any) -> Any:
     """Python number for jax/numpy scalars, so json and TensorBoard take them; other values unchanged."""
     return value.item() if hasattr(value, "item") else value
-
-
-def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """`loss 2.314 | lr 1e-05 | ...`: names without their `train/` prefix, numbers to 4 significant digits."""
-    parts = []
-    for name, value in metrics.items():
-        short = name.removeprefix("train/")
-        parts.append(f"{short} {value:.4g}" if isinstance(value, float) else f"{short} {value}")
-    return " | ".join(parts)
 
 
 def truncate_from(path: Path, start_step: int) -> None:
@@ -78,7 +71,8 @@ class MetricsLogger:
         self._file = path.open("a")
         self._bar = self._tb = None
         if "console" in loggers:
-            self._bar = tqdm(total=total_steps, initial=start_step - 1, desc=experiment, unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=start_step - 1, desc=experiment, unit="step", dynamic_ncols=True,
+                             disable=None)  # no bar when stderr is not a terminal (logs): the step lines remain
         if "tensorboard" in loggers:
             from tensorboardX import SummaryWriter
 
@@ -96,7 +90,8 @@ class MetricsLogger:
         self._file.flush()  # per step, so a crash loses at most the step in flight
         if self._bar is not None:
             self._bar.update(step - self._bar.n)
-            self._bar.write(f"step {step}/{self._bar.total} | {format_metrics(values)}")
+            for line in step_lines(step, self._bar.total, values):
+                self._bar.write(line)
         numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
             for name, value in numbers.items():
