@@ -95,7 +95,7 @@ class Trainer:
             self.cfg = cfg = demo_job.prepare(cfg, self.run_dir)
         _check_paths(cfg)
         self.mesh = make_mesh(cfg.trainer.mesh)
-        log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
+        log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} device(s), {jax.process_count()} process(es)")
         self._build_data()
         self._build_model()
         # only now, so that a run refused at start-up leaves no run directory behind
