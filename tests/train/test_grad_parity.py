@@ -13,7 +13,7 @@ from jsft.models.hf_io import hf_tensors
 from jsft.models.params import param_arrays
 from jsft.sharding import make_mesh
 from jsft.train.batch import bucketed, shaped
-from jsft.train.loss import batch_counts, loss_weights
+from jsft.train.batch import batch_counts, loss_weights
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
 

@@ -12,7 +12,8 @@ import torch
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jsft.train.loss import LOSS_AGG_MODES, batch_counts, causal_targets, loss_weights, target_mask, target_nll
+from jsft.train.batch import LOSS_AGG_MODES, batch_counts, causal_targets, loss_weights, target_mask
+from jsft.train.loss import target_nll
 
 
 def token_nll(hidden, unembed, input_ids, segment_ids, chunk_size):
