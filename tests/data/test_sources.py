@@ -1,10 +1,8 @@
-"""Parquet and Hugging Face datasets read as the JSON rows they were written from: samples byte for byte,
-file:row errors, batched reading."""
+"""Parquet read as the JSON rows it was written from (pandas' to_parquet): samples byte for byte, Arrow types,
+file:row errors, random access, batched reading."""
 
 import copy
-import json
 import pickle
-import tracemalloc
 
 import numpy as np
 import pandas as pd
@@ -17,85 +15,15 @@ from jsft.data.arrow_rows import to_rows
 from jsft.data.chat import ChatOptions, ChatRenderer
 from jsft.data.dataset import DataError, load_dataset
 from jsft.data.sources import RawRow, RowSource, resolve_files
-from jsft.data.tokenizer import load_tokenizer, read_chat_template
+from jsft.data.tokenizer import read_chat_template
 
 from .helpers import TEMPLATES, config, tool_call, write_jsonl
-
-
-def _tool(name, properties, required=(), description=None):
-    function = {"name": name, **({"description": description} if description else {})}
-    parameters = {"type": "object", "properties": properties, **({"required": list(required)} if required else {})}
-    return {"type": "function", "function": {**function, "parameters": parameters}}
-
-
-# Tools with different argument schemas: Arrow's union of them is what a struct column stores.
-WEATHER = _tool("get_weather", {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["c", "f"]}}, ["city"], "Current weather")
-SEARCH = _tool("search", {"query": {"type": "string"}, "limit": {"type": "integer", "minimum": 1}}, ["query"], "Web search")
-EMAIL = _tool("send_email", {"to": {"type": "array", "items": {"type": "string"}}, "subject": {"type": "string"}, "body": {"type": "string"}}, ["to", "body"])
-CLOCK = _tool("get_time", {}, description="Current UTC time")
-
-
-def _user(text):
-    return {"role": "user", "content": text}
-
-
-ROWS = [
-    {  # parallel calls with ids, tool messages with names; the first row has every column (datasets.from_list)
-        "messages": [
-            {"role": "system", "content": "You are terse."},
-            _user("Weather in Paris, and news about it?"),
-            {"role": "assistant", "content": None, "tool_calls": [
-                {"id": "c1", **tool_call("get_weather", {"city": "Paris", "unit": "c"})},
-                {"id": "c2", **tool_call("search", {"query": "Paris news", "limit": 3})},
-            ]},
-            {"role": "tool", "name": "get_weather", "tool_call_id": "c1", "content": "18 C, cloudy"},
-            {"role": "tool", "name": "search", "tool_call_id": "c2", "content": "Museum reopens"},
-            {"role": "assistant", "content": "18 C and cloudy; a museum reopens."},
-        ],
-        "tools": [WEATHER, SEARCH],
-        "enable_thinking": False,
-    },
-    {  # no tools; reasoning on one assistant message only
-        "messages": [
-            _user("2 + 2?"),
-            {"role": "assistant", "content": "4", "reasoning_content": "Two and two make four."},
-            _user("And 3 + 3?"),
-            {"role": "assistant", "content": "6"},
-        ],
-    },
-    {  # reasoning with a call, content absent on a call-only message, a call with no arguments
-        "messages": [
-            _user("Mail Bob the time."),
-            {"role": "assistant", "reasoning_content": "I need the time first.", "tool_calls": [tool_call("get_time", {})]},
-            {"role": "tool", "content": "12:00"},
-            {"role": "assistant", "content": "Sending now.", "tool_calls": [
-                tool_call("send_email", {"to": ["bob@example.com"], "subject": "Time", "body": "It is 12:00."})]},
-            {"role": "tool", "content": "sent"},
-            {"role": "assistant", "content": "Done."},
-        ],
-        "tools": [EMAIL, CLOCK, WEATHER],
-    },
-    {  # one tool; an argument left out
-        "messages": [
-            _user("Find jax docs"),
-            {"role": "assistant", "content": "", "tool_calls": [tool_call("search", {"query": "jax docs"})]},
-            {"role": "tool", "content": "jax.readthedocs.io"},
-            {"role": "assistant", "content": "See jax.readthedocs.io."},
-        ],
-        "tools": [SEARCH],
-        "enable_thinking": True,
-    },
-    {"messages": [{"role": "system", "content": "Be kind."}, _user("Hi"), {"role": "assistant", "content": "Hello!"}]},
-]
-TOOL_ROWS = [0, 2, 3]
+from .tool_rows import ROWS, TOOL_ROWS, all_samples, build_tokenizer, python_bytes, user, without_null_fields
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A byte-level BPE tokenizer trained here (the demo's builder; Qwen2.5-style tool template)."""
-    from jsft.demo import build_tokenizer
-
-    return load_tokenizer(str(build_tokenizer(tmp_path_factory.mktemp("tok"), texts=[json.dumps(r) for r in ROWS] * 20)))
+    return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 @pytest.fixture(params=["built", "built+qwen3_style", "qwen2.5", "qwen2.5+qwen3_style"])
@@ -115,18 +43,8 @@ def write_parquet(path, rows, **kwargs) -> str:
     return str(path)
 
 
-def all_samples(ds):
-    return [(int(ds.source_index[i]), int(ds.turn_index[i]), *map(bytes, ds.sample(i))) for i in range(len(ds))]
-
-
 def rendered(renderer, record):
     return [(bytes(s.input_ids), bytes(s.loss_mask)) for s in renderer(RawRow(0, "", record)).samples]
-
-
-def without_null_fields(row):
-    """The row as jsft reads it either way: a message's null field is an absent one."""
-    messages = [{k: v for k, v in m.items() if v is not None} for m in row["messages"]]
-    return {**row, "messages": messages}
 
 
 def test_parquet_rows_give_the_json_rows_samples(tmp_path, tokenizer):
@@ -150,7 +68,7 @@ def test_parquet_row_reads_as_its_json_row(tmp_path):
 
 
 def test_json_string_arguments_pass_through_with_their_nulls(tmp_path, qwen):
-    rows = [{"messages": [_user("u"), {"role": "assistant", "content": None, "tool_calls": [tool_call("f", args, as_string=True)]}]}
+    rows = [{"messages": [user("u"), {"role": "assistant", "content": None, "tool_calls": [tool_call("f", args, as_string=True)]}]}
             for args in ({"x": None, "y": 1}, {"z": "a"})]
     parquet = write_parquet(tmp_path / "s.parquet", rows)
     assert [r.record for r in RowSource([parquet])] == [without_null_fields(r) for r in rows]
@@ -176,7 +94,7 @@ def test_arrow_types_convert_as_json_reads():
 
 def test_parquet_random_access_over_groups_and_batches(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "BATCH_ROWS", 3)
-    rows = [{"messages": [_user(f"q{i}"), {"role": "assistant", "content": f"a{i}", **({"reasoning_content": "r"} if i % 2 else {})}]} for i in range(23)]
+    rows = [{"messages": [user(f"q{i}"), {"role": "assistant", "content": f"a{i}", **({"reasoning_content": "r"} if i % 2 else {})}]} for i in range(23)]
     parquet = write_parquet(tmp_path / "g.parquet", rows, row_group_size=10)
     source = RowSource([parquet])
     order = [0, 22, 5, 4, 11, 10, 12, 21, 9, 1, 2, 3] + list(range(23))
@@ -188,22 +106,13 @@ def test_parquet_random_access_over_groups_and_batches(tmp_path, monkeypatch):
 
 
 def test_bad_parquet_row_is_named_by_file_and_row(tmp_path, qwen):
-    rows = [ROWS[4], {"messages": [_user("u"), {"role": "bot", "content": "x"}]}]
+    rows = [ROWS[4], {"messages": [user("u"), {"role": "bot", "content": "x"}]}]
     parquet = write_parquet(tmp_path / "bad.parquet", rows)
     with pytest.raises(DataError, match=rf"{parquet} row 1 \(0-based\): messages\[1\] has unknown role 'bot'"):
         load_dataset(config(tmp_path), qwen, parquet)
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match="broken.parquet: not a readable Parquet file"):
         load_dataset(config(tmp_path), qwen, str(tmp_path / "broken.parquet"))
-
-
-def _python_bytes(read) -> int:
-    tracemalloc.start()
-    try:
-        read()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 def test_parquet_is_read_a_batch_at_a_time(tmp_path):
@@ -213,6 +122,7 @@ def test_parquet_is_read_a_batch_at_a_time(tmp_path):
     pq.write_table(pa.table({"messages": messages}), path)  # one row group
     assert pq.ParquetFile(path).metadata.num_row_groups == 1
     source = RowSource([str(path)])
-    whole = _python_bytes(lambda: pq.read_table(path).to_pylist())
-    held = _python_bytes(lambda: [source[i] for i in (0, 1, n // 2, n - 1)])
+    whole = python_bytes(lambda: pq.read_table(path).to_pylist())
+    held = python_bytes(lambda: [source[i] for i in (0, 1, n // 2, n - 1)])
     assert held < whole / 20, (held, whole)
+
