@@ -56,4 +56,5 @@ def _apply(convert: Convert, value: Any) -> Any:
 
 
 def _is_list_view(t: pa.DataType) -> bool:
-    return pa.types.is_list_view(t) or pa.types.is_large_list_view(t)
+    is_view = getattr(pa.types, "is_list_view", None)  # list views exist from pyarrow 16
+    return is_view is not None and (is_view(t) or pa.types.is_large_list_view(t))

@@ -46,6 +46,8 @@ def test_save_to_disk_dataset_gives_the_json_rows_samples(tmp_path, built):
 
 def test_json_feature_keeps_its_nulls(tmp_path, qwen):
     """`datasets.Json` (mixed argument types) stores per-row JSON: its nulls are the row's and are kept."""
+    if not hasattr(datasets, "Json"):
+        pytest.skip("this datasets version has no Json feature")
     rows = [{"messages": [user("u"), {"role": "assistant", "content": None, "tool_calls": [tool_call("f", args)]}]}
             for args in ({"x": 1, "y": None}, {"x": "a"})]
     directory = save_to_disk(tmp_path / "json", rows, on_mixed_types="use_json")

@@ -78,17 +78,21 @@ def test_json_string_arguments_pass_through_with_their_nulls(tmp_path, qwen):
 
 def test_arrow_types_convert_as_json_reads():
     """Struct fields: nulls dropped at every depth. Maps, list items, arrow.json: the row's own nulls kept."""
-    struct = pa.struct([("a", pa.int64()), ("b", pa.struct([("c", pa.string()), ("d", pa.list_(pa.struct([("e", pa.int64()), ("f", pa.int64())])))]))])
+    ef = pa.struct([("e", pa.int64()), ("f", pa.int64())])
+    struct = pa.struct([("a", pa.int64()), ("b", pa.struct([("c", pa.string()), ("d", pa.list_(ef))]))])
     table = pa.table({
         "s": pa.array([{"a": 1, "b": {"c": None, "d": [{"e": 1, "f": None}, None]}}, {"a": None, "b": None}], struct),
         "m": pa.array([[("k", None), ("j", 2)], None], pa.map_(pa.string(), pa.int64())),
         "l": pa.array([[None, 1], []], pa.large_list(pa.int64())),
         "j": pa.array(['{"x": null, "y": [1]}', None], pa.json_()),
         "t": pa.array(['{"x": null}', "plain"]),
+        "v": pa.array([[{"e": 1, "f": None}], None], pa.list_view(ef)),
+        "f": pa.array([[{"e": None, "f": 2}], [None]], pa.list_(ef, 1)),
     })
     assert to_rows(table) == [
-        {"s": {"a": 1, "b": {"d": [{"e": 1}, None]}}, "m": {"k": None, "j": 2}, "l": [None, 1], "j": {"x": None, "y": [1]}, "t": '{"x": null}'},
-        {"s": {}, "l": [], "t": "plain"},
+        {"s": {"a": 1, "b": {"d": [{"e": 1}, None]}}, "m": {"k": None, "j": 2}, "l": [None, 1], "j": {"x": None, "y": [1]},
+         "t": '{"x": null}', "v": [{"e": 1}], "f": [{"f": 2}]},
+        {"s": {}, "l": [], "t": "plain", "f": [None]},
     ]
 
 
