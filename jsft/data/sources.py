@@ -161,8 +161,8 @@ class _HFDataset:
 
     def __init__(self, path: str):
         self.path = path
-        self.numbers = np.arange(self._open().num_rows, dtype=np.int64)
-        self._dataset = None
+        self._dataset = self._open()  # memory-mapped: opening costs no reading
+        self.numbers = np.arange(self._dataset.num_rows, dtype=np.int64)
         self._batch = (None, None)  # (first row, pyarrow.Table of up to BATCH_ROWS rows)
 
     def _open(self):

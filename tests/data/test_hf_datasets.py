@@ -2,6 +2,7 @@
 written from; errors name the path and the fix; reading is batched; a save_to_disk dataset trains."""
 
 import json
+import pickle
 import re
 import sys
 
@@ -41,7 +42,8 @@ def test_save_to_disk_dataset_gives_the_json_rows_samples(tmp_path, built):
     assert len(shards) == 2 and all_samples(load_dataset(config(tmp_path), built, shards)) == expected
     source = RowSource(resolve_files(directory))
     assert [row.record for row in source] == [without_null_fields(r) for r in ROWS]
-    assert source[3].where == f"{directory} row 3 (0-based)"
+    copy = pickle.loads(pickle.dumps(source))  # as it reaches the tokenization workers: reopened there
+    assert copy[3].where == f"{directory} row 3 (0-based)" and copy[3].record == source[3].record
 
 
 def test_json_feature_keeps_its_nulls(tmp_path, qwen):
@@ -96,3 +98,4 @@ def test_a_save_to_disk_dataset_trains(sft_setup, tmp_path):
     train(cfg)
     steps = losses(tmp_path / "run")
     assert list(steps) == [1, 2] and all(np.isfinite(v) and v > 0 for v in steps.values())
+
