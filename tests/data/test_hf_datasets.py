@@ -46,7 +46,7 @@ def test_save_to_disk_dataset_gives_the_json_rows_samples(tmp_path, built):
     assert copy[3].where == f"{directory} row 3 (0-based)" and copy[3].record == source[3].record
 
 
-def test_json_feature_keeps_its_nulls(tmp_path, qwen):
+def test_json_feature_keeps_its_nulls(tmp_path, built):
     """`datasets.Json` (mixed argument types) stores per-row JSON: its nulls are the row's and are kept."""
     if not hasattr(datasets, "Json"):
         pytest.skip("this datasets version has no Json feature")
@@ -54,25 +54,25 @@ def test_json_feature_keeps_its_nulls(tmp_path, qwen):
             for args in ({"x": 1, "y": None}, {"x": "a"})]
     directory = save_to_disk(tmp_path / "json", rows, on_mixed_types="use_json")
     assert [row.record for row in RowSource([directory])] == rows
-    expected = all_samples(load_dataset(config(tmp_path), qwen, write_jsonl(tmp_path / "j.jsonl", rows)))
-    assert all_samples(load_dataset(config(tmp_path), qwen, directory)) == expected
+    expected = all_samples(load_dataset(config(tmp_path), built, write_jsonl(tmp_path / "j.jsonl", rows)))
+    assert all_samples(load_dataset(config(tmp_path), built, directory)) == expected
 
 
-def test_hf_dataset_errors_name_the_path_and_the_fix(tmp_path, qwen, monkeypatch):
+def test_hf_dataset_errors_name_the_path_and_the_fix(tmp_path, built, monkeypatch):
     rows = [ROWS[4], {"messages": [user("u"), {"role": "bot", "content": "x"}]}]
     directory = save_to_disk(tmp_path / "bad", rows)
     with pytest.raises(DataError, match=rf"{re.escape(directory)} row 1 \(0-based\): messages\[1\] has unknown role 'bot'"):
-        load_dataset(config(tmp_path), qwen, directory)
+        load_dataset(config(tmp_path), built, directory)
     datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dd"))
     splits = re.escape(f"dd is a DatasetDict with splits train, test; name one split's directory, e.g. {tmp_path}/dd/train")
     with pytest.raises(ValueError, match=splits):
-        load_dataset(config(tmp_path), qwen, str(tmp_path / "dd"))
+        load_dataset(config(tmp_path), built, str(tmp_path / "dd"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty: not a datasets.save_to_disk directory"):
-        load_dataset(config(tmp_path), qwen, str(tmp_path / "empty"))
+        load_dataset(config(tmp_path), built, str(tmp_path / "empty"))
     (tmp_path / "x.arrow").write_text("not arrow")
     with pytest.raises(ValueError, match="x.arrow: not an Arrow file written by datasets"):
-        load_dataset(config(tmp_path), qwen, str(tmp_path / "x.arrow"))
+        load_dataset(config(tmp_path), built, str(tmp_path / "x.arrow"))
     # without the optional package: one line naming the fix, before any reading
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"needs the `datasets` package: pip install datasets"):

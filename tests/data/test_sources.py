@@ -67,13 +67,13 @@ def test_parquet_row_reads_as_its_json_row(tmp_path):
     assert [row.record for row in RowSource([parquet])] == [without_null_fields(r) for r in ROWS]
 
 
-def test_json_string_arguments_pass_through_with_their_nulls(tmp_path, qwen):
+def test_json_string_arguments_pass_through_with_their_nulls(tmp_path, built):
     rows = [{"messages": [user("u"), {"role": "assistant", "content": None, "tool_calls": [tool_call("f", args, as_string=True)]}]}
             for args in ({"x": None, "y": 1}, {"z": "a"})]
     parquet = write_parquet(tmp_path / "s.parquet", rows)
     assert [r.record for r in RowSource([parquet])] == [without_null_fields(r) for r in rows]
-    ds = load_dataset(config(tmp_path), qwen, parquet)
-    assert '"arguments": {"x": null, "y": 1}' in qwen.decode(ds.sample(0)[0])
+    ds = load_dataset(config(tmp_path), built, parquet)
+    assert '"arguments": {"x": null, "y": 1}' in built.decode(ds.sample(0)[0])
 
 
 def test_arrow_types_convert_as_json_reads():
@@ -109,14 +109,14 @@ def test_parquet_random_access_over_groups_and_batches(tmp_path, monkeypatch):
             source = pickle.loads(pickle.dumps(source))  # as it reaches the tokenization workers
 
 
-def test_bad_parquet_row_is_named_by_file_and_row(tmp_path, qwen):
+def test_bad_parquet_row_is_named_by_file_and_row(tmp_path, built):
     rows = [ROWS[4], {"messages": [user("u"), {"role": "bot", "content": "x"}]}]
     parquet = write_parquet(tmp_path / "bad.parquet", rows)
     with pytest.raises(DataError, match=rf"{parquet} row 1 \(0-based\): messages\[1\] has unknown role 'bot'"):
-        load_dataset(config(tmp_path), qwen, parquet)
+        load_dataset(config(tmp_path), built, parquet)
     (tmp_path / "broken.parquet").write_text("not parquet")
     with pytest.raises(ValueError, match="broken.parquet: not a readable Parquet file"):
-        load_dataset(config(tmp_path), qwen, str(tmp_path / "broken.parquet"))
+        load_dataset(config(tmp_path), built, str(tmp_path / "broken.parquet"))
 
 
 def test_parquet_is_read_a_batch_at_a_time(tmp_path):
