@@ -27,8 +27,6 @@ def built(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
-
-
 def save_to_disk(path, rows, **kwargs) -> str:
     datasets.Dataset.from_list(rows, **kwargs).save_to_disk(str(path), num_shards=2)
     return str(path)
