@@ -4,7 +4,6 @@ file:row errors, random access, batched reading."""
 import copy
 import pickle
 
-import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,7 +13,7 @@ from jsft.data import sources
 from jsft.data.arrow_rows import to_rows
 from jsft.data.chat import ChatOptions, ChatRenderer
 from jsft.data.dataset import DataError, load_dataset
-from jsft.data.sources import RawRow, RowSource, resolve_files
+from jsft.data.sources import RawRow, RowSource
 from jsft.data.tokenizer import read_chat_template
 
 from .helpers import TEMPLATES, config, tool_call, write_jsonl
