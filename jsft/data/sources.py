@@ -49,7 +49,7 @@ class RawRow:
 
 def resolve_files(files: Any) -> list[str]:
     """A path, a glob or a list of them -> the inputs, in the given (then sorted glob) order. Checks
-    each exists and has a known type, and that `datasets` is installed when an input needs it."""
+    each exists and has a known type, and opens `datasets` inputs (the package must be installed)."""
     if files is None:
         raise ValueError("no data files given (set data.train_files / data.val_files)")
     items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
@@ -66,7 +66,7 @@ def resolve_files(files: Any) -> list[str]:
             if os.path.isfile(path) and not path.endswith(SUFFIXES):
                 raise ValueError(f"{path}: unsupported data file type; expected one of {', '.join(SUFFIXES)} or a datasets.save_to_disk directory")
             if _is_hf(path):
-                _import_datasets(path)
+                open_hf_dataset(path)  # memory-mapped, so cheap: refuses a DatasetDict or a stray directory now
             out.append(path)
     return out
 

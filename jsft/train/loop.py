@@ -20,6 +20,7 @@ import jsft.models as jm
 from jsft import distributed
 from jsft.config import RunConfig, to_yaml
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
+from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
 from jsft.data.tokenizer import end_of_turn_texts, load_tokenizer
 from jsft.generate import Generator
@@ -315,6 +316,9 @@ def _check_paths(cfg: RunConfig) -> None:
     for key, value in (("model.path", cfg.model.path), ("data.tokenizer", cfg.data.tokenizer)):
         if value and not Path(value).is_dir():
             raise FileNotFoundError(f"{key}={value}: no such directory (jsft loads local checkpoints only)")
+    for files in (cfg.data.train_files, cfg.data.val_files):
+        if files:
+            resolve_files(files)  # missing inputs, unknown types, a DatasetDict: refused before any tokenization
 
 
 def _as_dict(cfg: RunConfig) -> dict:

@@ -56,7 +56,7 @@ def test_json_feature_keeps_its_nulls(tmp_path, built):
     assert all_samples(load_dataset(config(tmp_path), built, directory)) == expected
 
 
-def test_hf_dataset_errors_name_the_path_and_the_fix(tmp_path, built, monkeypatch):
+def test_hf_dataset_errors_name_the_path_and_the_fix(tmp_path, built, sft_setup, monkeypatch):
     rows = [ROWS[4], {"messages": [user("u"), {"role": "bot", "content": "x"}]}]
     directory = save_to_disk(tmp_path / "bad", rows)
     with pytest.raises(DataError, match=rf"{re.escape(directory)} row 1 \(0-based\): messages\[1\] has unknown role 'bot'"):
@@ -71,6 +71,11 @@ def test_hf_dataset_errors_name_the_path_and_the_fix(tmp_path, built, monkeypatc
     (tmp_path / "x.arrow").write_text("not arrow")
     with pytest.raises(ValueError, match="x.arrow: not an Arrow file written by datasets"):
         load_dataset(config(tmp_path), built, str(tmp_path / "x.arrow"))
+    # the trainer refuses it before tokenizing anything
+    overrides = sft_overrides(sft_setup, tmp_path / "run", **{"data.val_files": str(tmp_path / "dd"), "data.cache_dir": str(tmp_path / "c")})
+    with pytest.raises(ValueError, match=splits):
+        train(load_config(None, overrides))
+    assert not (tmp_path / "c").exists()
     # without the optional package: one line naming the fix, before any reading
     monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"needs the `datasets` package: pip install datasets"):
