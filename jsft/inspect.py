@@ -29,7 +29,7 @@ _GREEN, _RESET = "\x1b[1;32m", "\x1b[0m"
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jsft.inspect", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", action="append", help="a JSONL/Parquet file or glob; repeatable (default: data.train_files)")
+    parser.add_argument("--data", action="append", help="a JSONL/Parquet/.arrow file, datasets.save_to_disk dir or glob; repeatable (default: data.train_files)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: data.tokenizer, then model.path)")
     parser.add_argument("--config", help="run config YAML")
     parser.add_argument("--show", type=int, default=1, help="samples to print (default 1)")

@@ -1,7 +1,8 @@
 """Chat data pipeline: rows -> validated conversations -> samples with inference-exact loss masks ->
 cached sample table -> per-step, per-host packed micro-batches. See docs/data.md.
 
-    sources.py       rows from JSONL / Parquet with file:line locations
+    sources.py       rows from JSONL / Parquet / datasets dirs with file:line locations
+    arrow_rows.py    Arrow (Parquet, datasets) values as the JSON rows they were written from
     conversation.py  row validation and normalisation
     tokenizer.py     tokenizer, chat template, end-of-turn detection
     chat.py          conversation -> samples (the masking semantics)

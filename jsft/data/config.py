@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 @dataclass
 class DataConfig:
-    train_files: Any = None  # path or list of paths (.jsonl / .parquet)
+    train_files: Any = None  # path, glob or list: .jsonl / .parquet / .arrow files, datasets.save_to_disk dirs
     val_files: Any = None  # path or list of paths; None disables validation
     tokenizer: Optional[str] = None  # tokenizer directory; None: the model path
     chat_template: Optional[str] = None  # Jinja file or inline template overriding the tokenizer's

@@ -85,8 +85,10 @@ def _messages(messages: Any) -> list[dict]:
 def _message(msg: Any, j: int) -> dict:
     if not isinstance(msg, dict):
         raise BadRow("bad_message", f"messages[{j}] is a {type(msg).__name__}, not an object")
-    # Parquet gives every struct field to every message; absent fields come back as None.
-    msg = {k: v for k, v in msg.items() if v is not None or k == "content"}
+    # A null field is an absent one (Parquet cannot tell them apart); content is always passed, as
+    # OpenAI writes it, so a call-only message renders the same whether its content was null or absent.
+    msg = {k: v for k, v in msg.items() if v is not None}
+    msg.setdefault("content", None)
     role = msg.get("role")
     if role not in ROLES:
         raise BadRow("unknown_role", f"messages[{j}] has unknown role {role!r} (allowed: {', '.join(ROLES)})")

@@ -28,13 +28,13 @@ from tqdm import tqdm
 
 from jsft.data.chat import ChatOptions, ChatRenderer, RowResult
 from jsft.data.config import DataConfig
-from jsft.data.sources import RowLocations, RowSource, resolve_files
+from jsft.data.sources import RowLocations, RowSource, fingerprint, resolve_files
 
 CACHE_FORMAT = 1
 # Starting a worker process costs seconds (imports, tokenizer unpickling); below this many rows per
 # worker it is faster to tokenize in process.
 MIN_ROWS_PER_WORKER = 1000
-_CODE_FILES = ("chat.py", "conversation.py", "sources.py", "tokenizer.py", "dataset.py")
+_CODE_FILES = ("chat.py", "conversation.py", "sources.py", "arrow_rows.py", "tokenizer.py", "dataset.py")
 MAX_LISTED_ERRORS = 10
 
 
@@ -146,7 +146,7 @@ def _cache_key(paths: list[str], renderer: ChatRenderer) -> str:
     parts = {
         "format": CACHE_FORMAT,
         "code": [hashlib.sha256((here / f).read_bytes()).hexdigest() for f in _CODE_FILES],
-        "files": [(os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns) for p in paths],
+        "files": [fingerprint(p) for p in paths],
         "tokenizer": [type(tok).__name__, hashlib.sha256(vocab.encode()).hexdigest(), tok.chat_template],
         "end_of_turn": renderer.end_of_turn,
         "options": dataclasses.asdict(renderer.options),

@@ -342,7 +342,7 @@ def _check_paths(cfg: RunConfig) -> None:
     for key, files in (("data.train_files", cfg.data.train_files), ("data.val_files", cfg.data.val_files)):
         if files:
             try:
-                resolve_files(files)
+                resolve_files(files)  # missing inputs, unknown types, a DatasetDict: refused before any work
             except (ValueError, FileNotFoundError) as e:
                 raise type(e)(f"{key}: {e}") from None
 
