@@ -4,16 +4,20 @@ For assistant turn k (message index a):
 
     P_k = template(messages[:a], add_generation_prompt=True)     the context the model sees
     F_k = template(messages[:a+1])
-    G_k = F_k minus the prefix P_k, cut just after its first end-of-turn token
+    G_k = F_k minus the prefix P_k, cut just after its first stop token
 
-The targets of turn k are `tokenize(G_k)` on its own, exactly what the model emits, EOS included; the role
-header (in P_k), the glue after EOS and every system/user/tool token are context. When each prompt
+The stop tokens are the model's (`jsft.data.tokenizer.stop_tokens`): generation ends on the first one, so
+F_k, where turn k is the last message, renders the turn as it was generated (harmony ends a final answer
+with `<|return|>` there, `<|end|>` in history; a tool call with `<|call|>`). The targets of turn k are
+`tokenize(G_k)` on its own, exactly what the model emits, stop token included; the role header (in P_k),
+the glue after the stop token and every system/user/tool token are context. When each prompt
 extends the previous prompt plus generation (`P_{k+1}` starts with `P_k + G_k`), the conversation is one
 sample built piece by piece as a multi-turn rollout builds it:
 
     tokens(P_1) + tokens(G_1) + tokens(P_2 minus (P_1 + G_1)) + tokens(G_2) + ...
 
-Otherwise (e.g. a template that drops earlier turns' reasoning), `multiturn_policy=auto` emits one sample
+Otherwise (a template that drops earlier turns' reasoning, or renders a turn in history unlike its
+generation, as harmony does), `multiturn_policy=auto` emits one sample
 `tokens(P_k) + tokens(G_k)` per trained turn. Masks are aligned with `input_ids` (mask[t] = 1: token t is
 a target); the shift happens in the loss. Each sample is also tokenized in one pass from its whole text,
 and the first position where that differs is recorded (`mismatch`); the piecewise ids are the ones trained.
@@ -29,7 +33,7 @@ import numpy as np
 from jsft.data.config import DataConfig
 from jsft.data.conversation import Conversation, RowKeys, parse_row
 from jsft.data.sources import BadRow, RawRow
-from jsft.data.tokenizer import end_of_turn_texts
+from jsft.data.tokenizer import stop_tokens
 
 
 @dataclass(frozen=True)
@@ -79,7 +83,7 @@ class ChatRenderer:
     def __init__(self, tokenizer, options: ChatOptions):
         self.tokenizer = tokenizer
         self.options = options
-        self.end_of_turn = end_of_turn_texts(tokenizer)
+        self.stop_tokens = stop_tokens(tokenizer)  # part of the tokenization cache key
 
     def __call__(self, row: RawRow) -> RowResult:
         try:
@@ -153,13 +157,18 @@ class ChatRenderer:
             raise BadRow("template_error", f"chat template failed on messages[:{n}]: {type(e).__name__}: {e}") from None
 
     def _cut(self, generation: str, message: dict, k: int) -> str:
-        """G_k up to and including its first end-of-turn token."""
-        for text in (message.get("content"), message.get("reasoning_content")):
-            if text and any(t in text for t in self.end_of_turn):
-                raise BadRow("content_has_end_of_turn", f"assistant turn {k} contains an end-of-turn token {self.end_of_turn} in its text")
-        found = [(generation.index(t), t) for t in self.end_of_turn if t in generation]
+        """G_k up to and including its first stop token: where the model stops generating."""
+        for where, text in _texts(message):
+            found = [t for t in self.stop_tokens if t in text]
+            if found:
+                raise BadRow("content_has_end_of_turn", f"assistant turn {k}: its {where} contains the end-of-turn token {found[0]!r} (a stop token), which would end the generation there")
+        found = [(generation.index(t), t) for t in self.stop_tokens if t in generation]
         if not found:
-            raise BadRow("template_error", f"assistant turn {k}: the template rendered no end-of-turn token {self.end_of_turn}")
+            raise BadRow(
+                "template_error",
+                f"assistant turn {k}: the template rendered none of the stop tokens {list(self.stop_tokens)}; "
+                "if the model stops on another token, add it to data.stop_tokens",
+            )
         pos, text = min(found)
         return generation[: pos + len(text)]
 
@@ -168,6 +177,26 @@ class ChatRenderer:
         ids = np.concatenate([np.asarray(e, np.int32) for e in encoded[:-1]])
         loss_mask = np.concatenate([np.full(len(e), m, np.uint8) for e, m in zip(encoded[:-1], mask)])
         return Sample(ids, loss_mask, turn, first_difference(ids, np.asarray(encoded[-1], np.int32)))
+
+
+def _texts(message: dict):
+    """(field, string) for every string an assistant message carries besides its role: content, reasoning,
+    tool-call names, argument keys and values, so a stop token hidden in any of them is found."""
+
+    def walk(value, where):
+        if isinstance(value, str):
+            yield where, value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield f"{where} keys", key
+                yield from walk(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from walk(item, f"{where}[{i}]")
+
+    for key, value in message.items():
+        if key != "role":
+            yield from walk(value, key)
 
 
 def _first_non_prefix(turns: list[_Turn]) -> Optional[int]:

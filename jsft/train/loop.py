@@ -21,7 +21,7 @@ from jsft import distributed
 from jsft.config import RunConfig, to_yaml
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
 from jsft.data.summary import format_summary
-from jsft.data.tokenizer import end_of_turn_texts, load_tokenizer
+from jsft.data.tokenizer import load_tokenizer, stop_token_ids
 from jsft.generate import Generator
 from jsft.demo import job as demo_job
 from jsft.models.config import ModelConfig
@@ -100,7 +100,8 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template,
+                                        stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                      local_devices=jax.local_device_count())
         self.train_data = build_train_batches(cfg.data, self.tokenizer, seed=cfg.data.seed, **where)
@@ -138,7 +139,7 @@ class Trainer:
         self.opt_state = self.step_fn.init_opt_state(self.params)
         self.generation_eval = None
         if cfg.demo.enabled:
-            eos = self.tokenizer.convert_tokens_to_ids(list(end_of_turn_texts(self.tokenizer)))
+            eos = stop_token_ids(self.tokenizer)
             generator = Generator(self.model, max_new_tokens=cfg.demo.max_new_tokens, eos_ids=eos,
                                   pad_id=self.tokenizer.pad_token_id or 0)
             self.generation_eval = demo_job.GenerationEval(cfg, self.tokenizer, generator, self.run_dir)
