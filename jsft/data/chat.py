@@ -36,6 +36,9 @@ from jsft.data.sources import BadRow, RawRow
 from jsft.data.tokenizer import stop_tokens
 
 
+_SENTINEL = "JSFT_SENTINEL_ANSWER"
+
+
 @dataclass(frozen=True)
 class ChatOptions:
     """The `data.*` options that decide what a sample contains (all part of the cache key)."""
@@ -127,15 +130,28 @@ class ChatRenderer:
         last = max(k for k, t in enumerate(trained) if t)
         turns = []
         for k, j in enumerate(starts[: last + 1]):
-            prompt, full = self._render(conv, j, True), self._render(conv, j + 1, False)
-            if not full.startswith(prompt):
-                raise BadRow(
-                    "template_error",
-                    f"assistant turn {k} (messages[{j}]): the rendered turn does not start with the rendered "
-                    "generation prompt (add_generation_prompt=True renders a different header)",
-                )
-            turns.append(_Turn(k, prompt, self._cut(full[len(prompt) :], conv.messages[j], k), trained[k]))
+            prompt, full = self._render(conv, conv.messages[:j], True), self._render(conv, conv.messages[: j + 1], False)
+            start = len(prompt) if full.startswith(prompt) else self._rerendered_turn_start(conv, j, prompt, full, k)
+            turns.append(_Turn(k, prompt, self._cut(full[start:], conv.messages[j], k), trained[k]))
         return turns
+
+    def _rerendered_turn_start(self, conv: Conversation, j: int, prompt: str, full: str, k: int) -> int:
+        """Where turn k starts in `full` when the template renders the history differently once a final
+        answer follows it (gpt-oss drops an earlier tool call's reasoning then, though the model saw it
+        when it generated this answer): the same history is rendered before a sentinel answer, and the
+        turn starts after that history and the generation header. The sample keeps the true prompt P_k."""
+        history = self._render(conv, conv.messages[:j], False)
+        header = prompt[len(history) :] if prompt.startswith(history) else ""
+        if header and "tool_calls" not in conv.messages[j]:
+            probe = self._render(conv, conv.messages[:j] + [{"role": "assistant", "content": _SENTINEL}], False)
+            at = probe.rfind(header, 0, probe.index(_SENTINEL)) if _SENTINEL in probe else -1
+            if at >= 0 and full.startswith(probe[: at + len(header)]):
+                return at + len(header)
+        raise BadRow(
+            "template_error",
+            f"assistant turn {k} (messages[{j}]): the rendered turn does not start with the rendered "
+            "generation prompt (add_generation_prompt=True renders a different header)",
+        )
 
     def _is_trained(self, conv: Conversation, j: int, is_last: bool) -> bool:
         if j in conv.train:
@@ -144,17 +160,17 @@ class ChatRenderer:
             return False
         return self.options.train_turns == "all" or is_last
 
-    def _render(self, conv: Conversation, n: int, generation_prompt: bool) -> str:
+    def _render(self, conv: Conversation, messages: list[dict], generation_prompt: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                conv.messages[:n],
+                messages,
                 tools=conv.tools,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
                 **conv.template_kwargs,
             )
         except Exception as e:  # any template failure (TemplateError, TypeError, raise_exception) is this row's
-            raise BadRow("template_error", f"chat template failed on messages[:{n}]: {type(e).__name__}: {e}") from None
+            raise BadRow("template_error", f"chat template failed on messages[:{len(messages)}]: {type(e).__name__}: {e}") from None
 
     def _cut(self, generation: str, message: dict, k: int) -> str:
         """G_k up to and including its first stop token: where the model stops generating."""
