@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from jsft.config import load_config
 from jsft.data import dataset as dataset_module
 from jsft.data.chat import ChatOptions, ChatRenderer
 from jsft.data.sources import BadRow
@@ -235,3 +236,9 @@ def test_harmony_thinking_with_a_stop_token_is_a_bad_row(harmony):
     with pytest.raises(BadRow) as e:
         samples_of(harmony, [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "thinking": "x<|call|>y"}])
     assert "its thinking contains the end-of-turn token '<|call|>'" in e.value.message
+
+
+def test_stop_tokens_config_key():
+    assert load_config(None, ["data.stop_tokens=[<|im_end|>,<|endoftext|>]"]).data.stop_tokens == ["<|im_end|>", "<|endoftext|>"]
+    with pytest.raises(ValueError, match="data.stop_tokens must be a non-empty list of token texts"):
+        load_config(None, ["data.stop_tokens=[]"])
