@@ -10,9 +10,12 @@ The stop tokens come from, in order of precedence:
 3. the tokenizer's EOS, and when the template writes no EOS after an assistant answer, the first special
    token it writes there (a Llama-3 base tokenizer's EOS is `<|end_of_text|>` while turns end `<|eot_id|>`).
 
-Whatever the source, a probe conversation checks that the template ends an assistant answer with one of
-them. The declared stop tokens (1 or 2) are stored on the tokenizer, so they travel with it when it is
-pickled into tokenization workers; (3) is derived from the tokenizer as it is.
+Stop tokens must be special tokens (plain text never tokenizes into one by accident). A probe conversation
+checks the template against them: with `data.stop_tokens`, the template must end an answer with one of
+them; with generation_config.json stop tokens that the template never writes (a base model's, trained on
+a chat template), the template's end of turn is added in front, since the fine-tuned model stops there.
+The declared stop tokens (1 or 2) are stored on the tokenizer, so they travel with it when it is pickled
+into tokenization workers; the rest is derived from the tokenizer as it is.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "to
 class _Declared:
     texts: tuple[str, ...]
     source: str  # where they were declared, for messages and `jsft.inspect`
+    strict: bool  # data.stop_tokens: the template must end answers with one; else its end of turn is added
 
 
 def load_tokenizer(path: str, chat_template: Optional[str] = None, *, stop_tokens: Optional[Sequence[str]] = None,
@@ -88,28 +92,35 @@ def describe_stop_tokens(tokenizer) -> str:
 
 def _resolve(tokenizer) -> tuple[tuple[str, ...], str]:
     """(stop tokens, where they come from). Also refuses a template that ignores add_generation_prompt
-    (the assistant header would be trained), that does not render the assistant's content, or that ends
-    an answer with none of the stop tokens."""
+    (the assistant header would be trained) or that does not render the assistant's content."""
     after = _probe_turn_end(tokenizer)
     declared = getattr(tokenizer, _ATTR, None)
-    if declared is not None:
-        texts, source = declared.texts, declared.source
-    else:
-        texts, source = _from_eos(tokenizer, after), "the tokenizer's EOS and the chat template"
-    if not any(t in after for t in texts):
+    if declared is None:
+        eos = tokenizer.eos_token
+        if eos and eos in after:
+            return (eos,), "the tokenizer's EOS"
+        # Llama 3 style: EOS is <|end_of_text|> while the template ends turns with <|eot_id|>.
+        return (_template_turn_end(tokenizer, after),) + ((eos,) if eos else ()), "the chat template's end of turn and the tokenizer's EOS"
+    if any(t in after for t in declared.texts):
+        return declared.texts, declared.source
+    if declared.strict:
         raise ValueError(
-            f"the chat template ends an assistant answer with {after!r}, which holds none of the stop tokens "
-            f"{list(texts)} ({source}); a model trained on it would never stop: set data.stop_tokens to the token(s) the model stops on"
+            f"the chat template ends an assistant answer with {after!r}, which holds none of data.stop_tokens "
+            f"{list(declared.texts)}; a model trained on it would never stop: set data.stop_tokens to the token(s) the template ends turns with"
         )
-    return texts, source
+    # A base model's generation_config (Qwen2.5 base stops on <|endoftext|>) trained on a chat template:
+    # the fine-tuned model stops on the template's end of turn, so that becomes a stop token too.
+    turn_end = _template_turn_end(tokenizer, after)
+    return (turn_end,) + declared.texts, f"the chat template's end of turn, which {declared.source} lacks, and {declared.source}"
 
 
 def _declared(tokenizer, path: str, override: Optional[Sequence[str]], model_path: Optional[str]) -> Optional[_Declared]:
     if override:
+        special = _special_texts(tokenizer)
         for text in override:
-            if _single_token(tokenizer, text) is None:
-                raise ValueError(f"data.stop_tokens: {text!r} is not a single token of the tokenizer at {path}")
-        return _Declared(tuple(dict.fromkeys(override)), "data.stop_tokens")
+            if text not in special:
+                raise ValueError(f"data.stop_tokens: {text!r} is not a special token of the tokenizer at {path} (a stop token must be one)")
+        return _Declared(tuple(dict.fromkeys(override)), "data.stop_tokens", strict=True)
     for directory in dict.fromkeys(d for d in (model_path, path) if d):
         config = os.path.join(directory, "generation_config.json")
         if os.path.isfile(config):
@@ -126,20 +137,21 @@ def _from_generation_config(tokenizer, config: str) -> Optional[_Declared]:
     if ids is None:
         return None  # no eos_token_id: the tokenizer's EOS decides
     ids = [ids] if isinstance(ids, int) else ids
-    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and 0 <= i < len(tokenizer) for i in ids):
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, int) and i in special for i in ids):
         raise ValueError(
-            f"{config}: eos_token_id {ids!r} is not a token id (or list of them) of this tokenizer ({len(tokenizer)} tokens); "
-            "the model and the tokenizer do not belong together, or set data.stop_tokens"
+            f"{config}: eos_token_id {ids!r} is not a special token of this tokenizer (or a list of them): "
+            "the model and the tokenizer do not belong together; set data.tokenizer, or data.stop_tokens"
         )
-    return _Declared(tuple(dict.fromkeys(tokenizer.convert_ids_to_tokens(ids))), f"eos_token_id in {config}")
+    return _Declared(tuple(dict.fromkeys(tokenizer.convert_ids_to_tokens(ids))), f"eos_token_id in {config}", strict=False)
 
 
-def _from_eos(tokenizer, after: str) -> tuple[str, ...]:
-    """No declared stop tokens: the EOS, preceded by the template's end-of-turn token when the template
-    writes no EOS after an answer (Llama 3: `<|eot_id|>` while EOS is `<|end_of_text|>`)."""
-    eos = (tokenizer.eos_token,) if tokenizer.eos_token else ()
-    if eos and eos[0] in after:
-        return eos
+def _special_texts(tokenizer) -> set[str]:
+    return {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+
+
+def _template_turn_end(tokenizer, after: str) -> str:
+    """The first special token the template writes after an assistant answer."""
     special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     found = [tokenizer.convert_ids_to_tokens(i) for i in tokenizer.encode(after, add_special_tokens=False) if i in special]
     if not found:
@@ -147,12 +159,7 @@ def _from_eos(tokenizer, after: str) -> tuple[str, ...]:
             f"the chat template renders no end-of-turn token after an assistant message (it renders {after!r}); "
             "a model trained on it would never learn to stop: set data.stop_tokens, or use a template that ends turns with a special token"
         )
-    return tuple(dict.fromkeys(found[:1] + list(eos)))
-
-
-def _single_token(tokenizer, text: str) -> Optional[int]:
-    ids = tokenizer.encode(text, add_special_tokens=False) if text else []
-    return ids[0] if len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]) == text else None
+    return found[0]
 
 
 def _probe_turn_end(tokenizer) -> str:

@@ -21,7 +21,7 @@ from jsft import distributed
 from jsft.config import RunConfig, to_yaml
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
 from jsft.data.summary import format_summary
-from jsft.data.tokenizer import load_tokenizer, stop_token_ids
+from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer, stop_token_ids
 from jsft.generate import Generator
 from jsft.demo import job as demo_job
 from jsft.models.config import ModelConfig
@@ -102,6 +102,7 @@ class Trainer:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template,
                                         stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
+        log(describe_stop_tokens(self.tokenizer))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                      local_devices=jax.local_device_count())
         self.train_data = build_train_batches(cfg.data, self.tokenizer, seed=cfg.data.seed, **where)

@@ -39,7 +39,7 @@ def test_precedence_override_generation_config_eos(tmp_path, qwen_tokenizer_dir)
     shutil.copytree(qwen_tokenizer_dir, tok_dir)
     eos = load_tokenizer(str(tok_dir))
     assert stop_tokens(eos) == ("<|im_end|>",) and stop_token_ids(eos) == [151645]
-    assert describe_stop_tokens(eos) == "stop tokens: <|im_end|> (151645) (from the tokenizer's EOS and the chat template)"
+    assert describe_stop_tokens(eos) == "stop tokens: <|im_end|> (151645) (from the tokenizer's EOS)"
 
     (tok_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [151645, 151643]}))
     from_config = load_tokenizer(str(tok_dir))
@@ -50,6 +50,11 @@ def test_precedence_override_generation_config_eos(tmp_path, qwen_tokenizer_dir)
     model.mkdir()
     (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 151645}))
     assert stop_tokens(load_tokenizer(str(tok_dir), model_path=str(model))) == ("<|im_end|>",)
+    # A base model stops on <|endoftext|> only; trained on ChatML it stops on <|im_end|>, which is added.
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": 151643}))
+    base = load_tokenizer(str(tok_dir), model_path=str(model))
+    assert stop_tokens(base) == ("<|im_end|>", "<|endoftext|>")
+    assert "the chat template's end of turn, which eos_token_id in" in describe_stop_tokens(base)
 
     override = load_tokenizer(str(tok_dir), stop_tokens=["<|endoftext|>", "<|im_end|>"], model_path=str(model))
     assert stop_tokens(override) == ("<|endoftext|>", "<|im_end|>") and "data.stop_tokens" in describe_stop_tokens(override)
@@ -61,12 +66,12 @@ def test_precedence_override_generation_config_eos(tmp_path, qwen_tokenizer_dir)
 @pytest.mark.parametrize(
     "generation_config, override, error",
     [
-        ({"eos_token_id": 10**7}, None, "is not a token id"),
-        ({"eos_token_id": 151643}, None, "holds none of the stop tokens ['<|endoftext|>']"),
-        (None, ["two words"], "data.stop_tokens: 'two words' is not a single token"),
-        (None, ["<|endoftext|>"], "set data.stop_tokens to the token(s) the model stops on"),
+        ({"eos_token_id": 10**7}, None, "eos_token_id [10000000] is not a special token of this tokenizer"),
+        ({"eos_token_id": [151645, 2]}, None, "eos_token_id [151645, 2] is not a special token"),  # a random model's eos 2
+        (None, ["two words"], "data.stop_tokens: 'two words' is not a special token of the tokenizer at"),
+        (None, ["<|endoftext|>"], "holds none of data.stop_tokens ['<|endoftext|>']"),
     ],
-    ids=["id_out_of_vocab", "template_never_stops", "override_not_a_token", "override_not_rendered"],
+    ids=["id_out_of_vocab", "id_not_special", "override_not_a_token", "override_not_rendered"],
 )
 def test_bad_stop_tokens_fail_at_load(tmp_path, qwen_tokenizer_dir, generation_config, override, error):
     shutil.copytree(qwen_tokenizer_dir, tmp_path / "tok")
