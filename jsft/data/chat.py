@@ -132,7 +132,9 @@ class ChatRenderer:
         for k, j in enumerate(starts[: last + 1]):
             prompt, full = self._render(conv, conv.messages[:j], True), self._render(conv, conv.messages[: j + 1], False)
             start = len(prompt) if full.startswith(prompt) else self._rerendered_turn_start(conv, j, prompt, full, k)
-            turns.append(_Turn(k, prompt, self._cut(full[start:], conv.messages[j], k), trained[k]))
+            generation = self._cut(full[start:], conv.messages[j], k)
+            _check_calls_rendered(conv.messages[j], generation, k)
+            turns.append(_Turn(k, prompt, generation, trained[k]))
         return turns
 
     def _rerendered_turn_start(self, conv: Conversation, j: int, prompt: str, full: str, k: int) -> int:
@@ -193,6 +195,20 @@ class ChatRenderer:
         ids = np.concatenate([np.asarray(e, np.int32) for e in encoded[:-1]])
         loss_mask = np.concatenate([np.full(len(e), m, np.uint8) for e, m in zip(encoded[:-1], mask)])
         return Sample(ids, loss_mask, turn, first_difference(ids, np.asarray(encoded[-1], np.int32)))
+
+
+def _check_calls_rendered(message: dict, generation: str, k: int) -> None:
+    """Every tool call of the turn must be in its generation: some templates render one call per turn
+    (gpt-oss renders only the first), which would train a turn other than the data's. Names with
+    non-ASCII characters are skipped: `tojson` may escape them."""
+    for i, call in enumerate(message.get("tool_calls", [])):
+        name = call["function"]["name"]
+        if name.isascii() and name not in generation:
+            raise BadRow(
+                "template_error",
+                f"assistant turn {k}: the template does not render tool_calls[{i}] ({name!r}) in the turn; "
+                "if it renders one call per turn, write parallel calls as consecutive assistant turns",
+            )
 
 
 def _texts(message: dict):

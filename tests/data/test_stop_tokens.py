@@ -140,6 +140,13 @@ def test_harmony_tool_call_then_final_answer_is_one_rollout(harmony):
     assert "Need the tool." not in harmony.apply_chat_template(HARMONY_CHAIN, tools=WEATHER, tokenize=False)
 
 
+def test_a_tool_call_the_template_does_not_render_is_a_bad_row(harmony):
+    calls = [tool_call("get_weather", {"city": "Paris"}), tool_call("get_time", {"city": "Paris"})]
+    with pytest.raises(BadRow) as e:  # gpt-oss renders only the first call of a turn
+        samples_of(harmony, [HARMONY_CHAIN[0], {"role": "assistant", "content": None, "tool_calls": calls}], tools=WEATHER)
+    assert e.value.kind == "template_error" and "does not render tool_calls[1] ('get_time')" in e.value.message
+
+
 def test_harmony_history_renders_end_so_turns_are_split_with_their_true_prompts(harmony):
     messages = HARMONY_CHAIN + [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome."}]
     samples, split = samples_of(harmony, messages, tools=WEATHER)
