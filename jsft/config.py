@@ -189,6 +189,8 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
     if len(cfg.optim.betas) != 2:
         raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
+    if cfg.data.stop_tokens is not None and not (cfg.data.stop_tokens and all(isinstance(t, str) and t for t in cfg.data.stop_tokens)):
+        raise ValueError(f"data.stop_tokens must be a non-empty list of token texts (or null), got {cfg.data.stop_tokens!r}")
     if cfg.data.max_length <= 0 or cfg.data.train_batch_size <= 0 or cfg.data.micro_batch_size_per_gpu <= 0:
         raise ValueError("data.max_length, data.train_batch_size and data.micro_batch_size_per_gpu must be > 0")
     if cfg.trainer.shape_buckets < 1 or cfg.trainer.loss_chunk_size < 1:

@@ -3,10 +3,11 @@
     python -m jsft.inspect --data F [--data F2 ...] [--tokenizer D | --config C] [--show N] [--tokens]
                            [--dump OUT.jsonl] [data.key=value ...]
 
-Builds the samples the trainer would build from the files (same options, same cache), prints the first
-N with their target tokens highlighted (green on a terminal, `[...]` otherwise; `--tokens` lists them one
-token per line instead), then the summary the trainer prints at start-up. `--dump` writes one JSON line
-per sample: input_ids, loss_mask, source_index (0-based row across the files in order) and turn_index
+Builds the samples the trainer would build from the files (same options, same cache), prints the stop
+tokens a generation ends on (and where they come from), the first N samples with their target tokens
+highlighted (green on a terminal, `[...]` otherwise; `--tokens` lists them one token per line instead),
+then the summary the trainer prints at start-up. `--dump` writes one JSON line per sample: input_ids,
+loss_mask, source_index (0-based row across the files in order) and turn_index
 (the assistant turn of a per-turn sample, null for a whole conversation). Bad input exits with status 1
 and names the file and row. The tokenizer is --tokenizer, else data.tokenizer, else model.path.
 """
@@ -22,7 +23,7 @@ import sys
 from jsft.config import load_config
 from jsft.data.dataset import TokenizedDataset, load_dataset
 from jsft.data.summary import format_summary
-from jsft.data.tokenizer import load_tokenizer
+from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer
 
 _GREEN, _RESET = "\x1b[1;32m", "\x1b[0m"
 
@@ -39,11 +40,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template)
+        tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template,
+                                   stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
         dataset = load_dataset(cfg.data, tokenizer, args.data or cfg.data.train_files)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    print(describe_stop_tokens(tokenizer))
     color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
     for i in range(min(args.show, len(dataset))):
         print(_header(dataset, i))

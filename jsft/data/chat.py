@@ -4,16 +4,20 @@ For assistant turn k (message index a):
 
     P_k = template(messages[:a], add_generation_prompt=True)     the context the model sees
     F_k = template(messages[:a+1])
-    G_k = F_k minus the prefix P_k, cut just after its first end-of-turn token
+    G_k = F_k minus the prefix P_k, cut just after its first stop token
 
-The targets of turn k are `tokenize(G_k)` on its own, exactly what the model emits, EOS included; the role
-header (in P_k), the glue after EOS and every system/user/tool token are context. When each prompt
+The stop tokens are the model's (`jsft.data.tokenizer.stop_tokens`): generation ends on the first one, so
+F_k, where turn k is the last message, renders the turn as it was generated (harmony ends a final answer
+with `<|return|>` there, `<|end|>` in history; a tool call with `<|call|>`). The targets of turn k are
+`tokenize(G_k)` on its own, exactly what the model emits, stop token included; the role header (in P_k),
+the glue after the stop token and every system/user/tool token are context. When each prompt
 extends the previous prompt plus generation (`P_{k+1}` starts with `P_k + G_k`), the conversation is one
 sample built piece by piece as a multi-turn rollout builds it:
 
     tokens(P_1) + tokens(G_1) + tokens(P_2 minus (P_1 + G_1)) + tokens(G_2) + ...
 
-Otherwise (e.g. a template that drops earlier turns' reasoning), `multiturn_policy=auto` emits one sample
+Otherwise (a template that drops earlier turns' reasoning, or renders a turn in history unlike its
+generation, as harmony does), `multiturn_policy=auto` emits one sample
 `tokens(P_k) + tokens(G_k)` per trained turn. Masks are aligned with `input_ids` (mask[t] = 1: token t is
 a target); the shift happens in the loss. Each sample is also tokenized in one pass from its whole text,
 and the first position where that differs is recorded (`mismatch`); the piecewise ids are the ones trained.
@@ -29,7 +33,10 @@ import numpy as np
 from jsft.data.config import DataConfig
 from jsft.data.conversation import Conversation, RowKeys, parse_row
 from jsft.data.sources import BadRow, RawRow
-from jsft.data.tokenizer import end_of_turn_texts
+from jsft.data.tokenizer import stop_tokens
+
+
+_SENTINEL = "JSFT_SENTINEL_ANSWER"
 
 
 @dataclass(frozen=True)
@@ -79,7 +86,7 @@ class ChatRenderer:
     def __init__(self, tokenizer, options: ChatOptions):
         self.tokenizer = tokenizer
         self.options = options
-        self.end_of_turn = end_of_turn_texts(tokenizer)
+        self.stop_tokens = stop_tokens(tokenizer)  # part of the tokenization cache key
 
     def __call__(self, row: RawRow) -> RowResult:
         try:
@@ -123,15 +130,30 @@ class ChatRenderer:
         last = max(k for k, t in enumerate(trained) if t)
         turns = []
         for k, j in enumerate(starts[: last + 1]):
-            prompt, full = self._render(conv, j, True), self._render(conv, j + 1, False)
-            if not full.startswith(prompt):
-                raise BadRow(
-                    "template_error",
-                    f"assistant turn {k} (messages[{j}]): the rendered turn does not start with the rendered "
-                    "generation prompt (add_generation_prompt=True renders a different header)",
-                )
-            turns.append(_Turn(k, prompt, self._cut(full[len(prompt) :], conv.messages[j], k), trained[k]))
+            prompt, full = self._render(conv, conv.messages[:j], True), self._render(conv, conv.messages[: j + 1], False)
+            start = len(prompt) if full.startswith(prompt) else self._rerendered_turn_start(conv, j, prompt, full, k)
+            generation = self._cut(full[start:], conv.messages[j], k)
+            _check_calls_rendered(conv.messages[j], generation, k)
+            turns.append(_Turn(k, prompt, generation, trained[k]))
         return turns
+
+    def _rerendered_turn_start(self, conv: Conversation, j: int, prompt: str, full: str, k: int) -> int:
+        """Where turn k starts in `full` when the template renders the history differently once a final
+        answer follows it (gpt-oss drops an earlier tool call's reasoning then, though the model saw it
+        when it generated this answer): the same history is rendered before a sentinel answer, and the
+        turn starts after that history and the generation header. The sample keeps the true prompt P_k."""
+        history = self._render(conv, conv.messages[:j], False)
+        header = prompt[len(history) :] if prompt.startswith(history) else ""
+        if header and "tool_calls" not in conv.messages[j]:
+            probe = self._render(conv, conv.messages[:j] + [{"role": "assistant", "content": _SENTINEL}], False)
+            at = probe.rfind(header, 0, probe.index(_SENTINEL)) if _SENTINEL in probe else -1
+            if at >= 0 and full.startswith(probe[: at + len(header)]):
+                return at + len(header)
+        raise BadRow(
+            "template_error",
+            f"assistant turn {k} (messages[{j}]): the rendered turn does not start with the rendered "
+            "generation prompt (add_generation_prompt=True renders a different header)",
+        )
 
     def _is_trained(self, conv: Conversation, j: int, is_last: bool) -> bool:
         if j in conv.train:
@@ -140,26 +162,31 @@ class ChatRenderer:
             return False
         return self.options.train_turns == "all" or is_last
 
-    def _render(self, conv: Conversation, n: int, generation_prompt: bool) -> str:
+    def _render(self, conv: Conversation, messages: list[dict], generation_prompt: bool) -> str:
         try:
             return self.tokenizer.apply_chat_template(
-                conv.messages[:n],
+                messages,
                 tools=conv.tools,
                 tokenize=False,
                 add_generation_prompt=generation_prompt,
                 **conv.template_kwargs,
             )
         except Exception as e:  # any template failure (TemplateError, TypeError, raise_exception) is this row's
-            raise BadRow("template_error", f"chat template failed on messages[:{n}]: {type(e).__name__}: {e}") from None
+            raise BadRow("template_error", f"chat template failed on messages[:{len(messages)}]: {type(e).__name__}: {e}") from None
 
     def _cut(self, generation: str, message: dict, k: int) -> str:
-        """G_k up to and including its first end-of-turn token."""
-        for text in (message.get("content"), message.get("reasoning_content")):
-            if text and any(t in text for t in self.end_of_turn):
-                raise BadRow("content_has_end_of_turn", f"assistant turn {k} contains an end-of-turn token {self.end_of_turn} in its text")
-        found = [(generation.index(t), t) for t in self.end_of_turn if t in generation]
+        """G_k up to and including its first stop token: where the model stops generating."""
+        for where, text in _texts(message):
+            found = [t for t in self.stop_tokens if t in text]
+            if found:
+                raise BadRow("content_has_end_of_turn", f"assistant turn {k}: its {where} contains the end-of-turn token {found[0]!r} (a stop token), which would end the generation there")
+        found = [(generation.index(t), t) for t in self.stop_tokens if t in generation]
         if not found:
-            raise BadRow("template_error", f"assistant turn {k}: the template rendered no end-of-turn token {self.end_of_turn}")
+            raise BadRow(
+                "template_error",
+                f"assistant turn {k}: the template rendered none of the stop tokens {list(self.stop_tokens)}; "
+                "if the model stops on another token, add it to data.stop_tokens",
+            )
         pos, text = min(found)
         return generation[: pos + len(text)]
 
@@ -168,6 +195,40 @@ class ChatRenderer:
         ids = np.concatenate([np.asarray(e, np.int32) for e in encoded[:-1]])
         loss_mask = np.concatenate([np.full(len(e), m, np.uint8) for e, m in zip(encoded[:-1], mask)])
         return Sample(ids, loss_mask, turn, first_difference(ids, np.asarray(encoded[-1], np.int32)))
+
+
+def _check_calls_rendered(message: dict, generation: str, k: int) -> None:
+    """Every tool call of the turn must be in its generation: some templates render one call per turn
+    (gpt-oss renders only the first), which would train a turn other than the data's. Names with
+    non-ASCII characters are skipped: `tojson` may escape them."""
+    for i, call in enumerate(message.get("tool_calls", [])):
+        name = call["function"]["name"]
+        if name.isascii() and name not in generation:
+            raise BadRow(
+                "template_error",
+                f"assistant turn {k}: the template does not render tool_calls[{i}] ({name!r}) in the turn; "
+                "if it renders one call per turn, write parallel calls as consecutive assistant turns",
+            )
+
+
+def _texts(message: dict):
+    """(field, string) for every string an assistant message carries besides its role: content, reasoning,
+    tool-call names, argument keys and values, so a stop token hidden in any of them is found."""
+
+    def walk(value, where):
+        if isinstance(value, str):
+            yield where, value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                yield f"{where} keys", key
+                yield from walk(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                yield from walk(item, f"{where}[{i}]")
+
+    for key, value in message.items():
+        if key != "role":
+            yield from walk(value, key)
 
 
 def _first_non_prefix(turns: list[_Turn]) -> Optional[int]:

@@ -1,7 +1,7 @@
 """The `data.*` section of the run config: files, chat rendering, masking, truncation and batching."""
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 
 @dataclass
@@ -10,6 +10,7 @@ class DataConfig:
     val_files: Any = None  # path or list of paths; None disables validation
     tokenizer: Optional[str] = None  # tokenizer directory; None: the model path
     chat_template: Optional[str] = None  # Jinja file or inline template overriding the tokenizer's
+    stop_tokens: Optional[List[str]] = None  # token texts generation stops on; None: generation_config.json, else EOS
     messages_key: str = "messages"  # column holding the OpenAI-style message list
     tools_key: str = "tools"  # column holding the tool JSON schemas (optional per row)
     enable_thinking_key: str = "enable_thinking"  # column passed to the template as enable_thinking

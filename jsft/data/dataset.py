@@ -148,7 +148,7 @@ def _cache_key(paths: list[str], renderer: ChatRenderer) -> str:
         "code": [hashlib.sha256((here / f).read_bytes()).hexdigest() for f in _CODE_FILES],
         "files": [fingerprint(p) for p in paths],
         "tokenizer": [type(tok).__name__, hashlib.sha256(vocab.encode()).hexdigest(), tok.chat_template],
-        "end_of_turn": renderer.end_of_turn,
+        "stop_tokens": renderer.stop_tokens,
         "options": dataclasses.asdict(renderer.options),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]

@@ -23,7 +23,7 @@ from jsft.config import RunConfig, to_yaml
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
 from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
-from jsft.data.tokenizer import end_of_turn_texts, load_tokenizer
+from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer, stop_token_ids, stop_tokens
 from jsft.generate import Generator
 from jsft.demo import job as demo_job
 from jsft.models.config import ModelConfig
@@ -105,7 +105,9 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template,
+                                        stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
+        log(describe_stop_tokens(self.tokenizer))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                      local_devices=jax.local_device_count())
         self.train_data = build_train_batches(cfg.data, self.tokenizer, seed=cfg.data.seed, **where)
@@ -140,8 +142,8 @@ class Trainer:
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: they do not belong together"
             )
-        self.stop_tokens = tuple(end_of_turn_texts(self.tokenizer))
-        stop_ids = self.tokenizer.convert_tokens_to_ids(list(self.stop_tokens))
+        self.stop_tokens = stop_tokens(self.tokenizer)
+        stop_ids = stop_token_ids(self.tokenizer)
         self.generation_config = generation_config([cfg.model.path, cfg.data.tokenizer], stop_ids, self.model.config)
         self.optimizer = make_optimizer(cfg.optim, self.total_steps)
         self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size,

@@ -8,7 +8,7 @@ import pytest
 
 from jsft.data.chat import ChatOptions, ChatRenderer
 from jsft.data.sources import BadRow
-from jsft.data.tokenizer import end_of_turn_texts, load_tokenizer
+from jsft.data.tokenizer import load_tokenizer, stop_tokens
 
 from .helpers import TEMPLATES, samples_of, target_spans, tool_call
 
@@ -22,10 +22,10 @@ def one_sample(tokenizer, messages, **kw):
 
 
 def test_qwen_end_of_turn_is_detected(qwen, llama3_style, plain_eos):
-    assert end_of_turn_texts(qwen) == ("<|im_end|>",)
+    assert stop_tokens(qwen) == ("<|im_end|>",)
     # Found from the template, although the tokenizer's EOS is another token.
-    assert end_of_turn_texts(llama3_style) == ("<|eot_id|>", "<|im_end|>")
-    assert end_of_turn_texts(plain_eos) == ("<|endoftext|>",)
+    assert stop_tokens(llama3_style) == ("<|eot_id|>", "<|im_end|>")
+    assert stop_tokens(plain_eos) == ("<|endoftext|>",)
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,7 @@ def test_chat_template_sources(tmp_path, qwen_tokenizer_dir):
         load_tokenizer(str(no_template))
     from_file = load_tokenizer(str(no_template), str(TEMPLATES / "plain_eos.jinja"))
     assert from_file.chat_template == (TEMPLATES / "plain_eos.jinja").read_text()
-    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    inline = "{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}{% if add_generation_prompt %}A:{% endif %}"
     assert load_tokenizer(str(no_template), inline).chat_template == inline
     with pytest.raises(ValueError, match="neither an existing file nor a Jinja template"):
         load_tokenizer(str(no_template), "templates/missing.jinja")
