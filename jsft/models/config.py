@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -167,7 +168,12 @@ def _dtype_name(dtype) -> Optional[str]:
 
 
 def load_hf_config(path: str) -> transformers.PretrainedConfig:
-    """The checkpoint's config.json through transformers (fills the family defaults); never remote code."""
+    """The checkpoint's config.json through transformers (fills the family defaults); never remote code, never
+    a hub download: a path that is not a local checkpoint directory is a clear error."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such directory (jsft loads local checkpoints only)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
     return transformers.AutoConfig.from_pretrained(path, trust_remote_code=False)
 
 
