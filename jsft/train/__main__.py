@@ -35,6 +35,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from jsft import distributed
     from jsft.train.loop import log, train
 
+    if cfg.demo.enabled:  # the demo job: its data generator and episode hook around the same trainer
+        from jsft.demo.job import train
+
     distributed.initialize()  # before anything touches a jax backend
     log(to_yaml(cfg))
     train(cfg)
