@@ -135,9 +135,11 @@ class GenerationValidation:
     """`(params, step) -> val/* metrics`, writing <run_dir>/samples/step_N.jsonl on process 0.
 
     Built once per run: the prompts are drawn and the tool-call format derived here, so a template whose
-    format cannot be derived fails before training, not at the first validation."""
+    format cannot be derived fails before training, not at the first validation. `model` is the decoder
+    whose structure the sampler compiles and `mesh` the run's (None: one device)."""
 
-    def __init__(self, cfg, tokenizer, model, mesh: Mesh, run_dir: Path, log: Callable[[str], None] = print):
+    def __init__(self, cfg, tokenizer, model, mesh: Optional[Mesh], run_dir: Path,
+                 log: Callable[[str], None] = print):
         t = cfg.trainer
         self.tokenizer, self.samples_dir = tokenizer, Path(run_dir) / "samples"
         self.stop_ids = set(stop_token_ids(tokenizer))
@@ -150,7 +152,7 @@ class GenerationValidation:
                                    temperature=t.val_temperature, pad_id=tokenizer.pad_token_id or 0)
         self.seed = t.seed
         # one compiled program per prompt-length bucket: rows per call are what a training micro-batch holds
-        self.rows_per_call = cfg.data.micro_batch_size_per_gpu * data_parallel_size(mesh)
+        self.rows_per_call = cfg.data.micro_batch_size_per_gpu * (data_parallel_size(mesh) if mesh else 1)
         log(f"validation by generation: {len(self.prompts)} held-out prompts, up to {t.val_max_new_tokens} new "
             f"tokens each, tool-call format {self.format}")
 
@@ -163,8 +165,12 @@ class GenerationValidation:
                              "fix data.chat_template or set trainer.val_generations=0") from None
 
     def __call__(self, params, step: int) -> dict:
+        return self.evaluate(lambda prompts: self.generator(params, prompts, seed=self.seed + step), step)
+
+    def evaluate(self, generate: Generate, step: int) -> dict:
+        """Metrics of `generate` (token ids of the prompts -> new token ids) on the held-out prompts."""
         t0 = time.perf_counter()
-        outputs = self.generate(lambda prompts: self.generator(params, prompts, seed=self.seed + step))
+        outputs = self.generate(generate)
         scores, records = [], []
         for prompt, ids in zip(self.prompts, outputs):
             text, stop = self._decode(ids)
