@@ -3,19 +3,30 @@ trainer with trainer.val_generations on a Qwen2.5-template tool dataset with a t
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
+import jsft.models as jm
 from jsft.config import load_config
 from jsft.demo.dataset import rows
 from jsft.demo.episode import replay_generate
 from jsft.demo.tools import TOOLS
 from jsft.eval.generation import GenerationValidation, HeldOutPrompt, aggregate, score, stop_token_ids
 from jsft.eval.tool_calls import ToolCallFormat
+from jsft.models.params import param_arrays
+from jsft.sharding import make_mesh
 from jsft.train.loop import train
 
 from jsft_testing import sft_overrides
+
+WORKER_KEYS = ["trainer.val_generations=5", "trainer.val_max_new_tokens=12", "data.max_length=512",
+               "data.micro_batch_size_per_gpu=1"]
 
 # what Qwen2.5's template gives (tests/eval/test_tool_calls.py derives it from the real template)
 QWEN_FORMAT = ToolCallFormat("<tool_call>\n", "\n</tool_call>", "\n</tool_call>\n<tool_call>\n", "name", "arguments")
@@ -136,3 +147,40 @@ def test_trainer_reports_generation_metrics_and_writes_samples(sft_setup, tmp_pa
     for name in ("tool_call_parse_rate", "tool_name_match", "exact_match", "stop_rate"):
         assert 0.0 <= last[f"val/{name}"] <= 1.0, name
     assert 1 <= last["val/generation_length"] <= 8
+
+
+def test_two_processes_score_what_one_process_scores(sft_setup, tmp_path):
+    """2 processes x 4 CPU devices (jax.distributed, gloo) draw the same rows, generate under the shared mesh
+    and report on every host the metrics and samples of one process with 8 devices."""
+    val = _write(tmp_path / "val.jsonl", _tool_rows(8))
+    worker = [sys.executable, str(Path(__file__).with_name("generation_worker.py")), sft_setup["model"],
+              sft_setup["tokenizer"], val]
+    single = tmp_path / "single"  # in this process, over its 8 devices
+    cfg = load_config(None, [f"data.val_files={val}", *WORKER_KEYS])
+    mesh = make_mesh({"fsdp": -1})
+    model = jm.from_pretrained(sft_setup["model"], dtype="float32", mesh=mesh)
+    tok = AutoTokenizer.from_pretrained(sft_setup["tokenizer"])
+    metrics = GenerationValidation(cfg, tok, model, mesh, single, log=lambda _: None)(param_arrays(model), step=1)
+    (single / "metrics_0.json").write_text(json.dumps({"devices": 8, **metrics}))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    multi = tmp_path / "multi"
+    procs = []
+    for pid in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen([*worker, str(multi), json.dumps(WORKER_KEYS)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, out[-4000:]
+
+    def result(run, process):
+        metrics = json.loads((run / f"metrics_{process}.json").read_text())
+        metrics.pop("val/generation_seconds")
+        return metrics
+
+    assert result(multi, 0) == result(multi, 1) == result(single, 0)
+    samples = (single / "samples" / "step_1.jsonl").read_text()
+    assert (multi / "samples" / "step_1.jsonl").read_text() == samples and samples.count("\n") == 5
