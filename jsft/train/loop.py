@@ -205,7 +205,8 @@ class Trainer:
         }
 
     def validate(self, step: int) -> dict:
-        """val/loss over the whole validation set, normalised like training (global counts of the set)."""
+        """val/loss over the whole validation set, normalised like training (global counts of the set), then
+        validation by generation (trainer.val_generations) and the extra hooks."""
         cfg = self.cfg
         chunks = [gather_step(b, self.val_data.empty_micro_batch()) for b in self.val_data]
         samples = sum(c.samples for c in chunks)
