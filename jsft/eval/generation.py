@@ -198,8 +198,10 @@ class GenerationValidation:
 
     def _decode(self, ids: Sequence[int]) -> tuple[str, Optional[str]]:
         """(text before the stop token, the stop token's text or None when the budget ran out)."""
-        decode = lambda x: self.tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False)  # noqa: E731
         if ids and ids[-1] in self.stop_ids:
-            return decode(ids[:-1]), decode(ids[-1:])
-        return decode(ids), None
+            return self._text(ids[:-1]), self._text(ids[-1:])
+        return self._text(ids), None
+
+    def _text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 

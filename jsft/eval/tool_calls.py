@@ -3,10 +3,10 @@
 The format is derived, not hard-coded: `derive_format` renders a probe assistant turn with known calls
 (sentinel names and arguments) and locates them in the rendered text. Two shapes cover the families:
 
-    name and arguments inside one JSON object      <tool_call>\\n{"name": N, "arguments": {..}}\\n</tool_call>   Qwen/Hermes
-                                                   {"name": N, "parameters": {..}}                        Llama 3.1
-                                                   [TOOL_CALLS][{"name": N, "arguments": {..}}, ..]       Mistral
-    the name as text, then the arguments object    to=functions.N<|channel|>commentary json<|message|>{..}   harmony
+    name and arguments in one JSON object   <tool_call>\\n{"name": N, "arguments": {..}}\\n</tool_call>  Qwen/Hermes
+                                            {"name": N, "parameters": {..}}                       Llama 3.1
+                                            [TOOL_CALLS][{"name": N, "arguments": {..}}, ..]      Mistral
+    the name as text, then the arguments    to=functions.N<|channel|>commentary json<|message|>{..}  harmony
 
 From one probe call come the text before the calls (`open`), after them (`close`) and, for the second
 shape, between the name and the arguments; a probe with two calls gives the text between calls

@@ -184,3 +184,14 @@ def test_two_processes_score_what_one_process_scores(sft_setup, tmp_path):
     assert result(multi, 0) == result(multi, 1) == result(single, 0)
     samples = (single / "samples" / "step_1.jsonl").read_text()
     assert (multi / "samples" / "step_1.jsonl").read_text() == samples and samples.count("\n") == 5
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["trainer.val_generations=4"], "set data.val_files"),
+    (["trainer.val_generations=-1", "data.val_files=v.jsonl"], "trainer.val_generations >= 0"),
+    (["trainer.val_max_new_tokens=0"], "trainer.val_max_new_tokens >= 1"),
+    (["trainer.val_temperature=-0.5"], "trainer.val_temperature >= 0"),
+])
+def test_bad_generation_settings_fail_at_load(overrides, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        load_config(None, overrides)
