@@ -77,6 +77,9 @@ class TrainerConfig:
     compilation_cache_dir: Optional[str] = None
     mesh: dict = field(default_factory=lambda: {"data": 1, "fsdp": -1})  # axis -> size; -1 takes the rest
     export_hf: bool = False  # also write an HF safetensors export to <default_local_dir>/hf at the end
+    val_generations: int = 0  # held-out prompts generated and scored at each validation; 0 = off (docs/training.md)
+    val_max_new_tokens: int = 256  # generation budget per prompt of validation by generation
+    val_temperature: float = 0.0  # sampling temperature of validation by generation; 0 = greedy (reproducible)
 
 
 @dataclass
@@ -195,6 +198,11 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("data.max_length, data.train_batch_size and data.micro_batch_size_per_gpu must be > 0")
     if cfg.trainer.shape_buckets < 1 or cfg.trainer.loss_chunk_size < 1:
         raise ValueError("trainer.shape_buckets and trainer.loss_chunk_size must be >= 1")
+    t = cfg.trainer
+    if t.val_generations < 0 or t.val_max_new_tokens < 1 or t.val_temperature < 0:
+        raise ValueError("need trainer.val_generations >= 0, trainer.val_max_new_tokens >= 1, trainer.val_temperature >= 0")
+    if t.val_generations and not (cfg.data.val_files or cfg.demo.enabled):
+        raise ValueError("trainer.val_generations generates from held-out rows: set data.val_files")
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -121,6 +121,11 @@ class ChatRenderer:
             done = len(t.prompt) + len(t.generation)
         return [self._encode(pieces, mask, None)], False
 
+    def rendered_turns(self, conv: Conversation) -> list[_Turn]:
+        """Each assistant turn's inference prompt P_k and generation G_k, up to the last trained turn (what
+        validation by generation replays, jsft/eval/generation.py)."""
+        return self._turns(conv)
+
     def _turns(self, conv: Conversation) -> list[_Turn]:
         """Rendered assistant turns up to the last trained one (later turns train nothing)."""
         starts = [j for j, m in enumerate(conv.messages) if m["role"] == "assistant"]

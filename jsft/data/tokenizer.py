@@ -75,9 +75,6 @@ def stop_tokens(tokenizer) -> tuple[str, ...]:
     return _resolve(tokenizer)[0]
 
 
-end_of_turn_texts = stop_tokens  # the former name, kept for callers written against it
-
-
 def stop_token_ids(tokenizer) -> list[int]:
     """`stop_tokens(tokenizer)` as token ids (for the sampler's and the export's `eos_token_id`)."""
     return [int(i) for i in tokenizer.convert_tokens_to_ids(list(stop_tokens(tokenizer)))]

@@ -2,7 +2,7 @@
 
 Flow: `dataset` (tasks -> JSONL rows, held-out prompts) -> `tokenizer` (BPE + chat template trained on the
 rendered rows) -> training (elsewhere) -> `episode` (play held-out prompts with a model's `generate`, using
-`tools` to answer its calls) -> `protocol` (parse calls, check them against `schema`, score the rates).
+`tools` to answer its calls) -> `protocol` (parse calls, check them against `jsft.eval.schema`, score the rates).
 """
 
 from jsft.demo.dataset import DatasetPaths, ValPrompt, rows, val_prompts, write_dataset

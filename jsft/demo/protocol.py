@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass, replace
 from typing import Optional, Sequence
 
-from jsft.demo.schema import schema_error
+from jsft.eval.schema import schema_error
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _TAGS = re.compile(f"{re.escape(OPEN)}|{re.escape(CLOSE)}")

@@ -47,11 +47,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from jsft.train.console import config_summary
     from jsft.train.loop import Trainer, log
 
+    build = Trainer
+    if cfg.demo.enabled:  # the demo job: its data generator and episode hook around the same trainer
+        from jsft.demo.job import build_trainer as build
+
     try:
         distributed.initialize()  # before anything touches a jax backend
         log(to_yaml(cfg) if args.print_config else "config (whole: config.yaml in the run dir, or --print-config):\n"
             + config_summary(cfg))
-        trainer = Trainer(cfg)
+        trainer = build(cfg)
     except _USER_ERRORS as e:
         if os.environ.get("JSFT_TRACEBACK"):
             raise

@@ -13,7 +13,7 @@ import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 
@@ -24,8 +24,7 @@ from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batche
 from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
 from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer, stop_token_ids, stop_tokens
-from jsft.generate import Generator
-from jsft.demo import job as demo_job
+from jsft.eval.generation import GenerationValidation
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import make_mesh
@@ -82,6 +81,9 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
 @dataclass
 class Trainer:
     cfg: RunConfig
+    # extra validation after val/loss and validation by generation: callables (params, step) -> metrics
+    # (the demo job's tool-executing episodes, jsft/demo/job.py)
+    validation_hooks: list[Callable[[dict, int], dict]] = field(default_factory=list)
     run_dir: Path = field(init=False)
 
     def __post_init__(self):
@@ -91,8 +93,6 @@ class Trainer:
         distributed.initialize()
         enable_compilation_cache(cfg.trainer.compilation_cache_dir)
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
-        if cfg.demo.enabled:
-            self.cfg = cfg = demo_job.prepare(cfg, self.run_dir)
         _check_paths(cfg)
         self.mesh = make_mesh(cfg.trainer.mesh)
         log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} device(s), {jax.process_count()} process(es)")
@@ -143,18 +143,17 @@ class Trainer:
                 f"{self.model.config.vocab_size}: they do not belong together"
             )
         self.stop_tokens = stop_tokens(self.tokenizer)
-        stop_ids = stop_token_ids(self.tokenizer)
-        self.generation_config = generation_config([cfg.model.path, cfg.data.tokenizer], stop_ids, self.model.config)
+        self.generation_config = generation_config([cfg.model.path, cfg.data.tokenizer], stop_token_ids(self.tokenizer),
+                                                   self.model.config)
         self.optimizer = make_optimizer(cfg.optim, self.total_steps)
         self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size,
                                  offload_opt_state=cfg.optim.offload_state)
         self.params = param_arrays(self.model)
         self.opt_state = self.step_fn.init_opt_state(self.params)
-        self.generation_eval = None
-        if cfg.demo.enabled:
-            generator = Generator(self.model, max_new_tokens=cfg.demo.max_new_tokens, eos_ids=stop_ids,
-                                  pad_id=self.tokenizer.pad_token_id or 0)
-            self.generation_eval = demo_job.GenerationEval(cfg, self.tokenizer, generator, self.run_dir)
+        self.generation_validation = None
+        if cfg.trainer.val_generations:
+            self.generation_validation = GenerationValidation(cfg, self.tokenizer, self.model, self.mesh,
+                                                              self.run_dir, log=log)
 
     # ---- checkpoints -------------------------------------------------------------------------------------------
 
@@ -223,7 +222,8 @@ class Trainer:
         }
 
     def validate(self, step: int) -> dict:
-        """val/loss over the whole validation set, normalised like training (global counts of the set)."""
+        """val/loss over the whole validation set, normalised like training (global counts of the set), then
+        validation by generation (trainer.val_generations) and the extra hooks."""
         cfg = self.cfg
         chunks = [gather_step(b, self.val_data.empty_micro_batch()) for b in self.val_data]
         samples = sum(c.samples for c in chunks)
@@ -235,8 +235,10 @@ class Trainer:
             micro = fit_shapes(c.micro_batches, cfg.trainer.shape_buckets)
             total += float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in micro]))
         metrics = {"val/loss": total, "val/target_tokens": targets}
-        if self.generation_eval is not None:
-            metrics.update(self.generation_eval(self.params, step))
+        if self.generation_validation is not None:
+            metrics.update(self.generation_validation(self.params, step))
+        for hook in self.validation_hooks:
+            metrics.update(hook(self.params, step))
         return metrics
 
     # ---- main loop ---------------------------------------------------------------------------------------------
@@ -335,7 +337,8 @@ def random_init_config(init: dict, tokenizer) -> ModelConfig:
 def _check_paths(cfg: RunConfig) -> None:
     """Fail before any work on missing inputs; jsft never downloads from a hub."""
     if not cfg.data.train_files:
-        raise ValueError("data.train_files is not set")
+        demo = " (demo.enabled: the demo job runs through python -m jsft.train, jsft.demo.job.train)"
+        raise ValueError("data.train_files is not set" + (demo if cfg.demo.enabled else ""))
     for key, value in (("model.path", cfg.model.path), ("data.tokenizer", cfg.data.tokenizer)):
         if value and not Path(value).is_dir():
             raise FileNotFoundError(f"{key}={value}: no such directory (jsft loads local checkpoints only)")

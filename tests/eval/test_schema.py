@@ -1,6 +1,6 @@
 import pytest
 
-from jsft.demo.schema import schema_error
+from jsft.eval.schema import schema_error
 
 SCHEMA = {
     "type": "object",

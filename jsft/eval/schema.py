@@ -1,4 +1,4 @@
-"""The small JSON-schema subset the demo's tools use: type, enum, properties, required, additionalProperties, items.
+"""The small JSON-schema subset tool definitions use: type, enum, properties, required, additionalProperties, items.
 
 Written here rather than depending on `jsonschema`, which jsft does not declare: a tool call "fits its schema" when
 `schema_error` returns None.
