@@ -25,6 +25,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import ticker  # noqa: E402
 
 from jsft.train.metrics import METRICS_FILE  # noqa: E402
 
@@ -105,7 +106,7 @@ def panels(series: Series) -> list[Panel]:
     return chosen + [Panel(k.replace("/", "_"), k, (k,)) for k in extra]
 
 
-def draw(ax, series: Series, panel: Panel, clip: Optional[float] = None) -> None:
+def draw(ax, series: Series, panel: Panel, clip: Optional[float] = None, span: Optional[tuple[int, int]] = None) -> None:
     for key in panel.keys:
         steps, values = series[key]
         marker = "o" if len(steps) < SPARSE else None
@@ -115,6 +116,11 @@ def draw(ax, series: Series, panel: Panel, clip: Optional[float] = None) -> None
         ax.axhline(clip, color="tab:red", linestyle="--", linewidth=1, label=f"clip_grad {clip:g}")
     if panel.log_y and finite and min(finite) > 0:
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))  # 0.5, not 5x10^-1
+        ax.yaxis.set_minor_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}" if _leading_digit(v) in (2, 3, 5) else ""))
+    if span is not None:
+        pad = 0.02 * (span[1] - span[0])
+        ax.set_xlim(span[0] - pad, span[1] + pad)  # every panel spans the whole run, so sparse validation points line up with training
     if all(k.endswith("_rate") or k.endswith("_match") for k in panel.keys):
         ax.set_ylim(-0.02, 1.02)  # rates: the full [0, 1] range, so 0.95 looks like 0.95
     ax.set_title(panel.title)
@@ -123,6 +129,10 @@ def draw(ax, series: Series, panel: Panel, clip: Optional[float] = None) -> None
         ax.set_ylabel(panel.ylabel)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+
+
+def _leading_digit(v: float) -> int:
+    return int(round(v / 10 ** math.floor(math.log10(v)))) if v > 0 else 0
 
 
 def clip_threshold(run_dir: Path) -> Optional[float]:
@@ -144,17 +154,19 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     out = Path(out_dir) if out_dir is not None else run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     chosen = panels(series)
+    every = [s for steps, _ in series.values() for s in steps]
+    span = (min(every), max(every)) if every and min(every) < max(every) else None
     written = []
     for panel in chosen:
         fig, ax = plt.subplots(figsize=(6, 4))
-        draw(ax, series, panel, clip)
+        draw(ax, series, panel, clip, span)
         written.append(_save(fig, out / f"{panel.stem}.png"))
     if chosen:
         cols = min(3, len(chosen))
         rows = -(-len(chosen) // cols)
         fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
         for ax, panel in zip(axes.flat, chosen):
-            draw(ax, series, panel, clip)
+            draw(ax, series, panel, clip, span)
         for ax in axes.flat[len(chosen) :]:
             ax.set_visible(False)
         fig.suptitle(run_dir.name)
