@@ -22,7 +22,7 @@ from jsft.data.sources import resolve_files
 
 # per-host settings, not part of what is trained (the files are their own parts)
 _HOST_LOCAL_OPTIONS = ("train_files", "val_files", "tokenizer", "chat_template", "cache_dir", "num_workers")
-_DESCRIPTION_BYTES = 240  # what each process reports of a differing part
+_DESCRIPTION_BYTES = 1024  # what each process reports of a differing part
 
 
 class HostMismatch(RuntimeError):
@@ -44,8 +44,9 @@ def inputs(cfg: DataConfig, tokenizer) -> dict[str, str]:
     kind, vocab, template = tokenizer_digest(tokenizer)
     parts["tokenizer"] = f"{kind}, {len(tokenizer)} tokens, vocabulary sha256 {vocab[:12]}"
     parts["chat template"] = "sha256 " + hashlib.sha256(str(template).encode()).hexdigest()[:12]
-    options = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in _HOST_LOCAL_OPTIONS}
-    parts["data options"] = json.dumps(options, sort_keys=True, default=str)
+    for key, value in dataclasses.asdict(cfg).items():
+        if key not in _HOST_LOCAL_OPTIONS:
+            parts[f"data.{key}"] = json.dumps(value, default=str)
     return parts
 
 

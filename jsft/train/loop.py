@@ -19,6 +19,7 @@ import jax
 import jsft.models as jm
 from jsft import distributed
 from jsft.config import RunConfig, to_yaml
+from jsft.data import fingerprint
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
 from jsft.data.summary import format_summary
 from jsft.data.tokenizer import end_of_turn_texts, load_tokenizer
@@ -103,11 +104,13 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template)
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                      local_devices=jax.local_device_count())
+        fingerprint.check_hosts_agree(fingerprint.inputs(cfg.data, self.tokenizer))  # before tokenizing
         self.train_data = build_train_batches(cfg.data, self.tokenizer, seed=cfg.data.seed, **where)
         log(format_summary(self.train_data.dataset, "train"))
         self.val_data = build_eval_batches(cfg.data, self.tokenizer, **where) if cfg.data.val_files else None
         if self.val_data is not None:
             log(format_summary(self.val_data.dataset, "val"))
+        fingerprint.check_hosts_agree(fingerprint.samples(self.train_data, self.val_data))
         per_epoch = self.train_data.steps_per_epoch
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * per_epoch
         log(f"{per_epoch} optimizer steps per epoch of {cfg.data.train_batch_size} samples; "
