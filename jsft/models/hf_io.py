@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import ml_dtypes
@@ -257,9 +257,11 @@ def gather_limit_bytes(cfg: ModelConfig, params: dict[str, jax.Array]) -> int:
     return max(sizes, default=1)
 
 
-def gather_layer(x: jax.Array, i: int) -> np.ndarray:
+def gather_layer(x: jax.Array, i: int, across_processes: Optional[bool] = None) -> np.ndarray:
     """x[i] of a stacked parameter on this host; the devices hold at most one layer's tensor extra."""
-    return _to_host(_gather_program(x.sharding, x.is_fully_addressable, ("layer",)), x, i)
+    if across_processes is None:
+        across_processes = not x.is_fully_addressable
+    return _to_host(_gather_program(x.sharding, not across_processes, ("layer",)), x, i)
 
 
 def gather_whole(x: jax.Array, limit_bytes: int, across_processes: Optional[bool] = None) -> np.ndarray:
@@ -270,12 +272,12 @@ def gather_whole(x: jax.Array, limit_bytes: int, across_processes: Optional[bool
         across_processes = not x.is_fully_addressable
     if not across_processes:
         return np.asarray(jax.device_get(x))
-    axis = _unsharded_axis(x)
-    if axis is None or x.nbytes <= limit_bytes:
-        return _to_host(_gather_program(x.sharding, False, ("whole",)), x, 0)
+    what = block_plan(x, limit_bytes)
+    program = _gather_program(x.sharding, False, what)
+    if what[0] == "whole":
+        return _to_host(program, x, 0)
+    _, axis, block = what
     size = x.shape[axis]
-    block = max(1, min(size, limit_bytes * size // x.nbytes))
-    program = _gather_program(x.sharding, False, ("block", axis, block))
     # dynamic_slice clamps a start past size - block back to it: the last block overlaps its neighbour
     blocks = []
     for start in range(0, size, block):
@@ -284,19 +286,39 @@ def gather_whole(x: jax.Array, limit_bytes: int, across_processes: Optional[bool
     return np.concatenate(blocks, axis=axis)
 
 
-def _unsharded_axis(x: jax.Array) -> Optional[int]:
-    spec = tuple(x.sharding.spec) if isinstance(x.sharding, jax.sharding.NamedSharding) else ()
-    spec += (None,) * (x.ndim - len(spec))
+def block_plan(x, limit_bytes: int) -> tuple:
+    """("whole",) or ("block", axis, size): how `gather_whole` moves x (an array or ShapeDtypeStruct)."""
+    axis = _unsharded_axis(x)
+    nbytes = math.prod(x.shape) * x.dtype.itemsize
+    if axis is None or nbytes <= limit_bytes:
+        return ("whole",)
+    size = x.shape[axis]
+    return ("block", axis, max(1, min(size, limit_bytes * size // nbytes)))
+
+
+def _unsharded_axis(x) -> Optional[int]:
+    spec = _spec(x.sharding, x.ndim)
     free = [d for d in range(x.ndim) if spec[d] is None and x.shape[d] > 1]
     return max(free, key=lambda d: x.shape[d]) if free else None
 
 
+def _spec(sharding, ndim: int) -> tuple:
+    spec = tuple(sharding.spec) if isinstance(sharding, jax.sharding.NamedSharding) else ()
+    return spec + (None,) * (ndim - len(spec))
+
+
+class _Gather(NamedTuple):
+    program: Callable  # jitted (x, index) -> the part, its axes permuted by `perm`
+    perm: tuple[int, ...]
+
+
 @functools.lru_cache(maxsize=None)
-def _gather_program(sharding, addressable: bool, what: tuple):
-    """A jitted (x, index) -> layer `index` (("layer",)), x itself (("whole",)) or the block
+def _gather_program(sharding, addressable: bool, what: tuple) -> _Gather:
+    """The program taking (x, index) to layer `index` (("layer",)), x itself (("whole",)) or the block
     [index, index + size) of dimension `axis` (("block", axis, size)). On one host owning every device the
     output keeps x's sharding and the host reads the shards; across processes it is replicated, which is
-    what lets process 0 read all of it (one layer or block per device)."""
+    what lets process 0 read all of it (one layer or block per device). The replicated output puts its
+    sharded dimensions first: gathering a minor dimension would need a full-size transposed copy."""
     if what[0] == "layer":
         take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)  # noqa: E731
     elif what[0] == "whole":
@@ -304,15 +326,23 @@ def _gather_program(sharding, addressable: bool, what: tuple):
     else:
         take = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, what[2], what[1])  # noqa: E731
     if addressable or not isinstance(sharding, jax.sharding.NamedSharding):
-        return jax.jit(take)
-    return jax.jit(take, out_shardings=jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+        return _Gather(jax.jit(take), ())
+    spec = _spec(sharding, len(sharding.spec))[1 if what[0] == "layer" else 0 :]
+    perm = tuple(d for d in range(len(spec)) if spec[d] is not None) + tuple(d for d in range(len(spec)) if spec[d] is None)
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return _Gather(jax.jit(lambda x, i: _permute(take(x, i), perm), out_shardings=replicated), perm)
 
 
-def _to_host(program, x: jax.Array, index: int) -> np.ndarray:
-    y = program(x, index)
-    if y.is_fully_addressable:
-        return np.asarray(jax.device_get(y))
-    return np.asarray(y.addressable_data(0))
+def _permute(y, perm):
+    return jax.numpy.transpose(y, perm) if perm and y.ndim == len(perm) else y
+
+
+def _to_host(gather: _Gather, x: jax.Array, index: int) -> np.ndarray:
+    y = gather.program(x, index)
+    host = np.asarray(jax.device_get(y) if y.is_fully_addressable else y.addressable_data(0))
+    if gather.perm and host.ndim == len(gather.perm):
+        host = np.transpose(host, np.argsort(gather.perm))
+    return host
 
 
 def shard_plan(cfg: ModelConfig, dtype, max_shard_size) -> tuple[dict[str, str], bool]:
@@ -335,6 +365,6 @@ def gather_device_bytes(x: jax.ShapeDtypeStruct, what=("layer",), *, across_proc
     """Per-device bytes (outputs + temporaries, XLA's memory analysis) that the export's gather program
     for a parameter of this shape and sharding allocates beyond its input: `what` as in `_gather_program`.
     Compiles on abstract shapes, so real model sizes cost nothing to measure."""
-    program = _gather_program(x.sharding, not across_processes, what)
+    program = _gather_program(x.sharding, not across_processes, what).program
     analysis = program.lower(x, 0).compile().memory_analysis()
     return int(analysis.output_size_in_bytes + analysis.temp_size_in_bytes)

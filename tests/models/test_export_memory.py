@@ -22,6 +22,8 @@ def test_gathering_a_layer_costs_one_layer_per_device_not_the_stack():
     per_layer = hf_io.gather_device_bytes(stacked, ("layer",))
     whole = hf_io.gather_device_bytes(stacked, ("whole",))  # what process_allgather of the stack costs
     assert layer <= per_layer <= 1.25 * layer
+    # a minor sharded dimension too (gathered major-first, no transposed full-size copy)
+    assert hf_io.gather_device_bytes(_abstract((LAYERS, D, F), (None, None, "fsdp")), ("layer",)) <= 1.25 * layer
     assert whole >= LAYERS * layer
     # one process owning all devices keeps the slice sharded: an eighth of a layer per device
     assert hf_io.gather_device_bytes(stacked, ("layer",), across_processes=False) <= 1.25 * layer / 8
@@ -35,13 +37,17 @@ def test_an_unstacked_tensor_moves_in_blocks_of_its_unsharded_dimension():
     assert hf_io.gather_device_bytes(embed, ("whole",)) >= V * D * 4
 
 
-def test_block_gather_reassembles_the_tensor_with_an_overlapping_last_block():
+def test_gathers_reassemble_the_tensor_exactly():
     mesh = make_mesh({"fsdp": -1})
     value = np.arange(8 * 10, dtype=np.float32).reshape(8, 10)
     x = jax.device_put(value, NamedSharding(mesh, P("fsdp", None)))
     # blocks of 3 columns: starts 0, 3, 6, 9 (clamped to 7)
     got = hf_io.gather_whole(x, limit_bytes=3 * 8 * 4, across_processes=True)
     np.testing.assert_array_equal(got, value)
+    layers = np.arange(2 * 5 * 16, dtype=np.float32).reshape(2, 5, 16)
+    stacked = jax.device_put(layers, NamedSharding(mesh, P(None, None, "fsdp")))
+    for across in (True, False):
+        np.testing.assert_array_equal(hf_io.gather_layer(stacked, 1, across_processes=across), layers[1])
 
 
 def _device_bytes() -> int:
@@ -60,10 +66,10 @@ def test_live_device_bytes_during_export_stay_below_one_layer(tiny_hf, tmp_path,
     peak = []
     to_host = hf_io._to_host
 
-    def measured(program, x, index):
-        out = program(x, index)
+    def measured(gather, x, index):
+        out = gather.program(x, index)
         peak.append(_device_bytes() - baseline)
-        return to_host(lambda *_: out, x, index)
+        return to_host(gather._replace(program=lambda *_: out), x, index)
 
     monkeypatch.setattr(hf_io, "_to_host", measured)
     jm.save_pretrained(model, tmp_path / "hf")
