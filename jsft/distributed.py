@@ -93,6 +93,9 @@ def initialize() -> None:
                 process_id=params.process_id, local_device_ids=params.local_device_ids,
                 cluster_detection_method="deactivate",
             )
+        if jax.process_index() == 0:
+            print(f"jax.distributed from {params.source}: {jax.process_count()} processes, coordinator "
+                  f"{params.coordinator_address or 'detected by jax'}", flush=True)
     _initialized = True
 
 

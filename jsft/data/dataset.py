@@ -167,6 +167,7 @@ def _tokenize_split(directory: Path, paths: list[str], renderer: ChatRenderer, n
     mine = parts / f"{index}-of-{count}"
     if not (mine / "meta.json").exists():
         rows = slice(index, None, count)
+        print(f"process {index} of {count} tokenizes {len(range(len(source))[rows])} of {len(source)} rows", flush=True)
         _write_cache(mine, source, _tokenize(source, renderer, num_workers, progress, rows), range(len(source))[rows])
     distributed.barrier(f"jsft tokenized {directory.name}")
     every = [parts / f"{p}-of-{count}" for p in range(count)]
