@@ -74,9 +74,7 @@ def check_hosts_agree(parts: dict[str, str]) -> None:
     """Every process calls this with its parts (same names on every host); raises `HostMismatch` on all of
     them when any part differs, naming the parts and each process's value."""
     names = sorted(parts)
-    # 31 bits of each part's hash; names are included so a host with a missing part differs too
-    local = [int(hashlib.sha256(f"{n}={parts[n]}".encode()).hexdigest()[:8], 16) >> 1 for n in names]
-    table = distributed.all_hosts([len(names), *local])
+    table = distributed.all_hosts(_vector(parts))
     if (table == table[0]).all():
         return
     if (table[:, 0] != len(names)).any():
@@ -85,7 +83,7 @@ def check_hosts_agree(parts: dict[str, str]) -> None:
     differing = [n for i, n in enumerate(names) if (table[:, i + 1] != table[0, i + 1]).any()]
     lines = []
     for name in differing:
-        values = _gather_text(parts[name])
+        values = [_decode(row) for row in distributed.all_hosts(_encode(parts[name]))]
         lines.append(f"  {name}: " + "; ".join(f"process {p}: {v}" for p, v in enumerate(values)))
     raise HostMismatch(
         "the processes would train on different data; stopping every process before step 1:\n" + "\n".join(lines)
@@ -93,7 +91,16 @@ def check_hosts_agree(parts: dict[str, str]) -> None:
     )
 
 
-def _gather_text(text: str) -> list[str]:
+def _vector(parts: dict[str, str]) -> list[int]:
+    """[number of parts, 31 bits of each part's hash] (the count catches hosts with other part names)."""
+    names = sorted(parts)
+    return [len(names)] + [int(hashlib.sha256(f"{n}={parts[n]}".encode()).hexdigest()[:8], 16) >> 1 for n in names]
+
+
+def _encode(text: str) -> np.ndarray:
     raw = text.encode()[:_DESCRIPTION_BYTES].ljust(_DESCRIPTION_BYTES, b"\0")
-    rows = distributed.all_hosts(np.frombuffer(raw, np.uint8).astype(np.int32))
-    return [bytes(row.astype(np.uint8)).rstrip(b"\0").decode(errors="replace") for row in rows]
+    return np.frombuffer(raw, np.uint8).astype(np.int32)
+
+
+def _decode(row: np.ndarray) -> str:
+    return bytes(np.asarray(row).astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
