@@ -17,12 +17,17 @@ backend, collectives across processes go through gloo.
 from __future__ import annotations
 
 import os
+import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 import jax
 
 _initialized = False
+# how long a host waits for a file another host wrote to appear (shared filesystems cache directory listings)
+SHARED_FS_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -121,3 +126,36 @@ def barrier(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def wait_for(files, timeout: Optional[float] = None) -> bool:
+    """True once every file exists, False after `timeout` seconds (default SHARED_FS_WAIT_S)."""
+    deadline = time.monotonic() + (SHARED_FS_WAIT_S if timeout is None else timeout)
+    while not all(Path(f).exists() for f in files):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def check_shared_directory(directory, key: str) -> None:
+    """With several processes: raise unless every process sees a file that process 0 wrote in `directory`
+    (checkpoints and run files must be on one filesystem shared by all hosts). Every process calls it."""
+    if jax.process_count() == 1:
+        return
+    token = int(all_hosts([random.getrandbits(31) if is_main() else 0])[0, 0])
+    marker = Path(directory) / f".jsft-shared-{token}"
+    if is_main():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    barrier(f"jsft wrote {marker.name}")
+    seen = all_hosts([wait_for([marker])])[:, 0]
+    barrier(f"jsft checked {marker.name}")
+    if is_main():
+        marker.unlink()
+    blind = [p for p, ok in enumerate(seen) if not ok]
+    if blind:
+        raise RuntimeError(
+            f"{key}={directory} is not on a filesystem shared by all hosts: process(es) {blind} cannot see a file "
+            f"process 0 wrote there. Checkpoints and run files need one shared directory: point {key} at it"
+        )

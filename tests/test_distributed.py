@@ -64,3 +64,16 @@ def test_open_mpi(env):
     p = distributed.detect()
     assert (p.source, p.coordinator_address.split(":")[0], p.num_processes, p.process_id) == ("ompi", "10.96.0.1", 2, 1)
     assert p.local_device_ids is None
+
+
+def test_a_run_directory_one_host_cannot_see_is_an_error(tmp_path, monkeypatch):
+    """Process 0's view, with a simulated second host that does not see the marker file."""
+    import jax
+    import numpy as np
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed, "barrier", lambda name: None)
+    monkeypatch.setattr(distributed, "all_hosts", lambda v: np.stack([np.asarray(v, np.int32), np.zeros(len(v), np.int32)]))
+    with pytest.raises(RuntimeError, match=r"trainer.default_local_dir=.* process\(es\) \[1\] cannot see"):
+        distributed.check_shared_directory(tmp_path / "run", "trainer.default_local_dir")
+    assert not list((tmp_path / "run").iterdir())  # the marker is removed

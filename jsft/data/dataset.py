@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import sys
-import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,8 +44,6 @@ CACHE_FORMAT = 1
 MIN_ROWS_PER_WORKER = 1000
 _CODE_FILES = ("chat.py", "conversation.py", "sources.py", "tokenizer.py", "dataset.py", "fingerprint.py")
 MAX_LISTED_ERRORS = 10
-# how long a host waits for files another host wrote to appear (shared filesystems cache directory listings)
-SHARED_FS_WAIT_S = 30.0
 
 
 class DataError(ValueError):
@@ -171,27 +168,18 @@ def _tokenize_split(directory: Path, paths: list[str], renderer: ChatRenderer, n
         _write_cache(mine, source, _tokenize(source, renderer, num_workers, progress, rows), range(len(source))[rows])
     distributed.barrier(f"jsft tokenized {directory.name}")
     every = [parts / f"{p}-of-{count}" for p in range(count)]
-    visible = _wait_for([d / "meta.json" for d in every])
+    visible = distributed.wait_for([d / "meta.json" for d in every])
     if index == 0 and visible and not (directory / "meta.json").exists():
         _merge_parts(directory, source, every)
     distributed.barrier(f"jsft merged {directory.name}")
     if index == 0 and visible:
         shutil.rmtree(parts, ignore_errors=True)
-    if not _wait_for([directory / "meta.json"]):
+    if not distributed.wait_for([directory / "meta.json"]):
         print(f"warning: process {index} cannot see the tokenization cache that process 0 wrote under "
               f"{directory.parent} (data.cache_dir): it is not on a filesystem shared by all hosts, so this host "
               "tokenizes every row itself; point data.cache_dir at a shared directory to split the work",
               file=sys.stderr, flush=True)
         _write_cache(directory, source, _tokenize(source, renderer, num_workers, progress))
-
-
-def _wait_for(files: list[Path]) -> bool:
-    deadline = time.monotonic() + SHARED_FS_WAIT_S
-    while not all(f.exists() for f in files):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
 
 
 def _cache_key(paths: list[str], renderer: ChatRenderer) -> str:

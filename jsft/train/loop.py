@@ -95,6 +95,7 @@ class Trainer:
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        distributed.check_shared_directory(self.run_dir, "trainer.default_local_dir")
         log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
         self._build_data()
         self._build_model()

@@ -52,3 +52,21 @@ def test_merged_parts_equal_the_single_process_cache(tmp_path, qwen):
             np.testing.assert_array_equal(cols_b[k], cols_a[k], err_msg=k)
         np.testing.assert_array_equal(ids_b, ids_a)
         np.testing.assert_array_equal(mask_b, mask_a)
+
+
+def test_a_host_that_cannot_see_the_other_parts_tokenizes_everything(tmp_path, qwen, monkeypatch, capsys):
+    """One process standing in for a host whose data.cache_dir is not shared: the other host's part never
+    appears, so it warns and tokenizes all rows itself, with the same result as a single process."""
+    from jsft import distributed
+    from jsft.data.dataset import load_dataset
+
+    monkeypatch.setattr(distributed, "SHARED_FS_WAIT_S", 0.2)
+    path = write_jsonl(tmp_path / "rows.jsonl", [chat(1 + i % 3, prefix=f"r{i} ") for i in range(9)] + ["{not json"])
+    single = load_dataset(config(tmp_path / "a", on_bad_row="skip"), qwen, path, progress=False)
+    for index in (0, 1):
+        alone = load_dataset(config(tmp_path / f"host{index}", on_bad_row="skip"), qwen, path, progress=False,
+                             process_index=index, process_count=2)
+        assert "cannot see the tokenization cache" in capsys.readouterr().err
+        np.testing.assert_array_equal(alone.lengths, single.lengths)
+        np.testing.assert_array_equal(np.asarray(alone.input_ids), np.asarray(single.input_ids))
+        assert [str(b) for b in alone.stats.skipped] == [str(b) for b in single.stats.skipped]
