@@ -77,3 +77,26 @@ def test_a_run_directory_one_host_cannot_see_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"trainer.default_local_dir=.* process\(es\) \[1\] cannot see"):
         distributed.check_shared_directory(tmp_path / "run", "trainer.default_local_dir")
     assert not list((tmp_path / "run").iterdir())  # the marker is removed
+
+
+def test_the_launch_examples_start_jsft_train_with_what_detect_reads(env):
+    """scripts/launch: the sbatch script runs `python -m jsft.train` under srun; the JobSet's pods get JAX_*
+    variables that detect() turns into a 2-process run coordinated by pod 0."""
+    from pathlib import Path
+
+    import yaml
+
+    launch = Path(__file__).resolve().parents[1] / "scripts" / "launch"
+    assert "srun --kill-on-bad-exit=1 python -m jsft.train" in (launch / "sbatch.sh").read_text()
+    jobset = yaml.safe_load((launch / "jobset.yaml").read_text())
+    job = jobset["spec"]["replicatedJobs"][0]
+    pod = job["template"]["spec"]
+    container = pod["template"]["spec"]["containers"][0]
+    assert container["command"] == ["python", "-m", "jsft.train"]
+    values = {e["name"]: e.get("value") for e in container["env"]}
+    assert int(values["JAX_NUM_PROCESSES"]) == pod["parallelism"] == pod["completions"]
+    host = f"{jobset['metadata']['name']}-{job['name']}-0-0.{jobset['metadata']['name']}"
+    env(JAX_COORDINATOR_ADDRESS=values["JAX_COORDINATOR_ADDRESS"], JAX_NUM_PROCESSES=values["JAX_NUM_PROCESSES"],
+        JAX_PROCESS_ID="1")  # the completion index of the second pod
+    p = distributed.detect()
+    assert (p.source, p.coordinator_address, p.num_processes, p.process_id) == ("jax_env", f"{host}:1234", 2, 1)
