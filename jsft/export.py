@@ -6,6 +6,10 @@
 `--checkpoint` may be a run directory (its checkpoints/ subfolder is used), a checkpoints directory, or
 one step's directory; the latest complete step is taken unless --step is given. The tokenizer saved in
 the checkpoint's metadata is copied unless --tokenizer overrides it.
+
+The export streams (`jsft.models.save_pretrained`): one layer of each parameter at a time reaches the
+writing process, so device memory beyond the restored parameters stays near one layer's largest tensor.
+Multi-host: start it on every host like training (same variables); process 0 writes.
 """
 
 from __future__ import annotations

@@ -60,7 +60,12 @@ def samples(train, val=None) -> dict[str, str]:
 
 
 def _files(files) -> str:
-    return "; ".join(f"{p} ({os.path.getsize(p)} bytes)" for p in resolve_files(files))
+    # a file missing on one host is a difference to report on every host, not an error on that one alone
+    # (which would leave the others waiting in the comparison)
+    try:
+        return "; ".join(f"{p} ({os.path.getsize(p)} bytes)" for p in resolve_files(files))
+    except (OSError, ValueError) as e:
+        return f"not readable: {e}"
 
 
 def _table_digest(dataset) -> str:

@@ -88,6 +88,7 @@ class Trainer:
         distributed.initialize()
         enable_compilation_cache(cfg.trainer.compilation_cache_dir)
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
+        distributed.check_shared_directory(self.run_dir, "trainer.default_local_dir")  # before anything writes there
         if cfg.demo.enabled:
             self.cfg = cfg = demo_job.prepare(cfg, self.run_dir)
         _check_paths(cfg)
@@ -95,7 +96,6 @@ class Trainer:
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        distributed.check_shared_directory(self.run_dir, "trainer.default_local_dir")
         log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
         self._build_data()
         self._build_model()

@@ -48,3 +48,8 @@ def test_agreeing_hosts_pass(monkeypatch):
     parts = {"train files": "t.jsonl (100 bytes)"}
     monkeypatch.setattr(distributed, "all_hosts", lambda v: np.stack([np.asarray(v, np.int32)] * 3))
     fingerprint.check_hosts_agree(parts)
+
+
+def test_a_missing_file_is_a_part_not_an_error(tmp_path, tokenizer):
+    parts = fingerprint.inputs(config(tmp_path, train_files=str(tmp_path / "absent.jsonl")), tokenizer)
+    assert parts["train files"].startswith("not readable: data file not found")
