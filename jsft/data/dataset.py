@@ -32,8 +32,8 @@ from absl import flags
 import numpy as np
 from tqdm import tqdm
 
-from jsft.data.chat import ChatOptions, ChatRenderer, RowResult
 from jsft import distributed
+from jsft.data.chat import ChatOptions, ChatRenderer, RowResult
 from jsft.data.config import DataConfig
 from jsft.data.fingerprint import tokenizer_digest
 from jsft.data.sources import RowLocations, RowSource, resolve_files
