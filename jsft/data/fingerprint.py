@@ -1,7 +1,7 @@
 """Hosts must agree on what they train: a named fingerprint of the data, compared across processes.
 
 Every process computes the same parts (name -> short description) twice: `inputs` before tokenization
-(files with sizes, tokenizer, chat template, data options), so a host with a different local copy stops
+(files with sizes and a sampled content hash, tokenizer, chat template, data options), so a host with a different local copy stops
 before the expensive work, and `samples` after it (sample counts, steps per epoch, a digest of the sample
 table). `check_hosts_agree` compares them; on a mismatch every process raises the same error naming the
 parts that differ and what each process has, instead of diverging or hanging in a collective later.
@@ -63,9 +63,24 @@ def _files(files) -> str:
     # a file missing on one host is a difference to report on every host, not an error on that one alone
     # (which would leave the others waiting in the comparison)
     try:
-        return "; ".join(f"{p} ({os.path.getsize(p)} bytes)" for p in resolve_files(files))
+        return "; ".join(f"{p} ({os.path.getsize(p)} bytes, sha256 {_sampled_digest(p)})" for p in resolve_files(files))
     except (OSError, ValueError) as e:
         return f"not readable: {e}"
+
+
+def _sampled_digest(path: str, blocks: int = 16, block: int = 1 << 16) -> str:
+    """sha256 of `blocks` evenly spaced 64 KiB blocks (the whole file when smaller): catches copies that
+    differ at equal size without reading terabytes at every start."""
+    size = os.path.getsize(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if size <= blocks * block:
+            h.update(f.read())
+        else:
+            for k in range(blocks):
+                f.seek((size - block) * k // (blocks - 1))
+                h.update(f.read(block))
+    return h.hexdigest()[:12]
 
 
 def _table_digest(dataset) -> str:

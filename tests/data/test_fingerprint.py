@@ -17,11 +17,14 @@ def tokenizer(sft_setup):
 
 
 def test_inputs_change_with_file_size_options_and_template(tmp_path, tokenizer):
-    path = write_jsonl(tmp_path / "a.jsonl", [chat(1), chat(2)])
+    path = write_jsonl(tmp_path / "a.jsonl", [chat(1), chat(2, prefix="a")])
     base = fingerprint.inputs(config(tmp_path, train_files=path), tokenizer)
     assert fingerprint.inputs(config(tmp_path / "other_cache", train_files=path, num_workers=4), tokenizer) == base
     write_jsonl(tmp_path / "a.jsonl", [chat(1), chat(3)])
     assert fingerprint.inputs(config(tmp_path, train_files=path), tokenizer)["train files"] != base["train files"]
+    write_jsonl(tmp_path / "a.jsonl", [chat(1), chat(2, prefix="b")])  # same size, other content
+    resized = fingerprint.inputs(config(tmp_path, train_files=path), tokenizer)["train files"]
+    assert resized.split(" bytes")[0] == base["train files"].split(" bytes")[0] and resized != base["train files"]
     changed = fingerprint.inputs(config(tmp_path, train_files=path, max_length=17), tokenizer)
     assert changed["data.max_length"] == "17" != base["data.max_length"]
     tokenizer.chat_template, saved = "{{ messages }}", tokenizer.chat_template
