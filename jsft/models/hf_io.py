@@ -261,7 +261,7 @@ def gather_layer(x: jax.Array, i: int, across_processes: Optional[bool] = None) 
     """x[i] of a stacked parameter on this host; the devices hold at most one layer's tensor extra."""
     if across_processes is None:
         across_processes = not x.is_fully_addressable
-    return _to_host(_gather_program(x.sharding, not across_processes, ("layer",)), x, i)
+    return _to_host(_gather_program(x.sharding, x.ndim, not across_processes, ("layer",)), x, i)
 
 
 def gather_whole(x: jax.Array, limit_bytes: int, across_processes: Optional[bool] = None) -> np.ndarray:
@@ -273,7 +273,7 @@ def gather_whole(x: jax.Array, limit_bytes: int, across_processes: Optional[bool
     if not across_processes:
         return np.asarray(jax.device_get(x))
     what = block_plan(x, limit_bytes)
-    program = _gather_program(x.sharding, False, what)
+    program = _gather_program(x.sharding, x.ndim, False, what)
     if what[0] == "whole":
         return _to_host(program, x, 0)
     _, axis, block = what
@@ -313,7 +313,7 @@ class _Gather(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _gather_program(sharding, addressable: bool, what: tuple) -> _Gather:
+def _gather_program(sharding, ndim: int, addressable: bool, what: tuple) -> _Gather:
     """The program taking (x, index) to layer `index` (("layer",)), x itself (("whole",)) or the block
     [index, index + size) of dimension `axis` (("block", axis, size)). On one host owning every device the
     output keeps x's sharding and the host reads the shards; across processes it is replicated, which is
@@ -327,22 +327,16 @@ def _gather_program(sharding, addressable: bool, what: tuple) -> _Gather:
         take = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, what[2], what[1])  # noqa: E731
     if addressable or not isinstance(sharding, jax.sharding.NamedSharding):
         return _Gather(jax.jit(take), ())
-    spec = _spec(sharding, len(sharding.spec))[1 if what[0] == "layer" else 0 :]
+    spec = _spec(sharding, ndim)[1 if what[0] == "layer" else 0 :]  # the output's
     perm = tuple(d for d in range(len(spec)) if spec[d] is not None) + tuple(d for d in range(len(spec)) if spec[d] is None)
     replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    return _Gather(jax.jit(lambda x, i: _permute(take(x, i), perm), out_shardings=replicated), perm)
-
-
-def _permute(y, perm):
-    return jax.numpy.transpose(y, perm) if perm and y.ndim == len(perm) else y
+    return _Gather(jax.jit(lambda x, i: jax.numpy.transpose(take(x, i), perm), out_shardings=replicated), perm)
 
 
 def _to_host(gather: _Gather, x: jax.Array, index: int) -> np.ndarray:
     y = gather.program(x, index)
     host = np.asarray(jax.device_get(y) if y.is_fully_addressable else y.addressable_data(0))
-    if gather.perm and host.ndim == len(gather.perm):
-        host = np.transpose(host, np.argsort(gather.perm))
-    return host
+    return np.transpose(host, np.argsort(gather.perm)) if gather.perm else host
 
 
 def shard_plan(cfg: ModelConfig, dtype, max_shard_size) -> tuple[dict[str, str], bool]:
@@ -365,6 +359,6 @@ def gather_device_bytes(x: jax.ShapeDtypeStruct, what=("layer",), *, across_proc
     """Per-device bytes (outputs + temporaries, XLA's memory analysis) that the export's gather program
     for a parameter of this shape and sharding allocates beyond its input: `what` as in `_gather_program`.
     Compiles on abstract shapes, so real model sizes cost nothing to measure."""
-    program = _gather_program(x.sharding, not across_processes, what).program
+    program = _gather_program(x.sharding, len(x.shape), not across_processes, what).program
     analysis = program.lower(x, 0).compile().memory_analysis()
     return int(analysis.output_size_in_bytes + analysis.temp_size_in_bytes)
