@@ -7,6 +7,11 @@
 one step's directory; the latest complete step is taken unless --step is given. The tokenizer saved in
 the checkpoint's metadata is copied unless --tokenizer overrides it; generation_config.json (stop tokens of
 the trained chat template, the source's sampling defaults) and README.md come from the checkpoint too.
+
+
+The export streams (`jsft.models.save_pretrained`): one layer of each parameter at a time reaches the
+writing process, so device memory beyond the restored parameters stays near one layer's largest tensor.
+Multi-host: start it on every host like training (same variables); process 0 writes.
 """
 
 from __future__ import annotations

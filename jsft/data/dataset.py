@@ -7,6 +7,11 @@ Tokenization runs in grain worker processes (`mp_prefetch`, order preserved) and
 options and this package's code. The per-row outcome (samples or the bad-row reason) is what is cached;
 `data.on_bad_row`, `data.max_length` and `data.truncation` are applied on load, so changing them needs no
 re-tokenization.
+
+With several processes (hosts), each tokenizes only the rows i % process_count == process_index and writes
+them as one part of the cache; process 0 merges the parts into the same cache a single process writes, and
+every host reads that. This needs `data.cache_dir` on a filesystem all hosts share; where a host cannot see
+the parts or the merged cache, it warns and tokenizes every row itself (correct, only slower).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,15 +32,17 @@ from absl import flags
 import numpy as np
 from tqdm import tqdm
 
+from jsft import distributed
 from jsft.data.chat import ChatOptions, ChatRenderer, RowResult
 from jsft.data.config import DataConfig
-from jsft.data.sources import RowLocations, RowSource, fingerprint, resolve_files
+from jsft.data.fingerprint import tokenizer_digest
+from jsft.data.sources import RowLocations, RowSource, file_stats, resolve_files
 
 CACHE_FORMAT = 1
 # Starting a worker process costs seconds (imports, tokenizer unpickling); below this many rows per
 # worker it is faster to tokenize in process.
 MIN_ROWS_PER_WORKER = 1000
-_CODE_FILES = ("chat.py", "conversation.py", "sources.py", "arrow_rows.py", "tokenizer.py", "dataset.py")
+_CODE_FILES = ("chat.py", "conversation.py", "sources.py", "arrow_rows.py", "tokenizer.py", "dataset.py", "fingerprint.py")
 MAX_LISTED_ERRORS = 10
 
 
@@ -96,13 +104,17 @@ class TokenizedDataset:
 _PER_SAMPLE = ("begin", "end", "source_index", "turn_index", "mismatch", "targets")
 
 
-def load_dataset(cfg: DataConfig, tokenizer, files=None, *, progress: bool = True) -> TokenizedDataset:
+def load_dataset(cfg: DataConfig, tokenizer, files=None, *, progress: bool = True, process_index: int = 0,
+                 process_count: int = 1) -> TokenizedDataset:
     """Tokenize (or load from cache) `files` (default `cfg.train_files`) and apply the bad-row,
-    max-length and truncation rules; raises `DataError` naming file and row for bad input."""
+    max-length and truncation rules; raises `DataError` naming file and row for bad input. With
+    process_count > 1 every process must call it together: each tokenizes its share of the rows."""
     paths = resolve_files(cfg.train_files if files is None else files)
     renderer = ChatRenderer(tokenizer, ChatOptions.from_config(cfg))
     directory = Path(cfg.cache_dir or Path.home() / ".cache" / "jsft") / _cache_key(paths, renderer)
-    if not (directory / "meta.json").exists():
+    if process_count > 1:
+        _tokenize_split(directory, paths, renderer, cfg.num_workers, progress, process_index, process_count)
+    elif not (directory / "meta.json").exists():
         source = RowSource(paths)
         _write_cache(directory, source, _tokenize(source, renderer, cfg.num_workers, progress))
     dataset, bad = _read_cache(directory)
@@ -125,9 +137,12 @@ def _raise_if_any(bad: list[BadRowRecord], what: str, hint: str = "") -> None:
     raise DataError(f"{len(bad)} {what} row(s):\n{listed}{more}" + (f"\n{hint}" if hint else ""))
 
 
-def _tokenize(source: RowSource, renderer: ChatRenderer, num_workers: int, progress: bool) -> Iterable[RowResult]:
-    ds = grain.MapDataset.source(source).map(renderer).to_iter_dataset(grain.ReadOptions(num_threads=0))
-    workers = min(num_workers, len(source) // MIN_ROWS_PER_WORKER)
+def _tokenize(source: RowSource, renderer: ChatRenderer, num_workers: int, progress: bool,
+              rows: slice = slice(None)) -> Iterable[RowResult]:
+    """Row results of source[rows], in order."""
+    ds = grain.MapDataset.source(source)[rows].map(renderer).to_iter_dataset(grain.ReadOptions(num_threads=0))
+    total = len(range(len(source))[rows])
+    workers = min(num_workers, total // MIN_ROWS_PER_WORKER)
     if workers > 0:
         if not flags.FLAGS.is_parsed():
             # grain 0.2.18 reads an absl flag in mp_prefetch once jax is imported, which raises outside
@@ -135,34 +150,63 @@ def _tokenize(source: RowSource, renderer: ChatRenderer, num_workers: int, progr
             flags.FLAGS.mark_as_parsed()
         # Each worker takes rows i::workers and the output interleaves them back, so order is kept.
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=16))
-    return tqdm(ds, total=len(source), desc="tokenizing", unit="row", disable=not progress or None)
+    return tqdm(ds, total=total, desc="tokenizing", unit="row", disable=not progress or None)
+
+
+def _tokenize_split(directory: Path, paths: list[str], renderer: ChatRenderer, num_workers: int, progress: bool,
+                    index: int, count: int) -> None:
+    """Make `directory` hold the whole cache on this host, tokenizing only rows index::count here.
+    Every process calls the same collectives in the same order whatever it finds on disk (no hang)."""
+    if distributed.all_hosts([(directory / "meta.json").exists()]).all():
+        return
+    source = RowSource(paths)
+    parts = directory.with_name(directory.name + ".parts")
+    mine = parts / f"{index}-of-{count}"
+    if not (mine / "meta.json").exists():
+        rows = slice(index, None, count)
+        print(f"process {index} of {count} tokenizes {len(range(len(source))[rows])} of {len(source)} rows", flush=True)
+        _write_cache(mine, source, _tokenize(source, renderer, num_workers, progress, rows), range(len(source))[rows])
+    distributed.barrier(f"jsft tokenized {directory.name}")
+    every = [parts / f"{p}-of-{count}" for p in range(count)]
+    visible = distributed.wait_for([d / "meta.json" for d in every])
+    if index == 0 and visible and not (directory / "meta.json").exists():
+        _merge_parts(directory, source, every)
+    distributed.barrier(f"jsft merged {directory.name}")
+    if index == 0 and visible:
+        shutil.rmtree(parts, ignore_errors=True)
+    if not distributed.wait_for([directory / "meta.json"]):
+        print(f"warning: process {index} cannot see the tokenization cache that process 0 wrote under "
+              f"{directory.parent} (data.cache_dir): it is not on a filesystem shared by all hosts, so this host "
+              "tokenizes every row itself; point data.cache_dir at a shared directory to split the work",
+              file=sys.stderr, flush=True)
+        _write_cache(directory, source, _tokenize(source, renderer, num_workers, progress))
 
 
 def _cache_key(paths: list[str], renderer: ChatRenderer) -> str:
-    tok = renderer.tokenizer
-    backend = getattr(tok, "backend_tokenizer", None)
-    vocab = backend.to_str() if backend is not None else json.dumps(sorted(tok.get_vocab().items()))
     here = Path(__file__).parent
     parts = {
         "format": CACHE_FORMAT,
         "code": [hashlib.sha256((here / f).read_bytes()).hexdigest() for f in _CODE_FILES],
-        "files": [fingerprint(p) for p in paths],
-        "tokenizer": [type(tok).__name__, hashlib.sha256(vocab.encode()).hexdigest(), tok.chat_template],
+        "files": [file_stats(p) for p in paths],
+        "tokenizer": tokenizer_digest(renderer.tokenizer),
         "stop_tokens": renderer.stop_tokens,
         "options": dataclasses.asdict(renderer.options),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _write_cache(directory: Path, source: RowSource, results: Iterable[RowResult]) -> None:
-    """Stream the row results into a temporary directory, then rename it into place (atomic, so a
-    concurrent writer on a shared filesystem or a crash never leaves a half-written cache)."""
-    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
+_COLUMNS = ("length", "source_index", "turn_index", "mismatch", "targets")
+
+
+def _write_cache(directory: Path, source: RowSource, results: Iterable[RowResult], rows: Iterable[int] = None) -> None:
+    """Stream the results of `rows` (default: all) into a temporary directory, then rename it into place
+    (atomic, so a concurrent writer on a shared filesystem or a crash never leaves a half-written cache)."""
+    tmp = _temporary(directory)
     meta = {"rows": 0, "bad_rows": [], "zero_target_rows": 0, "split_conversations": 0, "paths": source.locations.paths}
-    cols = {"length": [], "source_index": [], "turn_index": [], "mismatch": [], "targets": []}
+    cols = {name: [] for name in _COLUMNS}
+    rows = range(len(source)) if rows is None else rows
     with open(tmp / "input_ids.bin", "wb") as ids_file, open(tmp / "loss_mask.bin", "wb") as mask_file:
-        for expected, result in enumerate(results):
+        for expected, result in zip(rows, results, strict=True):
             assert result.index == expected, "tokenization results arrived out of order"
             meta["rows"] += 1
             if result.error is not None:
@@ -175,9 +219,44 @@ def _write_cache(directory: Path, source: RowSource, results: Iterable[RowResult
                 mask_file.write(s.loss_mask.astype(np.uint8).tobytes())
                 for name, value in zip(cols, (len(s.input_ids), result.index, -1 if s.turn_index is None else s.turn_index, s.mismatch, int(s.loss_mask.sum()))):
                     cols[name].append(value)
-    np.savez(tmp / "samples.npz", **{k: np.asarray(v, np.int64) for k, v in cols.items()})
+    _finish(tmp, directory, source, meta, {k: np.asarray(v, np.int64) for k, v in cols.items()})
+
+
+def _merge_parts(directory: Path, source: RowSource, parts: list[Path]) -> None:
+    """The caches of rows p::count (one per process) -> the cache a single process writes: samples in row
+    order (a row's samples all sit in one part, in order, so a stable sort by row keeps them), bad rows by row."""
+    tmp = _temporary(directory)
+    metas = [json.loads((p / "meta.json").read_text()) for p in parts]
+    cols = [dict(np.load(p / "samples.npz")) for p in parts]
+    merged = {k: np.concatenate([c[k] for c in cols]) for k in _COLUMNS}
+    order = np.argsort(merged["source_index"], kind="stable")
+    part_of = np.repeat(np.arange(len(parts)), [len(c["length"]) for c in cols])[order]
+    begin = np.concatenate([np.cumsum(c["length"]) - c["length"] for c in cols])[order]
+    for name, dtype in (("input_ids.bin", np.int32), ("loss_mask.bin", np.uint8)):
+        inputs = [_memmap(p / name, dtype) for p in parts]
+        with open(tmp / name, "wb") as out:
+            for p, b, n in zip(part_of, begin, merged["length"][order]):
+                out.write(inputs[p][b : b + n].tobytes())
+    meta = {
+        "rows": sum(m["rows"] for m in metas),
+        "bad_rows": sorted((b for m in metas for b in m["bad_rows"]), key=lambda b: b[0]),
+        "zero_target_rows": sum(m["zero_target_rows"] for m in metas),
+        "split_conversations": sum(m["split_conversations"] for m in metas),
+        "paths": source.locations.paths,
+    }
+    _finish(tmp, directory, source, meta, {k: v[order] for k, v in merged.items()})
+
+
+def _temporary(directory: Path) -> Path:
+    tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _finish(tmp: Path, directory: Path, source: RowSource, meta: dict, cols: dict[str, np.ndarray]) -> None:
+    np.savez(tmp / "samples.npz", **cols)
     np.savez(tmp / "locations.npz", starts=source.locations.starts, numbers=source.locations.numbers)
-    (tmp / "meta.json").write_text(json.dumps(meta))
+    (tmp / "meta.json").write_text(json.dumps(meta))  # written last: its presence marks a complete cache
     try:
         os.rename(tmp, directory)
     except OSError:  # another process wrote the same cache first; theirs is identical

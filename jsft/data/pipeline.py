@@ -214,11 +214,13 @@ class EvalBatches:
 
 def build_train_batches(cfg: DataConfig, tokenizer, *, seed: int, process_index: int, process_count: int, local_devices: int, files=None) -> TrainBatches:
     """Training batches over `files` (default data.train_files); bad input raises before any batch."""
-    dataset = load_dataset(cfg, tokenizer, cfg.train_files if files is None else files)
+    dataset = load_dataset(cfg, tokenizer, cfg.train_files if files is None else files,
+                           process_index=process_index, process_count=process_count)
     return TrainBatches(dataset, cfg, seed=seed, process_index=process_index, process_count=process_count, local_devices=local_devices)
 
 
 def build_eval_batches(cfg: DataConfig, tokenizer, *, process_index: int, process_count: int, local_devices: int, files=None) -> EvalBatches:
     """Validation batches over `files` (default data.val_files): one pass, no shuffle, nothing dropped."""
-    dataset = load_dataset(cfg, tokenizer, cfg.val_files if files is None else files)
+    dataset = load_dataset(cfg, tokenizer, cfg.val_files if files is None else files,
+                           process_index=process_index, process_count=process_count)
     return EvalBatches(dataset, cfg, process_index=process_index, process_count=process_count, local_devices=local_devices)

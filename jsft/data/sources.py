@@ -71,7 +71,7 @@ def resolve_files(files: Any) -> list[str]:
     return out
 
 
-def fingerprint(path: str) -> list:
+def file_stats(path: str) -> list:
     """(path, size, mtime) of a file, or of every file under a directory: what the tokenization cache is keyed by."""
     files = [path] if os.path.isfile(path) else sorted(glob.glob(os.path.join(path, "**", "*"), recursive=True))
     return [(os.path.abspath(f), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if os.path.isfile(f)]

@@ -71,7 +71,8 @@ def save_pretrained(
     given), README.md (`readme`, when given) and HF-named safetensors shards with their index. `dtype`
     defaults to the source checkpoint's dtype (for imported models) or the parameter dtype.
     `generation_config` (a dict) replaces the one derived from the model config. Multi-host: every process
-    calls it; process 0 writes."""
+    calls it; process 0 writes. Device memory beyond the parameters stays near one layer's largest tensor
+    (hf_io.hf_tensors)."""
     from safetensors.numpy import save_file
 
     cfg = model.config
@@ -87,14 +88,15 @@ def save_pretrained(
     remaining = {f: sum(1 for v in plan.values() if v == f) for f in set(plan.values())}
     pending: dict[str, dict[str, np.ndarray]] = {}
     params = {name: var[...] for name, var in flat_params(model).items()}
+    # streams: one layer at a time comes to this host, a shard is written once its last tensor arrived
     for name, tensor in hf_io.hf_tensors(cfg, params, dtype):
         file = plan[name]
-        pending.setdefault(file, {})[name] = tensor
         remaining[file] -= 1
+        if not writer:
+            continue  # the other processes only take part in the gathers
+        pending.setdefault(file, {})[name] = tensor
         if remaining[file] == 0:
-            tensors = pending.pop(file)
-            if writer:
-                save_file(tensors, str(out / file), metadata={"format": "pt"})
+            save_file(pending.pop(file), str(out / file), metadata={"format": "pt"})
     if writer and sharded:
         total = sum(int(np.prod(k.hf_shape)) * (cfg.num_layers if k.per_layer else 1) for k in hf_io.key_table(cfg))
         index = {"metadata": {"total_size": total * dtype.itemsize}, "weight_map": dict(sorted(plan.items()))}

@@ -3,18 +3,21 @@
 Import streams: every jsft parameter is created with `jax.make_array_from_callback`, whose callback reads
 from the memory-mapped safetensors file only the slice that one device holds. Peak host memory therefore
 stays near one tensor slice, and each host reads only what its devices own. Export walks the same table
-backwards, one tensor at a time, and writes HF-named shards with an index.
+backwards and streams: a stacked `[layers, ...]` parameter is gathered one layer's slice at a time (and an
+unstacked one in row blocks no larger than that), so the extra device memory stays near one layer's largest
+tensor instead of a whole stacked parameter replicated on every device; shards are written as they fill.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import jax
 import ml_dtypes
@@ -235,24 +238,105 @@ def load_array(key: Key, files: SafetensorsDir, shape, sharding, dtype, num_laye
 # ---- export -----------------------------------------------------------------------------------------------------
 
 
-def to_host(x: jax.Array) -> np.ndarray:
-    """The whole array on this host (all processes must call this together for multi-host arrays)."""
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def hf_tensors(cfg: ModelConfig, params: dict[str, jax.Array], dtype) -> Iterator[tuple[str, np.ndarray]]:
-    """(HF name, tensor) in table order, converting one jsft parameter at a time."""
+    """(HF name, tensor) in table order, gathering one layer (or block) at a time onto this host.
+    Every process must iterate it to the end together (the gathers are collectives across processes)."""
+    limit = gather_limit_bytes(cfg, params)
     for key in key_table(cfg):
-        host = to_host(params[key.jsft]).astype(dtype)
+        x = params[key.jsft]
         if key.per_layer:
             for i in range(cfg.num_layers):
-                yield key.hf.format(i=i), to_hf_layout(key, host[i])
+                yield key.hf.format(i=i), to_hf_layout(key, gather_layer(x, i).astype(dtype))
         else:
-            yield key.hf, to_hf_layout(key, host)
+            yield key.hf, to_hf_layout(key, gather_whole(x, limit).astype(dtype))
+
+
+def gather_limit_bytes(cfg: ModelConfig, params: dict[str, jax.Array]) -> int:
+    """The largest per-layer tensor (bytes): the block size for gathering unstacked tensors."""
+    sizes = [math.prod(params[k.jsft].shape[1:]) * params[k.jsft].dtype.itemsize for k in key_table(cfg) if k.per_layer]
+    return max(sizes, default=1)
+
+
+def gather_layer(x: jax.Array, i: int, across_processes: Optional[bool] = None) -> np.ndarray:
+    """x[i] of a stacked parameter on this host; the devices hold at most one layer's tensor extra."""
+    if across_processes is None:
+        across_processes = not x.is_fully_addressable
+    return _to_host(_gather_program(x.sharding, x.ndim, not across_processes, ("layer",)), x, i)
+
+
+def gather_whole(x: jax.Array, limit_bytes: int, across_processes: Optional[bool] = None) -> np.ndarray:
+    """The whole of x on this host. One host owning every device copies the shards straight over; across
+    processes x moves in blocks of at most `limit_bytes`, cut along a dimension that is not sharded (a
+    block of a sharded dimension would make XLA gather the whole tensor first)."""
+    if across_processes is None:
+        across_processes = not x.is_fully_addressable
+    if not across_processes:
+        return np.asarray(jax.device_get(x))
+    what = block_plan(x, limit_bytes)
+    program = _gather_program(x.sharding, x.ndim, False, what)
+    if what[0] == "whole":
+        return _to_host(program, x, 0)
+    _, axis, block = what
+    size = x.shape[axis]
+    # dynamic_slice clamps a start past size - block back to it: the last block overlaps its neighbour
+    blocks = []
+    for start in range(0, size, block):
+        part = _to_host(program, x, start)
+        blocks.append(np.take(part, range(start - min(start, size - block), block), axis=axis))
+    return np.concatenate(blocks, axis=axis)
+
+
+def block_plan(x, limit_bytes: int) -> tuple:
+    """("whole",) or ("block", axis, size): how `gather_whole` moves x (an array or ShapeDtypeStruct)."""
+    axis = _unsharded_axis(x)
+    nbytes = math.prod(x.shape) * x.dtype.itemsize
+    if axis is None or nbytes <= limit_bytes:
+        return ("whole",)
+    size = x.shape[axis]
+    return ("block", axis, max(1, min(size, limit_bytes * size // nbytes)))
+
+
+def _unsharded_axis(x) -> Optional[int]:
+    spec = _spec(x.sharding, x.ndim)
+    free = [d for d in range(x.ndim) if spec[d] is None and x.shape[d] > 1]
+    return max(free, key=lambda d: x.shape[d]) if free else None
+
+
+def _spec(sharding, ndim: int) -> tuple:
+    spec = tuple(sharding.spec) if isinstance(sharding, jax.sharding.NamedSharding) else ()
+    return spec + (None,) * (ndim - len(spec))
+
+
+class _Gather(NamedTuple):
+    program: Callable  # jitted (x, index) -> the part, its axes permuted by `perm`
+    perm: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_program(sharding, ndim: int, addressable: bool, what: tuple) -> _Gather:
+    """The program taking (x, index) to layer `index` (("layer",)), x itself (("whole",)) or the block
+    [index, index + size) of dimension `axis` (("block", axis, size)). On one host owning every device the
+    output keeps x's sharding and the host reads the shards; across processes it is replicated, which is
+    what lets process 0 read all of it (one layer or block per device). The replicated output puts its
+    sharded dimensions first: gathering a minor dimension would need a full-size transposed copy."""
+    if what[0] == "layer":
+        take = lambda x, i: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)  # noqa: E731
+    elif what[0] == "whole":
+        take = lambda x, i: x  # noqa: E731
+    else:
+        take = lambda x, i: jax.lax.dynamic_slice_in_dim(x, i, what[2], what[1])  # noqa: E731
+    if addressable or not isinstance(sharding, jax.sharding.NamedSharding):
+        return _Gather(jax.jit(take), ())
+    spec = _spec(sharding, ndim)[1 if what[0] == "layer" else 0 :]  # the output's
+    perm = tuple(d for d in range(len(spec)) if spec[d] is not None) + tuple(d for d in range(len(spec)) if spec[d] is None)
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    return _Gather(jax.jit(lambda x, i: jax.numpy.transpose(take(x, i), perm), out_shardings=replicated), perm)
+
+
+def _to_host(gather: _Gather, x: jax.Array, index: int) -> np.ndarray:
+    y = gather.program(x, index)
+    host = np.asarray(jax.device_get(y) if y.is_fully_addressable else y.addressable_data(0))
+    return np.transpose(host, np.argsort(gather.perm)) if gather.perm else host
 
 
 def shard_plan(cfg: ModelConfig, dtype, max_shard_size) -> tuple[dict[str, str], bool]:
@@ -269,3 +353,12 @@ def shard_plan(cfg: ModelConfig, dtype, max_shard_size) -> tuple[dict[str, str],
         filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size,
     )
     return split.tensor_to_filename, split.is_sharded
+
+
+def gather_device_bytes(x: jax.ShapeDtypeStruct, what=("layer",), *, across_processes: bool = True) -> int:
+    """Per-device bytes (outputs + temporaries, XLA's memory analysis) that the export's gather program
+    for a parameter of this shape and sharding allocates beyond its input: `what` as in `_gather_program`.
+    Compiles on abstract shapes, so real model sizes cost nothing to measure."""
+    program = _gather_program(x.sharding, len(x.shape), not across_processes, what).program
+    analysis = program.lower(x, 0).compile().memory_analysis()
+    return int(analysis.output_size_in_bytes + analysis.temp_size_in_bytes)

@@ -20,6 +20,7 @@ import jax
 import jsft.models as jm
 from jsft import distributed
 from jsft.config import RunConfig, to_yaml
+from jsft.data import fingerprint
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
 from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
@@ -93,6 +94,7 @@ class Trainer:
         distributed.initialize()
         enable_compilation_cache(cfg.trainer.compilation_cache_dir)
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
+        distributed.check_shared_directory(self.run_dir, "trainer.default_local_dir")  # before anything writes there
         _check_paths(cfg)
         self.mesh = make_mesh(cfg.trainer.mesh)
         log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} device(s), {jax.process_count()} process(es)")
@@ -110,11 +112,13 @@ class Trainer:
         log(describe_stop_tokens(self.tokenizer))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                      local_devices=jax.local_device_count())
+        fingerprint.check_hosts_agree(fingerprint.inputs(cfg.data, self.tokenizer))  # before tokenizing
         self.train_data = build_train_batches(cfg.data, self.tokenizer, seed=cfg.data.seed, **where)
         log(format_summary(self.train_data.dataset, "train"))
         self.val_data = build_eval_batches(cfg.data, self.tokenizer, **where) if cfg.data.val_files else None
         if self.val_data is not None:
             log(format_summary(self.val_data.dataset, "val"))
+        fingerprint.check_hosts_agree(fingerprint.samples(self.train_data, self.val_data))
         per_epoch = self.train_data.steps_per_epoch
         self.total_steps = cfg.trainer.total_training_steps or cfg.trainer.total_epochs * per_epoch
         self.dropped_per_epoch = len(self.train_data.dataset) - per_epoch * cfg.data.train_batch_size
