@@ -26,9 +26,9 @@ from jsft.generate import Generator
 from jsft.demo import job as demo_job
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
-from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
+from jsft.train.mesh import run_mesh
 from jsft.train.metrics import MetricsLogger
 from jsft.train.optim import consecutive_skips, current_lr, make_optimizer, skipped_steps
 from jsft.train.perf import device_peak_flops
@@ -90,7 +90,7 @@ class Trainer:
         if cfg.demo.enabled:
             self.cfg = cfg = demo_job.prepare(cfg, self.run_dir)
         _check_paths(cfg)
-        self.mesh = make_mesh(cfg.trainer.mesh)
+        self.mesh = run_mesh(cfg, log)  # auto (HSDP) or checked: before any data or weights
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
@@ -201,7 +201,7 @@ class Trainer:
             "train/compiled_shapes": self.step_fn.compiled_programs(),  # grows when a step compiled a new shape
             "train/padding_efficiency": g.tokens / max(g.computed_tokens, 1),
             "train/tokens_per_sec": g.tokens / dt,
-            "train/mfu": flops / dt / self.peak_flops,
+            "train/mfu": flops / dt / self.peak_flops if self.peak_flops else None,  # None: unknown device
             "train/step_time": dt,
             "train/skipped_steps": int(skipped_steps(self.opt_state)),
         }
@@ -231,7 +231,7 @@ class Trainer:
         start = self._resume(manager)
         if distributed.is_main() and start == 0:
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
-        self.peak_flops = device_peak_flops(cfg.model.dtype)
+        self.peak_flops = device_peak_flops(cfg.model.dtype, t.peak_tflops)
         info = run_info(self, self.peak_flops)
         log("run info: " + json.dumps(info))
         if distributed.is_main():
