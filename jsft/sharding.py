@@ -144,7 +144,9 @@ def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh
     sizes = _sizes(mesh)
     if left_whole(logical_axes, shape, sizes):
         raise ValueError(f"a parameter {list(shape)} {tuple(logical_axes)} cannot be split over fsdp={sizes['fsdp']} "
-                         f"and would be replicated on every device; use trainer.mesh={AUTO}")
+                         f"and would be replicated on every device: use a mesh whose fsdp size divides one of "
+                         f"its {', '.join(a for a in logical_axes if a in PARAM_RULES)} dimensions "
+                         f"(jsft.sharding.auto_mesh_shape / trainer.mesh={AUTO} finds one)")
     return P(*_place(logical_axes, shape, sizes))
 
 
