@@ -94,19 +94,24 @@ def make_mesh(
     checked against it (ValueError naming a tensor it cannot shard); without, `auto` puts every device on
     fsdp. `log` receives a line saying which mesh and why."""
     devices = list(devices if devices is not None else jax.devices())
-    if axes == AUTO:
-        sizes, why = auto_mesh_shape(params or {}, len(devices))
+    if axes == AUTO and params is None:
+        sizes = {"data": 1, "fsdp": len(devices)}
+        why = f"mesh {_mesh_text(sizes)} (auto without parameter shapes: every device on fsdp)"
+    elif axes == AUTO:
+        sizes, why = auto_mesh_shape(params, len(devices))
     else:
         sizes = mesh_sizes(axes, len(devices))
         if params is not None:
             check_layout(params, sizes)
-        why = f"mesh {sizes} from trainer.mesh={dict(axes)}"
+        checked = ": every large tensor splits over fsdp" if params is not None else ""
+        why = f"mesh {_mesh_text(sizes)} (trainer.mesh={dict(axes)}{checked})"
     if log is not None:
         log(why)
     shape = tuple(sizes[n] for n in MESH_AXES)
     # Auto axes: shardings are annotations and XLA's partitioner places the collectives.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    # devices in process order, fsdp the fastest axis: an fsdp group is one host's devices when F divides them
+    # jax.devices() order (host by host), fsdp the fastest axis: an fsdp group is one host's devices when
+    # F divides the devices per host, so HSDP's parameter all-gathers stay within a host
     return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
 
 
@@ -223,15 +228,22 @@ def data_parallel_size(mesh: Mesh) -> int:
     return int(np.prod([mesh.shape[a] for a in ACTIVATION_RULES["batch"]]))
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]]) -> jax.Array:
+def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]], via: Optional[Sequence[Optional[str]]] = None):
     """Pin an activation's sharding at a block boundary when a mesh is active (`jax.set_mesh`) and the
-    batch divides the data-parallel devices; a no-op otherwise (single device, eager tests)."""
+    batch divides the data-parallel devices; a no-op otherwise (single device, eager tests, generation's
+    single rows). `via`: a layout to pass through first (where it divides), which steers the backward's
+    resharding (see the embedding lookup in decoder.py)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty:
+    if mesh.empty or not _divides(x, activation_spec(logical_axes), mesh):
         return x
-    spec = activation_spec(logical_axes)
+    if via is not None and _divides(x, activation_spec(via), mesh):
+        x = jax.lax.with_sharding_constraint(x, activation_spec(via))
+    return jax.lax.with_sharding_constraint(x, activation_spec(logical_axes))
+
+
+def _divides(x, spec: P, mesh) -> bool:
     for dim, axes in enumerate(spec):
         axes = (axes,) if isinstance(axes, str) else axes  # P may store a 1-tuple as its name
         if axes and x.shape[dim] % math.prod(mesh.shape[a] for a in axes):
-            return x
-    return jax.lax.with_sharding_constraint(x, spec)
+            return False
+    return True

@@ -200,8 +200,7 @@ class Decoder(nnx.Module):
             # rows over data and hidden over fsdp first, then rows over all devices: the lookup's backward
             # (a scatter into the fsdp-sharded table) then reshards within each fsdp group; straight from
             # rows over all devices, XLA replicates the whole [B, T, D] gradient when data > 1 (HSDP)
-            x = constrain(x, ("replica_batch", None, "embed"))
-            x = constrain(x, ("batch", None, None))
+            x = constrain(x, ("batch", None, None), via=("replica_batch", None, "embed"))
         params = {name: p[...].astype(self.dtype) for name, p in self.layers.items()}
         inv_freq = jnp.asarray(cfg.inv_freq())
         if cache is not None:
