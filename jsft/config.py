@@ -75,7 +75,10 @@ class TrainerConfig:
     shape_buckets: int = 4
     # JAX's persistent compilation cache (a directory; None = off): restarts and resumes skip recompiling
     compilation_cache_dir: Optional[str] = None
-    mesh: dict = field(default_factory=lambda: {"data": 1, "fsdp": -1})  # axis -> size; -1 takes the rest
+    # auto: fsdp = the largest group dividing the devices that shards every large tensor, data = the rest
+    # (HSDP); or explicit sizes {data: 3, fsdp: 8} (-1 takes the rest), checked against the model at start
+    mesh: Any = "auto"
+    peak_tflops: Optional[float] = None  # dense peak TFLOP/s of one device for train/mfu; None: jsft/train/perf.py's table
     export_hf: bool = False  # also write an HF safetensors export to <default_local_dir>/hf at the end
     val_generations: int = 0  # held-out prompts generated and scored at each validation; 0 = off (docs/training.md)
     val_max_new_tokens: int = 256  # generation budget per prompt of validation by generation
@@ -203,6 +206,12 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("need trainer.val_generations >= 0, trainer.val_max_new_tokens >= 1, trainer.val_temperature >= 0")
     if t.val_generations and not (cfg.data.val_files or cfg.demo.enabled):
         raise ValueError("trainer.val_generations generates from held-out rows: set data.val_files")
+    if cfg.trainer.mesh != "auto":
+        from jsft.sharding import check_mesh_axes
+
+        check_mesh_axes(cfg.trainer.mesh)
+    if cfg.trainer.peak_tflops is not None and cfg.trainer.peak_tflops <= 0:
+        raise ValueError(f"trainer.peak_tflops={cfg.trainer.peak_tflops} must be > 0 (or null: look it up)")
 
 
 def to_yaml(cfg: RunConfig) -> str:

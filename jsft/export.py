@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import jax
 
 import jsft.models as jm
-from jsft.models.params import abstract_model, flat_params, replace_params, sharding_for
+from jsft.models.params import abstract_model, flat_params, param_layout, replace_params, sharding_for
 from jsft.config import config_from_yaml
 from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
@@ -32,10 +32,13 @@ from jsft.train.hf_export import model_card
 
 
 def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype="float32"):
-    """(model, meta) from a training checkpoint: parameters restored straight into their shardings."""
+    """(model, meta) from a training checkpoint: parameters restored straight into their shardings.
+    `mesh="auto"` chooses the mesh from the checkpoint's parameter shapes, as the trainer does."""
     manager, step = ckpt.locate(path, step)
     meta = ckpt.read_meta(manager, step)
     cfg = ckpt.model_config_from_json(meta["model_config"])
+    if isinstance(mesh, str):
+        mesh = make_mesh(mesh, params=param_layout(cfg))
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=meta.get("param_dtype", "float32"))
     target = {
         name: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(var, mesh))
@@ -58,8 +61,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if not Path(args.checkpoint).exists():
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or directory")
-        mesh = make_mesh({"fsdp": -1})
-        model, meta = load_checkpoint_model(args.checkpoint, args.step, mesh=mesh)
+        model, meta = load_checkpoint_model(args.checkpoint, args.step, mesh="auto")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

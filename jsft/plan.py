@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+_LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=8192)
 # HF config fields of common models, for planning without a checkpoint (`--preset`; fills model.init).
 PRESETS = {
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -38,7 +40,17 @@ PRESETS = {
                        rope_theta=1e6, max_position_embeddings=32768),
     "llama-3.1-8b": dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                         rope_theta=5e5, max_position_embeddings=131072),
+                         rope_theta=5e5, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                         rope_scaling=_LLAMA31_ROPE),
+    # Qwen/Qwen2.5-32B-Instruct config.json
+    "qwen2.5-32b": dict(model_type="qwen2", vocab_size=152064, hidden_size=5120, intermediate_size=27648,
+                        num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
+                        rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-6),
+    # meta-llama/Llama-3.1-70B config.json
+    "llama-3.1-70b": dict(model_type="llama", vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                          num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                          rope_theta=5e5, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                          rope_scaling=_LLAMA31_ROPE),
 }
 
 _UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -171,21 +183,9 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
 
 def model_config(cfg):
     """The decoder's config from model.path's config.json (no weights read) or from model.init."""
-    from jsft.models.config import ModelConfig
+    from jsft.train.mesh import run_model_config  # imports jax: only after main() set --devices
 
-    if cfg.model.path:
-        return ModelConfig.from_pretrained(cfg.model.path)
-    if cfg.model.init:
-        init = dict(cfg.model.init)
-        if "vocab_size" not in init:
-            from jsft.data.tokenizer import load_tokenizer
-            from jsft.train.loop import random_init_config
-
-            if not cfg.data.tokenizer:
-                raise ValueError("model.init has no vocab_size: set it, or data.tokenizer to take it from")
-            return random_init_config(init, load_tokenizer(cfg.data.tokenizer))
-        return ModelConfig.from_init(init)
-    raise ValueError("nothing to plan: set model.path (a checkpoint directory), model.init or --preset")
+    return run_model_config(cfg)
 
 
 def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
@@ -194,14 +194,15 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
 
     from jsft.data.pipeline import BatchLayout
     from jsft.models.params import abstract_model
-    from jsft.sharding import make_mesh
+    from jsft.train.mesh import run_mesh
     from jsft.train.optim import make_optimizer
 
     model_cfg = model_config(cfg)
+    why = []
+    mesh = run_mesh(cfg, why.append, model_cfg)  # raises before compiling when the mesh would replicate
     remat = cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none"
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
                            remat_policy=remat, attention_impl=cfg.model.attention_impl)
-    mesh = make_mesh(cfg.trainer.mesh)
     layout = BatchLayout.from_config(cfg.data, jax.local_device_count())
     rows = layout.rows_per_micro_batch * jax.process_count()
     plan = plan_memory(model, make_optimizer(cfg.optim, 1), mesh, rows=rows, row_length=layout.row_length,
@@ -215,7 +216,7 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
         "remat": remat,
         "attention": model.attention_impl,
     }
-    return plan, about
+    return plan, {**about, "why": why[0]}
 
 
 def report(plan: Plan, about: dict, budget: Optional[int]) -> str:
@@ -228,7 +229,9 @@ def report(plan: Plan, about: dict, budget: Optional[int]) -> str:
         ("optimizer-update temporaries", plan.update_temp),
         ("peak", plan.peak),
     ]
-    lines = ["plan: " + ", ".join(f"{k} {v}" for k, v in about.items()), "per device:"]
+    about = dict(about)
+    why = about.pop("why", None)
+    lines = ["plan: " + ", ".join(f"{k} {v}" for k, v in about.items())] + ([why] if why else []) + ["per device:"]
     lines += [f"  {name:<40}{_gib(n):>12}" for name, n in rows]
     if budget is not None:
         verdict = "fits" if plan.peak <= budget else "does NOT fit"

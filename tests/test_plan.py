@@ -102,3 +102,39 @@ def test_plan_matches_the_trainers_compiled_step(tmp_path):
     example = step.device_batch(largest_micro_batch({k: v.__array__() for k, v in rows.items()}))
     measured = step.memory_analysis(params, step.init_opt_state(params), example)["temp_bytes"]
     assert planned.step_temp == pytest.approx(measured, rel=0.05), (planned.step_temp, measured)
+
+
+def _run_plan(*args):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)  # --devices sets the fake device count of the child
+    return subprocess.run([sys.executable, "-m", "jsft.plan", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def _bytes(line):
+    value, unit = line.split()[-2:]
+    return float(value) * {"GiB": 2**30, "MiB": 2**20}[unit]
+
+
+def test_a_24_device_plan_takes_hsdp_and_an_explicit_replicating_mesh_is_refused():
+    """The issue's 3 x 8 GPUs at a small preset: auto gives {data: 3, fsdp: 8} and 1/8 of the parameters
+    per device; {data: 1, fsdp: -1} stops before compiling, naming the tensor and meshes that work."""
+    args = ["--preset", "qwen2.5-0.5b", "--devices", "24", "data.max_length=256", "data.micro_batch_size_per_gpu=1",
+            "model.dtype=float32", "--device-memory", "80GB"]
+    ok = _run_plan(*args)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "mesh {'data': 3, 'fsdp': 8}" in ok.stdout and "(HSDP)" in ok.stdout
+    params = _bytes(next(line for line in ok.stdout.splitlines() if line.strip().startswith("parameters")))
+    total = ModelConfig.from_init(plan.PRESETS["qwen2.5-0.5b"]).num_params() * 4
+    assert total / 8 <= params <= 1.15 * total / 8, (params, total)
+
+    refused = _run_plan(*args, "trainer.mesh={data: 1, fsdp: -1}")
+    assert refused.returncode == 2
+    assert "trainer.mesh {data: 1, fsdp: 24} cannot shard embed [151936, 896]" in refused.stderr
+    assert "{data: 3, fsdp: 8}" in refused.stderr

@@ -197,7 +197,10 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones(input_ids.shape, jnp.int32)
         with jax.named_scope("embed"):
             x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
-            x = constrain(x, ("batch", None, None))
+            # rows over data and hidden over fsdp first, then rows over all devices: the lookup's backward
+            # (a scatter into the fsdp-sharded table) then reshards within each fsdp group; straight from
+            # rows over all devices, XLA replicates the whole [B, T, D] gradient when data > 1 (HSDP)
+            x = constrain(x, ("batch", None, None), via=("replica_batch", None, "embed"))
         params = {name: p[...].astype(self.dtype) for name, p in self.layers.items()}
         inv_freq = jnp.asarray(cfg.inv_freq())
         if cache is not None:

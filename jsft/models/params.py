@@ -24,6 +24,12 @@ def flat_params(model: Decoder) -> dict[str, nnx.Variable]:
     return {"/".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
+def param_layout(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple]]:
+    """'layers/q_proj' -> (shape, logical axes) of every parameter, from the config alone (no memory):
+    what jsft.sharding needs to choose and check a mesh before the model exists."""
+    return {name: (tuple(v.shape), tuple(v.logical_axes)) for name, v in flat_params(abstract_model(cfg)).items()}
+
+
 def sharding_for(var: nnx.Variable, mesh: Optional[Mesh]):
     """A parameter's sharding from its logical axes (one device when there is no mesh)."""
     if mesh is None:

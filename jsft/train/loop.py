@@ -28,11 +28,11 @@ from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer, stop_token
 from jsft.eval.generation import GenerationValidation
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
-from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.console import run_info_table
 from jsft.train.hf_export import generation_config, model_card
+from jsft.train.mesh import run_mesh
 from jsft.train.metrics import MetricsLogger
 from jsft.train.optim import consecutive_skips, current_lr, make_optimizer, skipped_steps
 from jsft.train.perf import device_peak_flops
@@ -96,8 +96,7 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
         distributed.check_shared_directory(self.run_dir, "trainer.default_local_dir")  # before anything writes there
         _check_paths(cfg)
-        self.mesh = make_mesh(cfg.trainer.mesh)
-        log(f"mesh {dict(self.mesh.shape)} over {jax.device_count()} device(s), {jax.process_count()} process(es)")
+        self.mesh = run_mesh(cfg, log)  # auto (HSDP) or checked: before any data or weights
         self._build_data()
         self._build_model()
         # only now, so that a run refused at start-up leaves no run directory behind
@@ -220,7 +219,7 @@ class Trainer:
             "train/compiled_shapes": self.step_fn.compiled_programs(),  # grows when a step compiled a new shape
             "train/padding_efficiency": g.tokens / max(g.computed_tokens, 1),
             "train/tokens_per_sec": g.tokens / dt,
-            "train/mfu": flops / dt / self.peak_flops,
+            "train/mfu": flops / dt / self.peak_flops if self.peak_flops else None,  # None: unknown device
             "train/step_time": dt,
             "train/skipped_steps": int(skipped_steps(self.opt_state)),
         }
@@ -257,7 +256,7 @@ class Trainer:
             return {"step": start, "complete": True}
         if distributed.is_main() and start == 0:
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
-        self.peak_flops = device_peak_flops(cfg.model.dtype)
+        self.peak_flops = device_peak_flops(cfg.model.dtype, t.peak_tflops)
         info = run_info(self, self.peak_flops)
         info["dropped_samples_per_epoch"] = self.dropped_per_epoch
         log("run info (run_info.json):\n" + run_info_table(info))

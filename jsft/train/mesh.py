@@ -1,0 +1,41 @@
+"""The run's device mesh, chosen or checked against the model's parameter shapes before any weight exists.
+
+    trainer.mesh: auto            -> the largest fsdp that divides the devices and shards every large tensor,
+                                     the rest on data (HSDP), printed with the reason
+    trainer.mesh: {data: 3, fsdp: 8} -> used as given; a large tensor it cannot shard stops the run here
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+from jax.sharding import Mesh
+
+from jsft.models.config import ModelConfig
+from jsft.models.params import param_layout
+from jsft.sharding import make_mesh
+
+
+def run_model_config(cfg) -> ModelConfig:
+    """The decoder's config of a run: model.path's config.json (no weights read) or model.init, whose
+    vocab_size may come from data.tokenizer (as the trainer fills it)."""
+    if cfg.model.path:
+        return ModelConfig.from_pretrained(cfg.model.path)
+    if cfg.model.init:
+        init = dict(cfg.model.init)
+        if "vocab_size" not in init:
+            from jsft.data.tokenizer import load_tokenizer
+            from jsft.train.loop import random_init_config  # lazy: the loop imports this module
+
+            if not cfg.data.tokenizer:
+                raise ValueError("model.init has no vocab_size: set it, or data.tokenizer to take it from")
+            return random_init_config(init, load_tokenizer(cfg.data.tokenizer))
+        return ModelConfig.from_init(init)
+    raise ValueError("nothing to plan: set model.path (a checkpoint directory), model.init or --preset")
+
+
+def run_mesh(cfg, log: Optional[Callable[[str], None]] = None, model_cfg: Optional[ModelConfig] = None) -> Mesh:
+    """trainer.mesh over all devices, chosen (auto) or checked for the run's parameter shapes."""
+    layout = param_layout(model_cfg or run_model_config(cfg))
+    return make_mesh(cfg.trainer.mesh, jax.devices(), params=layout, log=log)
