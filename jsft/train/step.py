@@ -142,11 +142,14 @@ class TrainStep:
         """How many micro-batch shapes the grad step has compiled so far (one program per shape)."""
         return self._grad._cache_size()
 
+    def lower_grad(self, params, example_batch):
+        """The grad micro-step lowered for this batch shape (jax.stages.Lowered: .as_text(), .compile())."""
+        with jax.set_mesh(self.mesh):
+            return self._grad.lower(params, self._zeros(params), example_batch)
+
     def memory_analysis(self, params, opt_state, example_batch) -> dict:
         """Per-device bytes of the compiled grad step (XLA's memory analysis): arguments, outputs, temporaries."""
-        with jax.set_mesh(self.mesh):
-            compiled = self._grad.lower(params, self._zeros(params), example_batch).compile()
-        stats = compiled.memory_analysis()
+        stats = self.lower_grad(params, example_batch).compile().memory_analysis()
         if stats is None:
             return {}
         return {
