@@ -230,14 +230,15 @@ def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_
     return out.transpose(0, 2, 1, 3, 4).reshape(b, -1, n, h)[:, :t].astype(q.dtype)
 
 
-def _per_device(fn, *args):
+def _per_device(fn, *args, check_vma: bool = True):
     """Run `fn` on each device's rows when a mesh is active and the batch splits evenly over its
-    data-parallel axes, so each device lists the live tiles of its own rows only; else run it as is."""
+    data-parallel axes, so each device lists the live tiles of its own rows only; else run it as is.
+    check_vma=False for Pallas kernels, whose outputs carry no varying-axes annotation."""
     mesh = jax.sharding.get_abstract_mesh()
     spec = activation_spec(("batch",))
     if mesh.empty or args[0].shape[0] % math.prod(mesh.shape[a] for a in spec[0]):
         return fn(*args)
-    return jax.shard_map(fn, in_specs=spec, out_specs=spec)(*args)
+    return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=check_vma)(*args)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------------------
@@ -275,7 +276,7 @@ def _packed(impl: str, q, k, v, segment_ids):
         "cudnn": attention_gpu.cudnn_packed_attention,
         "splash": partial(attention_tpu.splash_attention, interpret=interpret),
     }
-    return _per_device(kernels[impl], q, k, v, segment_ids)
+    return _per_device(kernels[impl], q, k, v, segment_ids, check_vma=False)
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, impl: str = "xla"):
