@@ -32,7 +32,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
     enable_gradient_checkpointing: bool = True  # rematerialise each decoder layer in the backward pass
     remat_policy: str = "full"  # none | full | dots_saveable (with enable_gradient_checkpointing)
-    # auto (pallas_gpu on GPU for bf16, splash on TPU, blockwise elsewhere) | blockwise | xla | pallas_gpu | cudnn | splash
+    # auto (pallas_gpu on GPU, splash on TPU, blockwise on CPU) | blockwise | xla | pallas_gpu | cudnn | splash
     attention_impl: str = "auto"  # (jsft/models/attention.py; docs/training.md "Attention")
 
 

@@ -12,7 +12,7 @@ Implementations:
              (a 2048-token row of ~600-token samples keeps ~1/3 of its 256-tiles), with an online softmax
              and a recomputing backward; the default off GPU. O(T) memory.
   pallas_gpu packed causal flash attention, a Pallas (Triton) kernel that reads segment ids per tile and
-             skips every masked tile (attention_gpu.py); the default on GPU for bf16/fp16 compute.
+             skips every masked tile (attention_gpu.py); the default on GPU.
   cudnn      cuDNN fused attention with the packed layout (per-segment lengths and offsets, causal; no mask
              or bias), GPU with bf16/fp16 only (attention_gpu.py).
   splash     jax's Pallas TPU splash attention with segment ids (attention_tpu.py); the default on TPU.
@@ -249,11 +249,10 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
-    """`auto`: the packed flash kernel of the platform (pallas_gpu on GPU for bf16/fp16, splash on TPU),
-    blockwise otherwise (CPU, or fp32 compute on GPU, where Triton's dots would round to tf32)."""
+    """`auto`: the packed flash kernel of the platform (pallas_gpu on GPU, splash on TPU), blockwise on CPU."""
     backend, half = jax.default_backend(), jnp.dtype(dtype) in CUDNN_DTYPES
     if impl == "auto":
-        return {"gpu": "pallas_gpu" if half else "blockwise", "tpu": "splash"}.get(backend, "blockwise")
+        return {"gpu": "pallas_gpu", "tpu": "splash"}.get(backend, "blockwise")
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation '{impl}' is not supported; allowed: auto, {', '.join(IMPLEMENTATIONS)}")
     if impl == "cudnn" and backend != "gpu":

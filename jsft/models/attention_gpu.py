@@ -95,9 +95,7 @@ def _dot_tn(a, b):  # a.T @ b in fp32
 
 
 def _tile_mask(q_ids, k_ids, q_start, k_start, bq: int, bk: int):
-    causal = (q_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)) >= (
-        k_start + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    )
+    causal = (q_start + jnp.arange(bq))[:, None] >= (k_start + jnp.arange(bk))[None, :]
     return causal & (q_ids[:, None] == k_ids[None, :])
 
 
@@ -106,7 +104,9 @@ def _fwd_kernel(q_ref, k_ref, v_ref, ids_ref, lo_ref, o_ref, lse_ref, *, scale: 
     q_start = i * bq
     q = q_ref[...]  # [bq, H]
     q_ids = ids_ref[pl.ds(q_start, bq)]
-    first = jnp.min(lo_ref[pl.ds(q_start, bq)]) // bk  # the key tile holding the start of the first segment
+    # key tile of the first segment's start (lax.div, not //: integers here are non-negative, and Triton
+    # lowers a plain division)
+    first = lax.div(jnp.min(lo_ref[pl.ds(q_start, bq)]), bk)
     last = lax.div(q_start + bq + bk - 1, bk)  # causal: up to the diagonal
 
     def body(j, carry):
@@ -141,8 +141,8 @@ def _bwd_kernel(
     # dK, dV of keys [start, start + block): queries from the diagonal to the end of the last key's segment
     k, v = k_ref[pl.ds(start, block), :], v_ref[pl.ds(start, block), :]
     k_ids = ids_ref[pl.ds(start, block)]
-    q_first = start // inner
-    q_last = jnp.minimum(jnp.max(hi_ref[pl.ds(start, block)]) // inner + 1, t // inner)
+    q_first = lax.div(start, inner)
+    q_last = jnp.minimum(lax.div(jnp.max(hi_ref[pl.ds(start, block)]), inner) + 1, t // inner)
 
     def dkv_body(i, carry):
         dk, dv = carry
@@ -166,7 +166,7 @@ def _bwd_kernel(
     q, do = q_ref[pl.ds(start, block), :], do_ref[pl.ds(start, block), :]
     q_ids = ids_ref[pl.ds(start, block)]
     lse, delta = lse_ref[pl.ds(start, block)], delta_ref[pl.ds(start, block)]
-    k_first = jnp.min(lo_ref[pl.ds(start, block)]) // inner
+    k_first = lax.div(jnp.min(lo_ref[pl.ds(start, block)]), inner)
     k_last = lax.div(start + block + inner - 1, inner)
 
     def dq_body(j, dq):

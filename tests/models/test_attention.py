@@ -109,12 +109,11 @@ def test_attention_dispatch_and_auto():
 
 
 def test_auto_picks_the_platform_kernel(monkeypatch):
-    """GPU: the packed Pallas kernel for bf16/fp16 (fp32 falls back to blockwise: Triton dots would round to
-    tf32); TPU: splash. cuDNN with fp32 and kernels forced onto the wrong accelerator are refused at model
-    construction instead of failing inside XLA."""
+    """GPU: the packed Pallas kernel (fp32 too: Triton runs fp32 dots in IEEE precision); TPU: splash. cuDNN
+    with fp32 and kernels forced onto the wrong accelerator are refused at model construction instead of
+    failing inside XLA."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert A.resolve_impl("auto", jnp.bfloat16) == "pallas_gpu"
-    assert A.resolve_impl("auto", jnp.float32) == "blockwise"
+    assert A.resolve_impl("auto", jnp.bfloat16) == A.resolve_impl("auto", jnp.float32) == "pallas_gpu"
     assert A.resolve_impl("cudnn", jnp.bfloat16) == "cudnn"
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         A.resolve_impl("cudnn", jnp.float32)
