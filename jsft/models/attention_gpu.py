@@ -284,13 +284,12 @@ def cudnn_packed_args(segment_ids, max_segments: int):
     """(seqlens [B, M], offsets [B, M + 1]) int32 of each row's non-padding runs, as jax's cuDNN fused
     attention takes them for packed rows: run lengths and start indices in row order, -1 past the last run.
     `max_segments` (M) must be at least the number of runs of any row: runs past M would be dropped."""
-    b, t = segment_ids.shape
-    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    b = segment_ids.shape[0]
     real = segment_ids != 0
     starts = real & jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
     ends = real & jnp.concatenate([segment_ids[:, 1:] != segment_ids[:, :-1], jnp.ones((b, 1), bool)], axis=1)
-    first = lambda mask: jax.vmap(lambda m, i: jnp.nonzero(m, size=max_segments, fill_value=-1)[0])(mask, idx)  # noqa: E731
-    begin, end = first(starts).astype(jnp.int32), first(ends).astype(jnp.int32)
+    indices = jax.vmap(lambda m: jnp.nonzero(m, size=max_segments, fill_value=-1)[0].astype(jnp.int32))
+    begin, end = indices(starts), indices(ends)  # [B, M] each run's first / last token
     seqlens = jnp.where(begin >= 0, end - begin + 1, -1)
     offsets = jnp.concatenate([begin, jnp.full((b, 1), -1, jnp.int32)], axis=1)
     return seqlens, offsets
