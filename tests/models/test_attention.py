@@ -137,3 +137,10 @@ def test_blockwise_per_device_under_a_mesh():
     valid = np.asarray(seg > 0)
     ref = A.attention(q, k, v, impl="xla", **ids)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
+
+
+def test_run_config_accepts_every_implementation():
+    from jsft.config import load_config
+
+    for impl in ("auto", *A.IMPLEMENTATIONS):
+        assert load_config(None, [f"model.attention_impl={impl}"]).model.attention_impl == impl
