@@ -31,7 +31,8 @@ class ModelConfig:
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
     enable_gradient_checkpointing: bool = True  # rematerialise each decoder layer in the backward pass
     remat_policy: str = "full"  # none | full | dots_saveable (with enable_gradient_checkpointing)
-    attention_impl: str = "auto"  # auto (cudnn on GPU, blockwise elsewhere) | blockwise | xla | cudnn (jsft/models/attention.py)
+    # auto (pallas_gpu on GPU, splash on TPU, blockwise on CPU) | blockwise | xla | pallas_gpu | cudnn | splash
+    attention_impl: str = "auto"  # (jsft/models/attention.py; docs/training.md "Attention")
 
 
 @dataclass
@@ -179,7 +180,7 @@ def validate(cfg: RunConfig) -> None:
     _choice("data.on_bad_row", cfg.data.on_bad_row, ["error", "skip"])
     _choice("data.pad_mode", cfg.data.pad_mode, ["no_padding", "right"])
     _choice("model.remat_policy", cfg.model.remat_policy, ["none", "full", "dots_saveable"])
-    _choice("model.attention_impl", cfg.model.attention_impl, ["auto", "blockwise", "xla", "cudnn"])
+    _choice("model.attention_impl", cfg.model.attention_impl, ["auto", "xla", "blockwise", "cudnn", "pallas_gpu", "splash"])
     _choice("optim.lr_scheduler_type", cfg.optim.lr_scheduler_type, ["constant", "cosine", "wsd"])
     _choice("trainer.resume_mode", cfg.trainer.resume_mode, ["auto", "disable", "resume_path"])
     _choice(

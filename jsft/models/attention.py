@@ -11,7 +11,16 @@ Implementations:
   blockwise  flash-style over [block x block] tiles, visiting only the tiles the mask does not zero out
              (a 2048-token row of ~600-token samples keeps ~1/3 of its 256-tiles), with an online softmax
              and a recomputing backward; the default off GPU. O(T) memory.
-  cudnn      fused cuDNN kernel through jax.nn.dot_product_attention (GPU only).
+  pallas_gpu packed causal flash attention, a Pallas (Triton) kernel that reads segment ids per tile and
+             skips every masked tile (attention_gpu.py); the default on GPU.
+  cudnn      cuDNN fused attention with the packed layout (per-segment lengths and offsets, causal; no mask
+             or bias), GPU with bf16/fp16 only (attention_gpu.py).
+  splash     jax's Pallas TPU splash attention with segment ids (attention_tpu.py); the default on TPU.
+
+pallas_gpu, cudnn and splash serve self-attention over packed training rows (T = S, each segment one
+contiguous run whose positions grow with the index: what packing produces). Calls they do not cover (a KV
+cache: T != S) take blockwise / xla. Off their platform, pallas_gpu and splash run in Pallas interpret
+mode: exact but slow, for tests and --cpu-smoke.
 
 Dimension letters: B batch, T query length, S key length, N query heads, K kv heads, G = N / K, H head dim.
 """
@@ -26,7 +35,7 @@ import jax.numpy as jnp
 
 from jsft.sharding import activation_spec
 
-IMPLEMENTATIONS = ("xla", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "pallas_gpu", "splash")
 
 # finite instead of -inf: a fully masked (padding) query then averages values instead of producing NaN
 _MASKED = -1e30
@@ -53,12 +62,6 @@ def xla_attention(q, k, v, mask):
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
-
-
-def cudnn_attention(q, k, v, mask):
-    """Fused attention through cuDNN (GPU only): jax.nn.dot_product_attention with the same boolean mask."""
-    out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, :, :], implementation="cudnn")
-    return out.astype(q.dtype)
 
 
 # ---- blockwise --------------------------------------------------------------------------------------------------
@@ -227,14 +230,15 @@ def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_
     return out.transpose(0, 2, 1, 3, 4).reshape(b, -1, n, h)[:, :t].astype(q.dtype)
 
 
-def _per_device(fn, *args):
+def _per_device(fn, *args, check_vma: bool = True):
     """Run `fn` on each device's rows when a mesh is active and the batch splits evenly over its
-    data-parallel axes, so each device lists the live tiles of its own rows only; else run it as is."""
+    data-parallel axes, so each device lists the live tiles of its own rows only; else run it as is.
+    check_vma=False for Pallas kernels, whose outputs carry no varying-axes annotation."""
     mesh = jax.sharding.get_abstract_mesh()
     spec = activation_spec(("batch",))
     if mesh.empty or args[0].shape[0] % math.prod(mesh.shape[a] for a in spec[0]):
         return fn(*args)
-    return jax.shard_map(fn, in_specs=spec, out_specs=spec)(*args)
+    return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=check_vma)(*args)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------------------
@@ -245,25 +249,42 @@ CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
-    """`auto`: cuDNN on GPU for bf16/fp16 compute, blockwise otherwise (CPU, or fp32 compute)."""
-    on_gpu, half = jax.default_backend() == "gpu", jnp.dtype(dtype) in CUDNN_DTYPES
+    """`auto`: the packed flash kernel of the platform (pallas_gpu on GPU, splash on TPU), blockwise on CPU."""
+    backend, half = jax.default_backend(), jnp.dtype(dtype) in CUDNN_DTYPES
     if impl == "auto":
-        return "cudnn" if on_gpu and half else "blockwise"
+        return {"gpu": "pallas_gpu", "tpu": "splash"}.get(backend, "blockwise")
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation '{impl}' is not supported; allowed: auto, {', '.join(IMPLEMENTATIONS)}")
-    if impl == "cudnn" and not on_gpu:
+    if impl == "cudnn" and backend != "gpu":
         raise ValueError("attention_impl=cudnn needs a GPU backend")
     if impl == "cudnn" and not half:
         raise ValueError(f"attention_impl=cudnn needs bfloat16 or float16 compute (model.dtype), not {jnp.dtype(dtype)}")
+    for name, home in (("pallas_gpu", "gpu"), ("splash", "tpu")):
+        if impl == name and backend not in (home, "cpu"):  # cpu: interpret mode
+            raise ValueError(f"attention_impl={name} needs a {home.upper()} backend (or CPU, interpreted), not {backend}")
     return impl
 
 
+def _packed(impl: str, q, k, v, segment_ids):
+    """The packed-row kernels, each device on its own rows; interpreted off their platform."""
+    from jsft.models import attention_gpu, attention_tpu  # Pallas imports only where they are used
+
+    interpret = jax.default_backend() == "cpu"
+    kernels = {
+        "pallas_gpu": partial(attention_gpu.pallas_attention, interpret=interpret),
+        "cudnn": attention_gpu.cudnn_packed_attention,
+        "splash": partial(attention_tpu.splash_attention, interpret=interpret),
+    }
+    return _per_device(kernels[impl], q, k, v, segment_ids, check_vma=False)
+
+
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, impl: str = "xla"):
+    if impl in ("pallas_gpu", "cudnn", "splash"):
+        if q.shape[1] == k.shape[1] and q_segment_ids is kv_segment_ids:
+            return _packed(impl, q, k, v, q_segment_ids)
+        impl = "blockwise"  # a KV cache (generation): not packed self-attention
     # Queries that fit one tile (decoding, short prompts) have nothing to skip along T, and their full
     # [T, S] scores are small: the fused reference is faster there.
     if impl == "blockwise" and q.shape[1] > BLOCK:
         return _per_device(blockwise_attention, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
-    mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions)
-    if impl == "cudnn":
-        return cudnn_attention(q, k, v, mask)
-    return xla_attention(q, k, v, mask)
+    return xla_attention(q, k, v, attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions))

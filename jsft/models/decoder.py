@@ -67,10 +67,17 @@ def _param(init, key, shape, axes, dtype) -> nnx.Param:
 
 
 def rms_norm(x, scale, eps):
-    """As transformers: normalise in fp32, cast back, then scale in the compute dtype."""
+    """As transformers: normalise in fp32 and round to the compute dtype; the scale multiplies in fp32 (one
+    rounding, not two), so its gradient is summed over the tokens in fp32 (see `add_bias`)."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return scale.astype(x.dtype) * normed.astype(x.dtype)
+    return (scale.astype(jnp.float32) * normed.astype(x.dtype)).astype(x.dtype)
+
+
+def add_bias(x, bias):
+    """x + bias in fp32, rounded once: the bias gradient is a sum over all tokens, and summing in fp32 keeps
+    the per-device partial sums and their cross-device reduction fp32 under bf16 compute."""
+    return (x.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
 def rope(x, positions, inv_freq):
@@ -88,8 +95,10 @@ def dense(x, w, contract: int = 1):
     slower: it transposes [B*T, out] activations instead of feeding the GEMM directly."""
     b, t = x.shape[:2]
     n_in = math.prod(w.shape[:contract])
-    y = x.reshape(b * t, n_in) @ w.reshape(n_in, -1)
-    return y.reshape(b, t, *w.shape[contract:])
+    # fp32 accumulation (what a bf16 GEMM does anyway): its transpose, the weight gradient's contraction
+    # over the device's tokens, then also yields fp32 partial sums, which XLA reduces across devices in fp32
+    y = jnp.matmul(x.reshape(b * t, n_in), w.reshape(n_in, -1), preferred_element_type=jnp.float32)
+    return y.astype(x.dtype).reshape(b, t, *w.shape[contract:])
 
 
 def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, attn_impl, cache=None, layer=None):
@@ -103,7 +112,7 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
         h = rms_norm(x, p["attn_norm"], eps)
         q, k, v = dense(h, p["q_proj"]), dense(h, p["k_proj"]), dense(h, p["v_proj"])  # [B,T,N|K,H]
         if cfg.qkv_bias:
-            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+            q, k, v = add_bias(q, p["q_bias"]), add_bias(k, p["k_bias"]), add_bias(v, p["v_bias"])
         if cfg.qk_norm:
             q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
         q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
@@ -117,7 +126,7 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
         )
         x = x + dense(a, p["o_proj"], contract=2)
         if cfg.o_bias:
-            x = x + p["o_bias"]
+            x = add_bias(x, p["o_bias"])
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
         gated = jax.nn.silu(dense(h, p["gate_proj"])) * dense(h, p["up_proj"])  # [B, T, F]

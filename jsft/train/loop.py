@@ -33,8 +33,9 @@ from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_st
 from jsft.train.console import run_info_table
 from jsft.train.hf_export import generation_config, model_card
 from jsft.train.mesh import run_mesh
+from jsft.train.inflight import InFlightStep
 from jsft.train.metrics import MetricsLogger
-from jsft.train.optim import consecutive_skips, current_lr, make_optimizer, skipped_steps
+from jsft.train.optim import make_optimizer
 from jsft.train.perf import device_peak_flops
 from jsft.train.run_info import run_info
 from jsft.train.step import TrainStep
@@ -195,22 +196,17 @@ class Trainer:
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
-    def _train_step(self, batch: StepBatch) -> dict:
+    def _train_step(self, step: int, batch: StepBatch) -> InFlightStep:
+        """Prepare and dispatch one optimizer step; returns without waiting for the device (see inflight.py)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         g = prepare_step(batch, self.train_data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode,
                          max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets)
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
-        self.params, self.opt_state, loss, grad_norm = self.step_fn.train_step(self.params, self.opt_state, device_batches)
-        loss, grad_norm = float(loss), float(grad_norm)  # waits for the step
-        dt = time.perf_counter() - t0
+        self.params, self.opt_state, loss, stats = self.step_fn.train_step_stats(self.params, self.opt_state, device_batches)
         mean_len = g.tokens / max(g.samples, 1)
-        flops = self.model.config.flops_per_token(mean_len) * g.tokens
-        return {
+        host = {
             "epoch": batch.epoch,
-            "train/loss": loss,
-            "train/lr": float(current_lr(self.opt_state)),
-            "train/grad_norm": grad_norm,
             "train/target_tokens": g.target_tokens,
             "train/global_tokens": g.tokens,
             "train/target_token_ratio": g.target_tokens / max(g.tokens, 1),
@@ -218,11 +214,9 @@ class Trainer:
             "train/micro_batches": len(g.micro_batches),
             "train/compiled_shapes": self.step_fn.compiled_programs(),  # grows when a step compiled a new shape
             "train/padding_efficiency": g.tokens / max(g.computed_tokens, 1),
-            "train/tokens_per_sec": g.tokens / dt,
-            "train/mfu": flops / dt / self.peak_flops if self.peak_flops else None,  # None: unknown device
-            "train/step_time": dt,
-            "train/skipped_steps": int(skipped_steps(self.opt_state)),
         }
+        flops = self.model.config.flops_per_token(mean_len) * g.tokens
+        return InFlightStep.dispatched(step, t0, loss, stats, host, g.tokens, flops)
 
     def validate(self, step: int) -> dict:
         """val/loss over the whole validation set, normalised like training (global counts of the set), then
@@ -268,21 +262,35 @@ class Trainer:
             self.run_dir, t.logger, distributed.is_main(), self.total_steps, t.project_name, t.experiment_name,
             config_dict=json.loads(json.dumps(_as_dict(cfg), default=str)), start_step=start + 1,
         )
+        pending, done, stopping = None, None, False  # the step dispatched last iteration, unread; when the one before ended
+
+        def finish(p: InFlightStep) -> None:  # read, log and check a dispatched step
+            nonlocal done, last
+            metrics, skips, done = p.read(done, self.peak_flops)
+            metrics_logger.log(p.step, metrics)
+            last = {"step": p.step, **metrics}
+            self._check_skips(skips)
+
         try:
             for step in range(start + 1, self.total_steps + 1):
-                metrics = self._train_step(next(self.train_data))
+                current = self._train_step(step, next(self.train_data))  # dispatched: the device is busy
+                if pending is not None:
+                    finish(pending)  # step - 1, read while `step` runs
                 stopping = stop.requested()
                 final = step == self.total_steps
                 if self.val_data is not None and (final or (t.test_freq > 0 and step % t.test_freq == 0)):
-                    metrics.update(self.validate(step))
-                metrics_logger.log(step, metrics)
-                self._check_skips()
-                last = {"step": step, **metrics}
+                    current.extra.update(self.validate(step))
                 if final or stopping or (t.save_freq > 0 and step % t.save_freq == 0):
-                    ckpt.save(manager, step, params=self.params, opt_state=self.opt_state, meta=self._meta(step, metrics))
+                    finish(current)  # read now: a checkpoint's metadata carries its step's figures
+                    current = None
+                    ckpt.save(manager, step, params=self.params, opt_state=self.opt_state, meta=self._meta(step, last))
+                pending = current
                 if stopping:
-                    log(f"stop requested: saved step {step}, exiting")
                     break
+            if pending is not None:
+                finish(pending)
+            if stopping:
+                log(f"stop requested: saved step {last['step']}, exiting")
         finally:
             manager.wait_until_finished()
             manager.close()
@@ -316,9 +324,9 @@ class Trainer:
     def export_model(self):
         return replace_params(self.model, self.params)
 
-    def _check_skips(self) -> None:
+    def _check_skips(self, n: int) -> None:
+        """n: consecutive non-finite steps up to the step just read."""
         limit = self.cfg.optim.max_consecutive_skips
-        n = int(consecutive_skips(self.opt_state))
         if n >= limit:
             raise RuntimeError(
                 f"{n} consecutive optimizer steps had a non-finite loss or gradient (optim.max_consecutive_skips="

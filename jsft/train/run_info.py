@@ -41,4 +41,5 @@ def run_info(trainer, peak_flops: float) -> dict:
         "step_memory_per_device": trainer.step_fn.memory_analysis(trainer.params, trainer.opt_state, example),
         "total_steps": trainer.total_steps,
         "loss_agg_mode": cfg.trainer.loss_agg_mode,
+        "attention_impl": trainer.model.attention_impl,  # what model.attention_impl resolved to here
     }

@@ -22,6 +22,7 @@ from jsft.models.decoder import Decoder
 from jsft.models.params import param_arrays, param_shardings, replace_params
 from jsft.sharding import batch_sharding
 from jsft.train.loss import weighted_nll
+from jsft.train.optim import consecutive_skips, current_lr, skipped_steps
 
 HOST_MEMORY = "pinned_host"
 
@@ -104,7 +105,13 @@ class TrainStep:
         grad_norm = optax.tree.norm(grads)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
         updates, opt_state = self.optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, grad_norm
+        # the step's figures as fresh outputs: the opt_state leaves they come from are donated to the next
+        # step, which the loop dispatches before it reads this one (jsft/train/inflight.py)
+        stats = {
+            "grad_norm": grad_norm, "lr": current_lr(opt_state), "skipped_steps": skipped_steps(opt_state),
+            "consecutive_skips": consecutive_skips(opt_state),
+        }
+        return optax.apply_updates(params, updates), opt_state, jax.tree.map(jnp.copy, stats)
 
     # ---- host-side API -----------------------------------------------------------------------------------------
 
@@ -129,10 +136,17 @@ class TrainStep:
 
     def train_step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
         """One optimizer step; returns (params, opt_state, loss, grad_norm)."""
+        params, opt_state, loss, stats = self.train_step_stats(params, opt_state, micro_batches)
+        return params, opt_state, loss, stats["grad_norm"]
+
+    def train_step_stats(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
+        """One optimizer step, dispatched without waiting; returns (params, opt_state, loss, stats) with
+        stats {grad_norm, lr, skipped_steps, consecutive_skips}: arrays of their own, still readable after
+        params and opt_state have been donated to the next step."""
         loss, grads = self.gradients(params, micro_batches)
         with jax.set_mesh(self.mesh):
-            params, opt_state, grad_norm = self._apply(params, opt_state, grads)
-        return params, opt_state, loss, grad_norm
+            params, opt_state, stats = self._apply(params, opt_state, grads)
+        return params, opt_state, loss, stats
 
     def eval_loss(self, params, micro_batches: list[dict[str, jax.Array]]) -> jax.Array:
         with jax.set_mesh(self.mesh):
@@ -142,11 +156,14 @@ class TrainStep:
         """How many micro-batch shapes the grad step has compiled so far (one program per shape)."""
         return self._grad._cache_size()
 
+    def lower_grad(self, params, example_batch):
+        """The grad micro-step lowered for this batch shape (jax.stages.Lowered: .as_text(), .compile())."""
+        with jax.set_mesh(self.mesh):
+            return self._grad.lower(params, self._zeros(params), example_batch)
+
     def memory_analysis(self, params, opt_state, example_batch) -> dict:
         """Per-device bytes of the compiled grad step (XLA's memory analysis): arguments, outputs, temporaries."""
-        with jax.set_mesh(self.mesh):
-            compiled = self._grad.lower(params, self._zeros(params), example_batch).compile()
-        stats = compiled.memory_analysis()
+        stats = self.lower_grad(params, example_batch).compile().memory_analysis()
         if stats is None:
             return {}
         return {

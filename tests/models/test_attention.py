@@ -104,18 +104,25 @@ def test_attention_dispatch_and_auto():
     assert A.resolve_impl("auto") == "blockwise"  # tests run on CPU
     with pytest.raises(ValueError, match="needs a GPU"):
         A.resolve_impl("cudnn")
-    with pytest.raises(ValueError, match="allowed: auto, xla, blockwise, cudnn"):
+    with pytest.raises(ValueError, match="allowed: auto, xla, blockwise, cudnn, pallas_gpu, splash"):
         A.resolve_impl("flash")
 
 
-def test_auto_picks_cudnn_on_gpu_for_half_precision_only(monkeypatch):
-    """cuDNN's fused attention takes bf16/fp16 only: fp32 compute on a GPU falls back to blockwise, and an
-    explicit cudnn with fp32 is refused at model construction instead of failing inside XLA."""
+def test_auto_picks_the_platform_kernel(monkeypatch):
+    """GPU: the packed Pallas kernel (fp32 too: Triton runs fp32 dots in IEEE precision); TPU: splash. cuDNN
+    with fp32 and kernels forced onto the wrong accelerator are refused at model construction instead of
+    failing inside XLA."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert A.resolve_impl("auto", jnp.bfloat16) == "cudnn"
-    assert A.resolve_impl("auto", jnp.float32) == "blockwise"
+    assert A.resolve_impl("auto", jnp.bfloat16) == A.resolve_impl("auto", jnp.float32) == "pallas_gpu"
+    assert A.resolve_impl("cudnn", jnp.bfloat16) == "cudnn"
     with pytest.raises(ValueError, match="bfloat16 or float16"):
         A.resolve_impl("cudnn", jnp.float32)
+    with pytest.raises(ValueError, match="splash needs a TPU"):
+        A.resolve_impl("splash")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert A.resolve_impl("auto", jnp.bfloat16) == A.resolve_impl("auto", jnp.float32) == "splash"
+    with pytest.raises(ValueError, match="pallas_gpu needs a GPU"):
+        A.resolve_impl("pallas_gpu")
 
 
 def test_blockwise_per_device_under_a_mesh():
@@ -130,3 +137,10 @@ def test_blockwise_per_device_under_a_mesh():
     valid = np.asarray(seg > 0)
     ref = A.attention(q, k, v, impl="xla", **ids)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
+
+
+def test_run_config_accepts_every_implementation():
+    from jsft.config import load_config
+
+    for impl in ("auto", *A.IMPLEMENTATIONS):
+        assert load_config(None, [f"model.attention_impl={impl}"]).model.attention_impl == impl
