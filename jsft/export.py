@@ -24,8 +24,9 @@ from typing import Optional, Sequence
 import jax
 
 import jsft.models as jm
-from jsft.models.params import abstract_model, flat_params, param_layout, replace_params, sharding_for
+from jsft import distributed
 from jsft.config import config_from_yaml
+from jsft.models.params import abstract_model, flat_params, param_layout, replace_params, sharding_for
 from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
 from jsft.train.hf_export import model_card
@@ -58,6 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--tokenizer", default=None, help="tokenizer directory to write (default: the run's saved tokenizer)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
     args = parser.parse_args(argv)
+    distributed.initialize()  # multi-host: every host runs this command; all must join before jax starts
     try:
         if not Path(args.checkpoint).exists():
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: no such file or directory")

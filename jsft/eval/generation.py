@@ -148,8 +148,9 @@ class GenerationValidation:
         self.seed = t.seed
         # one compiled program per prompt-length bucket: rows per call are what a training micro-batch holds
         self.rows_per_call = cfg.data.micro_batch_size_per_gpu * (data_parallel_size(mesh) if mesh else 1)
+        calls = f"tool calls as {self.format.open.strip()!r}...{self.format.close.strip()!r}" if self.format else "no tools"
         log(f"validation by generation: {len(self.prompts)} held-out prompts, up to {t.val_max_new_tokens} new "
-            f"tokens each, tool-call format {self.format}")
+            f"tokens each, {calls}")
 
     def _format(self) -> ToolCallFormat:
         stops = [self.tokenizer.convert_ids_to_tokens(i) for i in sorted(self.stop_ids)]

@@ -37,20 +37,23 @@ def step_lines(step: int, total: int, metrics: Mapping[str, Any]) -> list[str]:
     parts = [f"{short} {_fmt(metrics[k], spec)}" for k, short, spec in STEP_FIELDS if k in metrics]
     if metrics.get("train/skipped_steps"):
         parts.append(f"skipped {metrics['train/skipped_steps']}")
-    lines = _wrap(head, parts)
+    lines = wrap(head, parts)
     val = [f"{k.removeprefix('val/')} {_fmt(v)}" for k, v in metrics.items() if k.startswith("val/")]
     if val:
-        lines += _wrap(" " * len(head) + " val", val)
+        lines += wrap(" " * len(head) + " val", val)
     return lines
 
 
-def _wrap(head: str, parts: list[str]) -> list[str]:
+def wrap(head: str, parts: list[str], sep: str = " | ") -> list[str]:
+    """`head` then the parts joined by `sep`, continued on indented lines so that none passes WIDTH."""
     lines, line = [], head
-    for part in parts:
-        if len(line) + 3 + len(part) > WIDTH:
-            lines.append(line)
+    for i, part in enumerate(parts):
+        joiner = sep if i else (" | " if sep == " | " else " ")
+        if len(line) + len(joiner) + len(part) > WIDTH:
+            lines.append(line.rstrip(", "))
             line = " " * len(head)
-        line += " | " + part
+            joiner = " | " if sep == " | " else " "
+        line += joiner + part
     return lines + [line]
 
 
@@ -74,7 +77,7 @@ def config_summary(cfg) -> str:
                   f"max_length {d.max_length}, {d.pad_mode}"),
         ("optim", f"lr {o.lr:g} {o.lr_scheduler_type}, warmup {o.lr_warmup_steps if o.lr_warmup_steps >= 0 else o.lr_warmup_steps_ratio}, "
                   f"wd {o.weight_decay:g}, clip {o.clip_grad:g}"),
-        ("trainer", f"{steps}, loss {t.loss_agg_mode}, mesh {dict(t.mesh)}, run dir {t.default_local_dir}"),
+        ("trainer", f"{steps}, loss {t.loss_agg_mode}, mesh {t.mesh if isinstance(t.mesh, str) else dict(t.mesh)}, run dir {t.default_local_dir}"),
     ]
     return table(rows)
 

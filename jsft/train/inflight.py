@@ -28,6 +28,7 @@ class InFlightStep:
     tokens: int
     flops: float
     extra: dict = field(default_factory=dict)  # added before reading, e.g. validation metrics
+    done: Optional[float] = None  # perf_counter when the step was seen done (wait)
 
     @classmethod
     def dispatched(cls, step: int, started: float, loss, stats: dict, host: dict, tokens: int,
@@ -37,12 +38,19 @@ class InFlightStep:
                   "consecutive_skips": stats["consecutive_skips"]}
         return cls(step, started, device, host, tokens, flops)
 
+    def wait(self) -> None:
+        """Block until the step is done and note when: later host work (validation) is not step time."""
+        if self.done is None:
+            jax.block_until_ready(self.device)
+            self.done = time.perf_counter()
+
     def read(self, previous_done: Optional[float], peak_flops: Optional[float]) -> tuple[dict, int, float]:
         """(metrics, consecutive non-finite steps, time the step was seen done). Blocks until the step is done.
         The step time runs from the later of this step's start and the previous step's end: with the
         pipeline full, successive steps' ends are one device step apart."""
+        self.wait()
         values = jax.device_get(self.device)
-        done = time.perf_counter()
+        done = self.done
         dt = done - max(self.started, previous_done or self.started)
         skips = int(values.pop("consecutive_skips"))
         metrics = {

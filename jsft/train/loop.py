@@ -30,7 +30,7 @@ from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
 from jsft.train import checkpoint as ckpt
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
-from jsft.train.console import run_info_table
+from jsft.train.console import run_info_table, wrap
 from jsft.train.hf_export import generation_config, model_card
 from jsft.train.mesh import run_mesh
 from jsft.train.inflight import InFlightStep
@@ -279,6 +279,7 @@ class Trainer:
                 stopping = stop.requested()
                 final = step == self.total_steps
                 if self.val_data is not None and (final or (t.test_freq > 0 and step % t.test_freq == 0)):
+                    current.wait()  # the step's time ends here, not after its validation
                     current.extra.update(self.validate(step))
                 if final or stopping or (t.save_freq > 0 and step % t.save_freq == 0):
                     finish(current)  # read now: a checkpoint's metadata carries its step's figures
@@ -309,8 +310,8 @@ class Trainer:
         d = self.run_dir
         lines = [f"run directory {d}"]
         if last:
-            vals = {k: v for k, v in last.items() if k.startswith("val/") or k == "train/loss"}
-            lines.append(f"  step {last['step']}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items()))
+            keys = [k for k in last if k in ("train/loss", "val/loss") or k.endswith(("_rate", "_match"))]
+            lines += wrap(f"  step {last['step']}:", [f"{k} {_g(last[k])}" for k in keys], sep=", ")
         items = [
             ("config.yaml", "resolved config"), ("run_info.json", "mesh, parameter and memory figures"),
             ("metrics.jsonl", "one JSON object per optimizer step (python -m jsft.plot " + str(d) + ")"),
@@ -361,6 +362,10 @@ def _check_paths(cfg: RunConfig) -> None:
                 resolve_files(files)  # missing inputs, unknown types, a DatasetDict: refused before any work
             except (ValueError, FileNotFoundError) as e:
                 raise type(e)(f"{key}: {e}") from None
+
+
+def _g(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _complete_message(run_dir: Path, step: int, total: int) -> str:
