@@ -32,6 +32,13 @@ class ModelConfig:
     enable_gradient_checkpointing: bool = True  # rematerialise each decoder layer in the backward pass
     remat_policy: str = "full"  # none | full | dots_saveable (with enable_gradient_checkpointing)
     attention_impl: str = "auto"  # auto (cudnn on GPU, blockwise elsewhere) | blockwise | xla | cudnn (jsft/models/attention.py)
+    # LoRA (veRL's keys; docs/training.md#lora): adapters on the projections, the base frozen
+    lora_rank: int = 0  # adapter rank; 0 = full fine-tuning
+    lora_alpha: float = 16  # scale = lora_alpha / lora_rank, as PEFT
+    target_modules: Any = "all-linear"  # all-linear | list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    use_rslora: bool = False  # scale = lora_alpha / sqrt(lora_rank) (PEFT's use_rslora)
+    lora_adapter_path: Optional[str] = None  # start from this PEFT adapter directory (its config sets rank, alpha, targets)
+    frozen_param_dtype: Optional[str] = None  # LoRA: dtype the frozen base is stored in (bfloat16 halves it); None = param_dtype
 
 
 @dataclass
@@ -188,6 +195,9 @@ def validate(cfg: RunConfig) -> None:
         raise ValueError("data.max_length, data.train_batch_size and data.micro_batch_size_per_gpu must be > 0")
     if cfg.trainer.shape_buckets < 1 or cfg.trainer.loss_chunk_size < 1:
         raise ValueError("trainer.shape_buckets and trainer.loss_chunk_size must be >= 1")
+    from jsft.models.lora import check_run_config  # noqa: PLC0415 (jax-importing; only validate needs it)
+
+    check_run_config(cfg.model)
 
 
 def to_yaml(cfg: RunConfig) -> str:
