@@ -1,7 +1,11 @@
-"""Export a jsft training checkpoint to a Hugging Face safetensors directory.
+"""Export a jsft training checkpoint to a Hugging Face safetensors directory (and a LoRA run's PEFT adapter).
 
     python -m jsft.export --checkpoint RUN_DIR_OR_CHECKPOINT --out HF_DIR [--step N] [--dtype bfloat16]
-                         [--tokenizer DIR] [--max-shard-size 5GB]
+                         [--tokenizer DIR] [--max-shard-size 5GB] [--adapter-out DIR] [--adapter-only]
+
+A LoRA run (model.lora_rank > 0) exports its adapters merged into the base weights to --out, and with
+--adapter-out DIR also the adapter alone as a PEFT directory (peft.PeftModel.from_pretrained(base, DIR));
+--adapter-only skips the merge (then --out is not needed).
 
 `--checkpoint` may be a run directory (its checkpoints/ subfolder is used), a checkpoints directory, or
 one step's directory; the latest complete step is taken unless --step is given. The tokenizer saved in
@@ -18,6 +22,7 @@ from typing import Optional, Sequence
 import jax
 
 import jsft.models as jm
+from jsft.models import lora
 from jsft.models.params import abstract_model, flat_params, replace_params, sharding_for
 from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
@@ -28,7 +33,8 @@ def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype=
     manager, step = ckpt.locate(path, step)
     meta = ckpt.read_meta(manager, step)
     cfg = ckpt.model_config_from_json(meta["model_config"])
-    abstract = abstract_model(cfg, dtype=dtype, param_dtype=meta.get("param_dtype", "float32"))
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=meta.get("param_dtype", "float32"),
+                              lora=lora.spec_from_json(meta.get("lora")))
     target = {
         name: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(var, mesh))
         for name, var in flat_params(abstract).items()
@@ -40,18 +46,33 @@ def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype=
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jsft.export", description=__doc__.split("\n")[1])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", help="HF directory for the (merged) model")
     parser.add_argument("--step", type=int, default=None)
     parser.add_argument("--dtype", default=None, help="weight dtype of the export (default: the source's)")
     parser.add_argument("--tokenizer", default=None)
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--adapter-out", help="LoRA runs: also write the PEFT adapter directory here")
+    parser.add_argument("--adapter-only", action="store_true", help="LoRA runs: write only --adapter-out, no merge")
     args = parser.parse_args(argv)
+    if args.adapter_only and not args.adapter_out:
+        parser.error("--adapter-only needs --adapter-out DIR")
+    if not (args.out or args.adapter_only):
+        parser.error("--out DIR is required (or --adapter-only with --adapter-out)")
     mesh = make_mesh({"fsdp": -1})
     model, meta = load_checkpoint_model(args.checkpoint, args.step, mesh=mesh)
-    tokenizer = args.tokenizer or meta.get("tokenizer")
-    out = jm.save_pretrained(model, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, tokenizer=tokenizer)
+    if args.adapter_out and model.lora is None:
+        parser.error(f"{args.checkpoint} is a full fine-tuning checkpoint (no LoRA adapters): drop --adapter-out")
+    written = []
+    if args.adapter_out:
+        written.append(lora.save_adapter(model, args.adapter_out, base_model_name_or_path=meta.get("base_model")))
+    if not args.adapter_only:
+        merged = lora.merge(model) if model.lora is not None else model
+        tokenizer = args.tokenizer or meta.get("tokenizer")
+        written.append(jm.save_pretrained(merged, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                                          tokenizer=tokenizer))
     if jax.process_index() == 0:
-        print(f"exported step {meta['step']} of {args.checkpoint} to {Path(out).absolute()}")
+        where = " and ".join(str(Path(w).absolute()) for w in written)
+        print(f"exported step {meta['step']} of {args.checkpoint} to {where}")
     return 0
 
 

@@ -24,6 +24,7 @@ from jsft.data.summary import format_summary
 from jsft.data.tokenizer import end_of_turn_texts, load_tokenizer
 from jsft.generate import Generator
 from jsft.demo import job as demo_job
+from jsft.models import lora
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import make_mesh
@@ -115,8 +116,11 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
+        self.lora = lora.spec_from_run_config(cfg.model)  # None: full fine-tuning
+        if self.lora and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
+            lora.check_adapter(cfg.model.lora_adapter_path, ModelConfig.from_pretrained(cfg.model.path), self.lora)
         kwargs = dict(
-            dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=self.mesh,
+            dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model), mesh=self.mesh,
             remat_policy=cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none",
             attention_impl=cfg.model.attention_impl,
         )
@@ -131,6 +135,10 @@ class Trainer:
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: they do not belong together"
             )
+        if self.lora:
+            self.model = lora.attach(self.model, self.lora, mesh=self.mesh, seed=cfg.trainer.seed,
+                                     adapter_path=cfg.model.lora_adapter_path)
+            log(f"LoRA {self.lora}: {len(lora.trainable_names(self.model))} adapter tensors trained, the base frozen")
         self.optimizer = make_optimizer(cfg.optim, self.total_steps)
         self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size,
                                  offload_opt_state=cfg.optim.offload_state)
@@ -150,7 +158,9 @@ class Trainer:
             "step": step,
             "data_state": self.train_data.get_state(),
             "model_config": ckpt.model_config_to_json(self.model.config),
-            "param_dtype": self.cfg.model.param_dtype,
+            "param_dtype": str(self.model.param_dtype),  # of the base (model.frozen_param_dtype with LoRA)
+            "lora": lora.spec_to_json(self.lora),
+            "base_model": self.cfg.model.path,
             "seed": self.cfg.trainer.seed,
             "config": to_yaml(self.cfg),
             "tokenizer": str(self.run_dir / "tokenizer"),
@@ -263,8 +273,13 @@ class Trainer:
             metrics_logger.close()
             stop.restore()
         if t.export_hf and last.get("step") == self.total_steps:
-            out = jm.save_pretrained(self.export_model(), self.run_dir / "hf", tokenizer=self.tokenizer)
-            log(f"exported Hugging Face checkpoint to {out}")
+            model = self.export_model()
+            if self.lora:
+                adapter = lora.save_adapter(model, self.run_dir / "adapter", base_model_name_or_path=cfg.model.path)
+                log(f"exported PEFT adapter to {adapter}")
+                model = lora.merge(model)
+            out = jm.save_pretrained(model, self.run_dir / "hf", tokenizer=self.tokenizer)
+            log(f"exported Hugging Face checkpoint to {out}" + (" (LoRA merged)" if self.lora else ""))
         log(self._where_everything_is(last))
         return last
 
@@ -279,6 +294,7 @@ class Trainer:
             ("metrics.jsonl", "one JSON object per optimizer step (python -m jsft.plot " + str(d) + ")"),
             ("checkpoints", "orbax checkpoints (python -m jsft.export --checkpoint " + str(d) + " --out DIR)"),
             ("samples", "validation generations, samples/step_N.jsonl"), ("hf", "Hugging Face export"),
+            ("adapter", "PEFT LoRA adapter (peft.PeftModel.from_pretrained(base, dir))"),
             ("demo", "generated dataset and tokenizer"), ("tensorboard", "TensorBoard logs"),
         ]
         lines += [f"  {name:<14} {what}" for name, what in items if (d / name).exists()]
