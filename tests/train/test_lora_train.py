@@ -1,0 +1,177 @@
+"""LoRA training end to end: from a PEFT adapter it follows a torch + peft loop; the exports load in peft
+and transformers; only the adapters move and hold optimizer state; resume is exact; the export CLI."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+peft = pytest.importorskip("peft")
+
+from jsft.config import load_config  # noqa: E402
+from jsft.data.pipeline import build_train_batches  # noqa: E402
+from jsft.data.tokenizer import load_tokenizer  # noqa: E402
+from jsft.export import load_checkpoint_model  # noqa: E402
+from jsft.models import lora  # noqa: E402
+from jsft.models.params import param_arrays  # noqa: E402
+from jsft.train.loop import train  # noqa: E402
+from jsft.train.optim import make_schedule  # noqa: E402
+
+from jsft_testing import losses, sft_overrides  # noqa: E402
+
+STEPS = 6
+PARITY = {
+    "data.train_batch_size": 16, "optim.lr": 5e-3, "optim.lr_scheduler_type": "cosine",
+    "optim.lr_warmup_steps": 1, "optim.min_lr_ratio": 0.1, "optim.clip_grad": 1.0,
+    "optim.weight_decay": 0.01, "trainer.total_training_steps": STEPS,
+}
+
+
+def _peft_adapter(base_dir, out):
+    """A PEFT adapter with small random A and B, so every adapter gets a gradient from the first step."""
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                      init_lora_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    model.save_pretrained(out)
+
+
+def _samples(step_batch):
+    """(input_ids, loss_mask) of every sample of a step, recovered from the packed rows by segment id."""
+    for mb in step_batch.micro_batches:
+        for r in range(len(mb["input_ids"])):
+            for s in np.unique(mb["segment_ids"][r]):
+                if s > 0:
+                    sel = mb["segment_ids"][r] == s
+                    yield mb["input_ids"][r][sel], mb["loss_mask"][r][sel]
+
+
+def _torch_peft_losses(setup, cfg, adapter):
+    """The reference: peft on transformers, token-mean CE per global batch, torch AdamW over the adapters,
+    clipping, the same lr schedule; each sample padded in one batch with an attention mask."""
+    base = transformers.AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, adapter, is_trainable=True)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    schedule = make_schedule(cfg.optim, STEPS)
+    batches = build_train_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), seed=cfg.data.seed,
+                                  process_index=0, process_count=1, local_devices=8)
+    out = []
+    for step in range(STEPS):
+        samples = list(_samples(next(batches)))
+        width = max(len(ids) for ids, _ in samples)
+        ids = torch.zeros(len(samples), width, dtype=torch.long)
+        attn = torch.zeros(len(samples), width, dtype=torch.long)
+        mask = torch.zeros(len(samples), width)
+        for i, (x, m) in enumerate(samples):
+            ids[i, : len(x)], attn[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1, torch.tensor(m, dtype=torch.float32)
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
+        for group in opt.param_groups:
+            group["lr"] = float(schedule(step))
+        opt.step()
+        out.append(loss.item())
+    return out
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+
+
+def test_lora_from_a_peft_adapter_follows_a_torch_peft_loop(sft_setup, tmp_path):
+    _peft_adapter(sft_setup["model"], tmp_path / "start")
+    run = tmp_path / "run"
+    cfg = load_config(None, sft_overrides(sft_setup, run, **PARITY, **{
+        "model.lora_adapter_path": str(tmp_path / "start"), "trainer.export_hf": True}))
+    train(cfg)
+    expected = _torch_peft_losses(sft_setup, cfg, tmp_path / "start")
+    got = losses(run)
+    np.testing.assert_allclose([got[s] for s in range(1, STEPS + 1)], expected, rtol=1e-3)
+    assert expected[-1] < expected[0] - 0.1  # it learns
+
+    # only the adapters are trained and hold optimizer state (Adam's two moments)
+    info = json.loads((run / "run_info.json").read_text())
+    trained, frozen = info["trainable_param_bytes_total"], info["frozen_param_bytes_total"]
+    assert info["trainable_params"] == 8 * 2 * (  # r * (in + out), per layer: q k v o gate up down
+        (64 + 64) + (64 + 32) * 2 + (64 + 64) + (64 + 128) * 2 + (128 + 64))
+    assert trained + frozen == info["param_bytes_total"] and trained < frozen / 5
+    assert 2 * trained <= info["opt_state_bytes_total"] < 2 * trained + 1024
+
+    # the checkpoint, the PEFT adapter in peft and the merged export in transformers give the same logits
+    model, meta = load_checkpoint_model(run)
+    assert meta["lora"]["rank"] == 8 and model.lora is not None
+    ids = np.random.RandomState(0).randint(0, 768, (2, 30))
+    ours = np.asarray(model(jnp.asarray(ids)))
+    base = transformers.AutoModelForCausalLM.from_pretrained(sft_setup["model"], dtype=torch.float32)
+    peft_model = peft.PeftModel.from_pretrained(base, run / "adapter")
+    np.testing.assert_allclose(_logits(peft_model, ids), ours, atol=1e-4, rtol=0)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(run / "hf", dtype=torch.float32)
+    np.testing.assert_allclose(_logits(merged, ids), ours, atol=1e-4, rtol=0)
+    unloaded = peft_model.merge_and_unload().state_dict()
+    for name, value in merged.state_dict().items():
+        np.testing.assert_allclose(unloaded[name].numpy(), value.numpy(), atol=1e-6, rtol=1e-6, err_msg=name)
+
+
+def test_fresh_lora_with_a_bf16_base_resumes_exactly_and_exports_from_the_checkpoint(sft_setup, tmp_path):
+    job = {"model.lora_rank": 16, "model.lora_alpha": 32, "model.target_modules": "all-linear",
+           "model.frozen_param_dtype": "bfloat16", "trainer.total_training_steps": 4, "trainer.save_freq": 2}
+    reference = tmp_path / "reference"
+    train(load_config(None, sft_overrides(sft_setup, reference, **job)))
+    forked = tmp_path / "forked"
+    train(load_config(None, sft_overrides(sft_setup, forked, **job, **{
+        "trainer.resume_mode": "resume_path", "trainer.resume_from_path": str(reference / "checkpoints" / "2")})))
+    assert losses(forked) == {s: v for s, v in losses(reference).items() if s > 2}  # bit-exact
+
+    model, meta = load_checkpoint_model(reference)
+    params = param_arrays(model)
+    assert params["layers/q_proj"].dtype == jnp.bfloat16 and params["lora_a/q_proj"].dtype == jnp.float32
+    # the base did not move: it still is the checkpoint it was read from, rounded to bf16
+    from safetensors.numpy import load_file
+
+    hf = load_file(f"{sft_setup['model']}/model.safetensors")
+    q0 = np.asarray(params["layers/q_proj"][0].astype(jnp.float32)).reshape(64, -1).T
+    np.testing.assert_array_equal(q0, hf["model.layers.0.self_attn.q_proj.weight"].astype(jnp.bfloat16).astype(np.float32))
+    assert np.abs(np.asarray(params["lora_b/q_proj"])).max() > 0  # the adapters did
+
+    out = tmp_path / "adapter"
+    proc = subprocess.run([sys.executable, "-m", "jsft.export", "--checkpoint", str(reference), "--adapter-out",
+                           str(out), "--adapter-only"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    back = lora.read_adapter_config(out)
+    assert (back.rank, back.alpha, back.targets) == (16, 32.0, lora.TARGET_MODULES)
+    proc = subprocess.run([sys.executable, "-m", "jsft.export", "--checkpoint", str(reference), "--adapter-only"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "--adapter-only needs --adapter-out" in proc.stderr
+
+
+def test_lora_config_errors_name_the_key(sft_setup, tmp_path):
+    def cfg(**extra):
+        return load_config(None, sft_overrides(sft_setup, tmp_path / "run", **extra))
+
+    with pytest.raises(ValueError, match="model.target_modules: unknown module.*'qkv'"):
+        cfg(**{"model.lora_rank": 8, "model.target_modules": "[q_proj,qkv]"})
+    with pytest.raises(ValueError, match="model.lora_rank=-1 must be >= 0"):
+        cfg(**{"model.lora_rank": -1})
+    with pytest.raises(ValueError, match="frozen_param_dtype applies to LoRA only"):
+        cfg(**{"model.frozen_param_dtype": "bfloat16"})
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        cfg(**{"model.lora_adapter_path": str(tmp_path)})
+    _peft_adapter(sft_setup["model"], tmp_path / "r8")
+    with pytest.raises(ValueError, match="model.lora_rank=4 but the adapter .* has r=8"):
+        cfg(**{"model.lora_adapter_path": str(tmp_path / "r8"), "model.lora_rank": 4})
