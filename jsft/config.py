@@ -37,8 +37,8 @@ class ModelConfig:
     lora_alpha: float = 16  # scale = lora_alpha / lora_rank, as PEFT
     target_modules: Any = "all-linear"  # all-linear | list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
     use_rslora: bool = False  # scale = lora_alpha / sqrt(lora_rank) (PEFT's use_rslora)
-    lora_adapter_path: Optional[str] = None  # start from this PEFT adapter directory (its config sets rank, alpha, targets)
-    frozen_param_dtype: Optional[str] = None  # LoRA: dtype the frozen base is stored in (bfloat16 halves it); None = param_dtype
+    lora_adapter_path: Optional[str] = None  # start from this PEFT adapter dir (it sets rank, alpha, targets)
+    frozen_param_dtype: Optional[str] = None  # LoRA: dtype of the frozen base (bfloat16 halves it); None = param_dtype
 
 
 @dataclass

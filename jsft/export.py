@@ -23,24 +23,35 @@ import jax
 
 import jsft.models as jm
 from jsft.models import lora
-from jsft.models.params import abstract_model, flat_params, replace_params, sharding_for
+from jsft.models.params import abstract_model, flat_params, param_arrays, replace_params, sharding_for
 from jsft.sharding import make_mesh
 from jsft.train import checkpoint as ckpt
 
 
 def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype="float32"):
-    """(model, meta) from a training checkpoint: parameters restored straight into their shardings."""
+    """(model, meta) from a training checkpoint: parameters restored straight into their shardings. A LoRA
+    checkpoint of a model.path base holds the adapters only: the frozen base is read from that path."""
     manager, step = ckpt.locate(path, step)
     meta = ckpt.read_meta(manager, step)
     cfg = ckpt.model_config_from_json(meta["model_config"])
-    abstract = abstract_model(cfg, dtype=dtype, param_dtype=meta.get("param_dtype", "float32"),
-                              lora=lora.spec_from_json(meta.get("lora")))
+    param_dtype = meta.get("param_dtype", "float32")
+    abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora.spec_from_json(meta.get("lora")))
+    base_elsewhere = not meta.get("frozen_base_saved", True)
     target = {
         name: jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=sharding_for(var, mesh))
         for name, var in flat_params(abstract).items()
+        if lora.is_adapter(name) or not base_elsewhere
     }
-    restored = ckpt.restore(manager, step, params=target)
-    return replace_params(abstract, restored["params"]), meta
+    values = ckpt.restore(manager, step, params=target)["params"]
+    if base_elsewhere:
+        base_dir = meta["base_model"]
+        if not Path(base_dir).is_dir():
+            raise FileNotFoundError(
+                f"{path} holds LoRA adapters only; their base model {base_dir} (model.path of the run) is not there"
+            )
+        base = jm.from_pretrained(base_dir, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
+        values = {**param_arrays(base), **values}
+    return replace_params(abstract, values), meta
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -145,7 +145,7 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
     from jsft.train.step import BATCH_FIELDS, TrainStep
 
     step = TrainStep(model, optimizer, mesh, chunk_size=chunk_size, offload_opt_state=offload_opt_state)
-    params, frozen = step.split({name: jax.ShapeDtypeStruct(v.shape, v.dtype) for name, v in flat_params(model).items()})
+    params, frozen = step.split({n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in flat_params(model).items()})
     acc = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
     opt_state = jax.eval_shape(optimizer.init, params)
     # The largest micro-batch: whole rows, a target slot per token (as batch.largest_micro_batch).
@@ -222,7 +222,7 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
         "attention": model.attention_impl,
     }
     if spec:
-        about["lora"] = f"r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)}, adapters {cfg.model.param_dtype}"
+        about["lora"] = f"r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)} ({cfg.model.param_dtype})"
     return plan, about
 
 

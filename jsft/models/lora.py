@@ -85,7 +85,9 @@ def check_run_config(run_model) -> None:
     if run_model.frozen_param_dtype and not enabled(run_model):
         raise ValueError("model.frozen_param_dtype applies to LoRA only: set model.lora_rank > 0, or remove it")
     if run_model.frozen_param_dtype not in (None, "float32", "bfloat16", "float16"):
-        raise ValueError(f"model.frozen_param_dtype={run_model.frozen_param_dtype!r}; allowed: float32, bfloat16, float16")
+        raise ValueError(
+            f"model.frozen_param_dtype={run_model.frozen_param_dtype!r}; allowed: float32, bfloat16, float16"
+        )
     if not enabled(run_model):
         return
     if run_model.lora_alpha <= 0:
@@ -133,14 +135,18 @@ def read_adapter_config(path, dtype: str = "float32") -> LoraSpec:
     """LoraSpec from a PEFT adapter directory's adapter_config.json; what jsft cannot represent raises."""
     file = Path(path) / ADAPTER_CONFIG
     if not file.is_file():
-        raise FileNotFoundError(f"model.lora_adapter_path={path}: no {ADAPTER_CONFIG} (expected a PEFT adapter directory)")
+        raise FileNotFoundError(
+            f"model.lora_adapter_path={path}: no {ADAPTER_CONFIG} (expected a PEFT adapter directory)"
+        )
     conf = json.loads(file.read_text())
     for key, needed in _PEFT_REQUIRED.items():
         if key in conf and (conf[key] or None) != (needed or None):  # None, False and {} all mean "off"
             raise ValueError(f"{file}: {key}={conf[key]!r} is not supported by jsft's LoRA (it needs {needed!r})")
     targets = conf.get("target_modules")
     if isinstance(targets, str) and targets != "all-linear":
-        raise ValueError(f"{file}: target_modules is a regular expression ({targets!r}); jsft reads lists of module names")
+        raise ValueError(
+            f"{file}: target_modules is a regular expression ({targets!r}); jsft reads lists of module names"
+        )
     # peft saves `all-linear` expanded to full paths (model.layers.0.self_attn.q_proj): keep the module names
     short = "all-linear" if targets == "all-linear" else sorted({t.rsplit(".", 1)[-1] for t in targets or []})
     try:

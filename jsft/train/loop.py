@@ -161,6 +161,7 @@ class Trainer:
             "param_dtype": str(self.model.param_dtype),  # of the base (model.frozen_param_dtype with LoRA)
             "lora": lora.spec_to_json(self.lora),
             "base_model": self.cfg.model.path,
+            "frozen_base_saved": not self._base_from_path(),
             "seed": self.cfg.trainer.seed,
             "config": to_yaml(self.cfg),
             "tokenizer": str(self.run_dir / "tokenizer"),
@@ -177,13 +178,19 @@ class Trainer:
             step = manager.latest_step()
             if step is None:
                 return 0
-        restored = ckpt.restore(
-            manager, step, params=ckpt.abstract_like(self.params), opt_state=ckpt.abstract_like(self.opt_state)
-        )
-        self.params, self.opt_state = restored["params"], restored["opt_state"]
+        params = ckpt.abstract_like(self._saved(self.params))
+        restored = ckpt.restore(manager, step, params=params, opt_state=ckpt.abstract_like(self.opt_state))
+        self.params, self.opt_state = {**self.params, **restored["params"]}, restored["opt_state"]
         self.train_data.set_state(restored["meta"]["data_state"])
         log(f"resumed from step {step} of {manager.directory}")
         return int(restored["meta"]["step"])
+
+    def _base_from_path(self) -> bool:
+        """LoRA on a model.path base: checkpoints hold the adapters only; the frozen base is re-read from there."""
+        return bool(self.lora and self.cfg.model.path)
+
+    def _saved(self, params: dict) -> dict:
+        return self.step_fn.split(params)[0] if self._base_from_path() else params
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
@@ -263,7 +270,8 @@ class Trainer:
                 self._check_skips()
                 last = {"step": step, **metrics}
                 if final or stopping or (t.save_freq > 0 and step % t.save_freq == 0):
-                    ckpt.save(manager, step, params=self.params, opt_state=self.opt_state, meta=self._meta(step))
+                    ckpt.save(manager, step, params=self._saved(self.params), opt_state=self.opt_state,
+                              meta=self._meta(step))
                 if stopping:
                     log(f"stop requested: saved step {step}, exiting")
                     break

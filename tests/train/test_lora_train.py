@@ -140,13 +140,12 @@ def test_fresh_lora_with_a_bf16_base_resumes_exactly_and_exports_from_the_checkp
     model, meta = load_checkpoint_model(reference)
     params = param_arrays(model)
     assert params["layers/q_proj"].dtype == jnp.bfloat16 and params["lora_a/q_proj"].dtype == jnp.float32
-    # the base did not move: it still is the checkpoint it was read from, rounded to bf16
-    from safetensors.numpy import load_file
-
-    hf = load_file(f"{sft_setup['model']}/model.safetensors")
-    q0 = np.asarray(params["layers/q_proj"][0].astype(jnp.float32)).reshape(64, -1).T
-    np.testing.assert_array_equal(q0, hf["model.layers.0.self_attn.q_proj.weight"].astype(jnp.bfloat16).astype(np.float32))
-    assert np.abs(np.asarray(params["lora_b/q_proj"])).max() > 0  # the adapters did
+    # the checkpoint holds the adapters (and their Adam moments), not the frozen base: a fraction of its size
+    adapter_bytes = sum(params[n].nbytes for n in lora.trainable_names(model))
+    base_bytes = sum(v.nbytes for n, v in params.items() if not lora.is_adapter(n))
+    saved = sum(f.stat().st_size for f in (reference / "checkpoints" / "4").rglob("*") if f.is_file())
+    assert saved < 3 * adapter_bytes + 200_000 < base_bytes, (saved, adapter_bytes, base_bytes)
+    assert np.abs(np.asarray(params["lora_b/q_proj"])).max() > 0  # the adapters trained
 
     out = tmp_path / "adapter"
     proc = subprocess.run([sys.executable, "-m", "jsft.export", "--checkpoint", str(reference), "--adapter-out",
