@@ -51,7 +51,7 @@ class TrainStep:
         offload_opt_state: bool = False,
     ):
         self.template = model  # structure and static config; parameters are passed as a flat dict
-        self.trainable = trainable_names(model)
+        self.trainable = set(trainable_names(model))
         params, _ = self.split(param_arrays(model))
         self.optimizer, self.mesh, self.chunk_size = optimizer, mesh, chunk_size
         # shardings of the trainable parameters (their gradients and optimizer state) and the frozen ones
