@@ -148,15 +148,23 @@ def test_fresh_lora_with_a_bf16_base_resumes_exactly_and_exports_from_the_checkp
     assert sorted(saved) == lora.trainable_names(model) and meta["frozen_base_saved"] is False
     assert np.abs(np.asarray(params["lora_b/q_proj"])).max() > 0  # the adapters trained
 
-    out = tmp_path / "adapter"
-    proc = subprocess.run([sys.executable, "-m", "jsft.export", "--checkpoint", str(reference), "--adapter-out",
-                           str(out), "--adapter-only"], capture_output=True, text=True, timeout=300)
+    def export(*args):
+        return subprocess.run([sys.executable, "-m", "jsft.export", "--checkpoint", str(reference), *args],
+                              capture_output=True, text=True, timeout=600)
+
+    proc = export("--out", str(tmp_path / "hf"), "--adapter-out", str(tmp_path / "a1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    back = lora.read_adapter_config(out)
+    ids = np.random.RandomState(1).randint(0, 768, (2, 25))
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    np.testing.assert_allclose(_logits(merged, ids), np.asarray(model(jnp.asarray(ids))), atol=1e-4, rtol=0)
+    proc = export("--adapter-out", str(tmp_path / "a2"), "--adapter-only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "a2").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    same = [(tmp_path / d / "adapter_model.safetensors").read_bytes() for d in ("a1", "a2")]
+    assert same[0] == same[1]
+    back = lora.read_adapter_config(tmp_path / "a2")
     assert (back.rank, back.alpha, back.targets) == (16, 32.0, lora.TARGET_MODULES)
-    proc = subprocess.run([sys.executable, "-m", "jsft.export", "--checkpoint", str(reference), "--adapter-only"],
-                          capture_output=True, text=True, timeout=300)
+    proc = export("--adapter-only")
     assert proc.returncode == 2 and "--adapter-only needs --adapter-out" in proc.stderr
 
 
