@@ -147,3 +147,22 @@ def test_adapters_that_do_not_fit_fail_with_a_message(tiny_hf, tmp_path):
         lora.resolve_targets([])
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         lora.read_adapter_config(tmp_path)
+
+
+def test_generation_applies_the_adapters(tiny_hf):
+    """The KV-cache sampler (validation episodes) runs the adapted model: greedy tokens equal the merged
+    model's and differ from the base's."""
+    from jsft.generate import Generator, generate
+
+    path, _ = tiny_hf("qwen2")
+    mesh = make_mesh({"fsdp": -1})
+    base = jm.from_pretrained(path, dtype="float32", mesh=mesh)
+    spec = lora.LoraSpec(rank=8, alpha=32, targets=lora.TARGET_MODULES)
+    model = _random_adapters(lora.attach(base, spec, mesh=mesh), seed=1)
+    prompts = [[5, 17, 99, 3], [42, 7]]
+    kw = dict(max_new_tokens=12, eos_ids=[511])
+    adapted = generate(model, prompts, **kw)
+    assert adapted == generate(lora.merge(model), prompts, **kw)
+    assert adapted != generate(base, prompts, **kw)
+    # as the trainer calls it: the template's structure with the flat parameters of a step
+    assert Generator(model, **kw)(param_arrays(model), prompts) == adapted
