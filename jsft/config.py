@@ -33,6 +33,13 @@ class ModelConfig:
     remat_policy: str = "full"  # none | full | dots_saveable (with enable_gradient_checkpointing)
     # auto (pallas_gpu on GPU, splash on TPU, blockwise on CPU) | blockwise | xla | pallas_gpu | cudnn | splash
     attention_impl: str = "auto"  # (jsft/models/attention.py; docs/training.md "Attention")
+    # LoRA (veRL's keys; docs/training.md#lora): adapters on the projections, the base frozen
+    lora_rank: int = 0  # adapter rank; 0 = full fine-tuning
+    lora_alpha: float = 16  # scale = lora_alpha / lora_rank, as PEFT
+    target_modules: Any = "all-linear"  # all-linear | list of q_proj k_proj v_proj o_proj gate_proj up_proj down_proj
+    use_rslora: bool = False  # scale = lora_alpha / sqrt(lora_rank) (PEFT's use_rslora)
+    lora_adapter_path: Optional[str] = None  # start from this PEFT adapter dir (it sets rank, alpha, targets)
+    frozen_param_dtype: Optional[str] = None  # LoRA: dtype of the frozen base (bfloat16 halves it); None = param_dtype
 
 
 @dataclass
@@ -213,6 +220,9 @@ def validate(cfg: RunConfig) -> None:
         check_mesh_axes(cfg.trainer.mesh)
     if cfg.trainer.peak_tflops is not None and cfg.trainer.peak_tflops <= 0:
         raise ValueError(f"trainer.peak_tflops={cfg.trainer.peak_tflops} must be > 0 (or null: look it up)")
+    from jsft.models.lora import check_run_config  # noqa: PLC0415 (jax-importing; only validate needs it)
+
+    check_run_config(cfg.model)
 
 
 def to_yaml(cfg: RunConfig) -> str:

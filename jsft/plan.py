@@ -125,6 +125,8 @@ class Plan:
     step_temp: int  # the micro-step's temporaries: activations saved for the backward, logits chunks, ...
     update_temp: int  # the optimizer update's temporaries
     opt_offloaded: bool = False  # optim.offload_state: the state is on the device during the update only
+    frozen_params: int = 0  # of `params`, the frozen part (LoRA: the base); gradients and optimizer skip it
+    trainable_count: int = 0  # trainable parameters (elements, all devices)
 
     @property
     def peak(self) -> int:
@@ -155,20 +157,21 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
     from jsft.train.step import BATCH_FIELDS, TrainStep
 
     step = TrainStep(model, optimizer, mesh, chunk_size=chunk_size, offload_opt_state=offload_opt_state)
-    params = {name: jax.ShapeDtypeStruct(v.shape, v.dtype) for name, v in flat_params(model).items()}
+    params, frozen = step.split({n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in flat_params(model).items()})
     acc = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
     opt_state = jax.eval_shape(optimizer.init, params)
     # The largest micro-batch: whole rows, a target slot per token (as batch.largest_micro_batch).
     dtypes = {"target_weight": jnp.float32}
     batch = {k: jax.ShapeDtypeStruct((rows, row_length), dtypes.get(k, jnp.int32)) for k in BATCH_FIELDS}
-    # TrainStep's jitted programs carry the in/out shardings and donation the trainer runs with, and are
-    # traced under the mesh as the trainer traces them (else activations would not stay split by rows).
-    with jax.set_mesh(mesh):
-        grad_step = _compile(step._grad, params, acc, batch).memory_analysis()
-        update_temp = _compile(step._apply, params, opt_state, acc).memory_analysis().temp_size_in_bytes if update else 0
+    # TrainStep's programs carry the in/out shardings and donation the trainer runs with, and are lowered
+    # under the mesh as the trainer traces them (else activations would not stay split by rows).
+    grad_step = step.lower_grad({**params, **frozen}, batch).compile().memory_analysis()
+    update_temp = step.lower_update(params, opt_state).compile().memory_analysis().temp_size_in_bytes if update else 0
     batch_shardings = {k: step.batch_sharding for k in batch}
     return Plan(
-        params=_per_device_bytes(params, step.param_shardings),
+        params=_per_device_bytes(params, step.param_shardings) + _per_device_bytes(frozen, step.frozen_shardings),
+        frozen_params=_per_device_bytes(frozen, step.frozen_shardings),
+        trainable_count=sum(math.prod(x.shape) for x in params.values()),
         opt_state=_per_device_bytes(opt_state, step.opt_shardings),
         grad_accumulator=_per_device_bytes(acc, step.param_shardings),
         batch=_per_device_bytes(batch, batch_shardings),
@@ -193,6 +196,7 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
     import jax
 
     from jsft.data.pipeline import BatchLayout
+    from jsft.models import lora
     from jsft.models.params import abstract_model
     from jsft.train.mesh import run_mesh
     from jsft.train.optim import make_optimizer
@@ -201,8 +205,9 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
     why = []
     mesh = run_mesh(cfg, why.append, model_cfg)  # raises before compiling when the mesh would replicate
     remat = cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none"
-    model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype,
-                           remat_policy=remat, attention_impl=cfg.model.attention_impl)
+    spec = lora.spec_from_run_config(cfg.model)
+    model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model),
+                           remat_policy=remat, attention_impl=cfg.model.attention_impl, lora=spec)
     layout = BatchLayout.from_config(cfg.data, jax.local_device_count())
     rows = layout.rows_per_micro_batch * jax.process_count()
     plan = plan_memory(model, make_optimizer(cfg.optim, 1), mesh, rows=rows, row_length=layout.row_length,
@@ -212,16 +217,19 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
         "mesh": dict(mesh.shape),
         "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
         "micro-batch": f"[{rows}, {layout.row_length}]",
-        "dtypes": f"compute {cfg.model.dtype}, parameters {cfg.model.param_dtype}",
+        "dtypes": f"compute {cfg.model.dtype}, parameters {lora.base_param_dtype(cfg.model)}",
         "remat": remat,
         "attention": model.attention_impl,
     }
+    if spec:
+        about["lora"] = f"r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)} ({cfg.model.param_dtype})"
     return plan, {**about, "why": why[0]}
 
 
 def report(plan: Plan, about: dict, budget: Optional[int]) -> str:
     rows = [
-        ("parameters", plan.params),
+        (f"parameters ({plan.trainable_count / 1e6:.2f}M trainable)", plan.params),
+        *([("  of which frozen (LoRA base)", plan.frozen_params)] if plan.frozen_params else []),
         ("optimizer state" + (" (host between updates)" if plan.opt_offloaded else ""), plan.opt_state),
         ("gradient accumulator", plan.grad_accumulator),
         ("micro-batch", plan.batch),

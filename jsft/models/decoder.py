@@ -4,8 +4,9 @@ Dimension letters used in einsums and shape comments:
   B batch, T sequence, D hidden (embed), N query heads, K kv heads, H head dim, F MLP hidden, V vocab, L layers.
 
 Parameters live in a Flax NNX module; each is declared once with its shape, logical axes and init in
-`_param_table`. Layers are stacked on a leading `layers` axis and run with `jax.lax.scan`, so compile time
-does not grow with depth; each scanned block can be rematerialised with a selectable policy.
+`_param_table` (optional LoRA adapters, see jsft/models/lora.py, in `_adapter_table`). Layers are stacked
+on a leading `layers` axis and run with `jax.lax.scan`, so compile time does not grow with depth; each
+scanned block can be rematerialised with a selectable policy.
 """
 
 from __future__ import annotations
@@ -59,8 +60,32 @@ def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
     return table
 
 
-def _param(init, key, shape, axes, dtype) -> nnx.Param:
-    return nnx.Param(init(key, shape, dtype), logical_axes=tuple(axes))
+# LoRA: projections whose input spans more than one jsft axis (o_proj reads [N, H])
+_INPUT_AXES = {"o_proj": 2}
+
+
+def _kaiming_uniform(fan_in: int) -> Callable:
+    """torch's kaiming_uniform_(a=sqrt(5)) as PEFT initialises lora_A: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _adapter_table(cfg: ModelConfig, rank: int, targets) -> dict[str, tuple]:
+    """LoRA adapters per target projection W [*in, *out]: name -> (a, b), each (shape, logical axes, init):
+    a [*in, r] (kaiming-uniform) and b [r, *out] (zeros, so training starts from the base model). `in`/`out`
+    keep the base's logical axes, so they shard like the base; the rank axis stays replicated."""
+    base, table = _param_table(cfg), {}
+    for name in targets:
+        shape, axes, _ = base[name]
+        n = _INPUT_AXES.get(name, 1)
+        a = ((*shape[:n], rank), (*axes[:n], "lora_rank"), _kaiming_uniform(math.prod(shape[:n])))
+        b = ((rank, *shape[n:]), ("lora_rank", *axes[n:]), _zeros)
+        table[name] = (a, b)
+    return table
+
+
+def _param(init, key, shape, axes, dtype, kind=nnx.Param) -> nnx.Param:
+    return kind(init(key, shape, dtype), logical_axes=tuple(axes))
 
 
 # ---- the math ---------------------------------------------------------------------------------------------------
@@ -101,8 +126,19 @@ def dense(x, w, contract: int = 1):
     return y.astype(x.dtype).reshape(b, t, *w.shape[contract:])
 
 
-def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, attn_impl, cache=None, layer=None):
-    """One pre-norm decoder layer. p: this layer's parameters (already in the compute dtype). x [B,T,D].
+def proj(x, p: dict, name: str, lora_scale: float = 0.0, contract: int = 1):
+    """The projection `name`: x @ W, plus scale * (x @ A) @ B where the layer carries its LoRA adapter (PEFT's
+    base(x) + lora_B(lora_A(x)) * scaling, in jsft's [in, out] layout)."""
+    y = dense(x, p[name], contract)
+    if name + ".lora_a" in p:
+        y = y + lora_scale * dense(dense(x, p[name + ".lora_a"], contract), p[name + ".lora_b"])  # via [B, T, r]
+    return y
+
+
+def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, attn_impl, cache=None, layer=None,
+          lora_scale: float = 0.0):
+    """One pre-norm decoder layer. p: this layer's parameters (already in the compute dtype), with
+    "<proj>.lora_a"/"<proj>.lora_b" for projections that carry an adapter. x [B,T,D].
 
     With `cache` (generation: see `init_cache`; its slot ids already cover this chunk), the keys/values go
     into cache layer `layer` at `cache["index"]` and attention runs over all that layer's slots.
@@ -110,7 +146,7 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
     eps = cfg.rms_norm_eps
     with jax.named_scope("attention"):
         h = rms_norm(x, p["attn_norm"], eps)
-        q, k, v = dense(h, p["q_proj"]), dense(h, p["k_proj"]), dense(h, p["v_proj"])  # [B,T,N|K,H]
+        q, k, v = (proj(h, p, name, lora_scale) for name in ("q_proj", "k_proj", "v_proj"))  # [B,T,N|K,H]
         if cfg.qkv_bias:
             q, k, v = add_bias(q, p["q_bias"]), add_bias(k, p["k_bias"]), add_bias(v, p["v_bias"])
         if cfg.qk_norm:
@@ -124,13 +160,13 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
             q_positions=positions, kv_positions=kv_pos, impl=attn_impl,
         )
-        x = x + dense(a, p["o_proj"], contract=2)
+        x = x + proj(a, p, "o_proj", lora_scale, contract=2)
         if cfg.o_bias:
             x = add_bias(x, p["o_bias"])
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps)
-        gated = jax.nn.silu(dense(h, p["gate_proj"])) * dense(h, p["up_proj"])  # [B, T, F]
-        x = x + dense(gated, p["down_proj"])
+        gated = jax.nn.silu(proj(h, p, "gate_proj", lora_scale)) * proj(h, p, "up_proj", lora_scale)  # [B, T, F]
+        x = x + proj(gated, p, "down_proj", lora_scale)
     return constrain(x, ("batch", None, None)), cache
 
 
@@ -170,7 +206,10 @@ class Decoder(nnx.Module):
         param_dtype="float32",
         remat_policy: str = "none",
         attention_impl: str = "auto",
+        lora=None,
     ):
+        """`lora`: a jsft.models.lora.LoraSpec (rank, scale, targets, dtype) to add adapters (nnx.LoRAParam,
+        flat names 'lora_a/q_proj', 'lora_b/q_proj'), or None."""
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat policy '{remat_policy}' is not supported; allowed: {', '.join(REMAT_POLICIES)}")
         self.config = cfg
@@ -178,6 +217,7 @@ class Decoder(nnx.Module):
         self.param_dtype = jnp.dtype(param_dtype)
         self.remat_policy = remat_policy
         self.attention_impl = resolve_impl(attention_impl, self.dtype)
+        self.lora = lora
         pd, L = self.param_dtype, cfg.num_layers
         self.embed = _param(_normal, rngs.params(), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
         self.layers = nnx.Dict(
@@ -189,6 +229,12 @@ class Decoder(nnx.Module):
         self.final_norm = _param(_ones, rngs.params(), (cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(_normal, rngs.params(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
+        # adapters last, so the base parameters draw the same random numbers with or without them
+        if lora is not None:
+            self.lora_a, self.lora_b = nnx.Dict(), nnx.Dict()
+            for name, (a, b) in _adapter_table(cfg, lora.rank, lora.targets).items():
+                for store, (shape, axes, init) in ((self.lora_a, a), (self.lora_b, b)):
+                    store[name] = _param(init, rngs.params(), (L, *shape), ("layers", *axes), lora.dtype, nnx.LoRAParam)
 
     def unembed(self) -> jax.Array:
         """[D, V] output projection in the compute dtype (the embedding's transpose when tied)."""
@@ -211,6 +257,12 @@ class Decoder(nnx.Module):
             # rows over all devices, XLA replicates the whole [B, T, D] gradient when data > 1 (HSDP)
             x = constrain(x, ("batch", None, None), via=("replica_batch", None, "embed"))
         params = {name: p[...].astype(self.dtype) for name, p in self.layers.items()}
+        lora_scale = 0.0
+        if self.lora is not None:
+            lora_scale = self.lora.scale
+            for name in self.lora.targets:
+                params[name + ".lora_a"] = self.lora_a[name][...].astype(self.dtype)
+                params[name + ".lora_b"] = self.lora_b[name][...].astype(self.dtype)
         inv_freq = jnp.asarray(cfg.inv_freq())
         if cache is not None:
             cache = _write_slots(cache, segment_ids, positions)
@@ -220,7 +272,7 @@ class Decoder(nnx.Module):
             p, layer = scanned
             carry = block(
                 p, x, cfg=cfg, inv_freq=inv_freq, positions=positions, segment_ids=segment_ids,
-                attn_impl=self.attention_impl, cache=cache, layer=layer,
+                attn_impl=self.attention_impl, cache=cache, layer=layer, lora_scale=lora_scale,
             )
             return carry, None
 

@@ -26,14 +26,15 @@ from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
 from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer, stop_token_ids, stop_tokens
 from jsft.eval.generation import GenerationValidation
+from jsft.models import lora
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
 from jsft.train import checkpoint as ckpt
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.console import run_info_table, wrap
 from jsft.train.hf_export import generation_config, model_card
-from jsft.train.mesh import run_mesh
 from jsft.train.inflight import InFlightStep
+from jsft.train.mesh import run_mesh
 from jsft.train.metrics import MetricsLogger
 from jsft.train.optim import make_optimizer
 from jsft.train.perf import device_peak_flops
@@ -129,8 +130,11 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
+        self.lora = lora.spec_from_run_config(cfg.model)  # None: full fine-tuning
+        if self.lora and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
+            lora.check_adapter(cfg.model.lora_adapter_path, ModelConfig.from_pretrained(cfg.model.path), self.lora)
         kwargs = dict(
-            dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=self.mesh,
+            dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model), mesh=self.mesh,
             remat_policy=cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none",
             attention_impl=cfg.model.attention_impl,
         )
@@ -146,6 +150,10 @@ class Trainer:
                 f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
                 f"{self.model.config.vocab_size}: they do not belong together"
             )
+        if self.lora:
+            self.model = lora.attach(self.model, self.lora, mesh=self.mesh, seed=cfg.trainer.seed,
+                                     adapter_path=cfg.model.lora_adapter_path)
+            log(f"LoRA {self.lora}: {len(lora.trainable_names(self.model))} adapter tensors trained, the base frozen")
         self.stop_tokens = stop_tokens(self.tokenizer)
         self.generation_config = generation_config([cfg.model.path, cfg.data.tokenizer], stop_token_ids(self.tokenizer),
                                                    self.model.config)
@@ -169,7 +177,10 @@ class Trainer:
             "stop_tokens": list(self.stop_tokens),
             "data_state": self.train_data.get_state(),
             "model_config": ckpt.model_config_to_json(self.model.config),
-            "param_dtype": self.cfg.model.param_dtype,
+            "param_dtype": str(self.model.param_dtype),  # of the base (model.frozen_param_dtype with LoRA)
+            "lora": lora.spec_to_json(self.lora),
+            "base_model": self.cfg.model.path,
+            "frozen_base_saved": not self._base_from_path(),
             "seed": self.cfg.trainer.seed,
             "config": to_yaml(self.cfg),
             "tokenizer": str(self.run_dir / "tokenizer"),
@@ -186,13 +197,19 @@ class Trainer:
             step = manager.latest_step()
             if step is None:
                 return 0
-        restored = ckpt.restore(
-            manager, step, params=ckpt.abstract_like(self.params), opt_state=ckpt.abstract_like(self.opt_state)
-        )
-        self.params, self.opt_state = restored["params"], restored["opt_state"]
+        params = ckpt.abstract_like(self._saved(self.params))
+        restored = ckpt.restore(manager, step, params=params, opt_state=ckpt.abstract_like(self.opt_state))
+        self.params, self.opt_state = {**self.params, **restored["params"]}, restored["opt_state"]
         self.train_data.set_state(restored["meta"]["data_state"])
         log(f"resumed from step {step} of {manager.directory}")
         return int(restored["meta"]["step"])
+
+    def _base_from_path(self) -> bool:
+        """LoRA on a model.path base: checkpoints hold the adapters only; the frozen base is re-read from there."""
+        return bool(self.lora and self.cfg.model.path)
+
+    def _saved(self, params: dict) -> dict:
+        return self.step_fn.split(params)[0] if self._base_from_path() else params
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
@@ -284,7 +301,8 @@ class Trainer:
                 if final or stopping or (t.save_freq > 0 and step % t.save_freq == 0):
                     finish(current)  # read now: a checkpoint's metadata carries its step's figures
                     current = None
-                    ckpt.save(manager, step, params=self.params, opt_state=self.opt_state, meta=self._meta(step, last))
+                    ckpt.save(manager, step, params=self._saved(self.params), opt_state=self.opt_state,
+                              meta=self._meta(step, last))
                 pending = current
                 if stopping:
                     break
@@ -298,11 +316,16 @@ class Trainer:
             metrics_logger.close()
             stop.restore()
         if t.export_hf and last.get("step") == self.total_steps:
+            model = self.export_model()
+            if self.lora:
+                adapter = lora.save_adapter(model, self.run_dir / "adapter", base_model_name_or_path=cfg.model.path)
+                log(f"exported PEFT adapter to {adapter}")
+                model = lora.merge(model)
             out = jm.save_pretrained(
-                self.export_model(), self.run_dir / "hf", tokenizer=self.tokenizer, generation_config=self.generation_config,
+                model, self.run_dir / "hf", tokenizer=self.tokenizer, generation_config=self.generation_config,
                 readme=model_card(cfg, last["step"], last, self.stop_tokens),
             )
-            log(f"exported Hugging Face checkpoint to {out}")
+            log(f"exported Hugging Face checkpoint to {out}" + (" (LoRA merged)" if self.lora else ""))
         log(self._where_everything_is(last))
         return last
 
@@ -317,6 +340,7 @@ class Trainer:
             ("metrics.jsonl", "one JSON object per optimizer step (python -m jsft.plot " + str(d) + ")"),
             ("checkpoints", "orbax checkpoints (python -m jsft.export --checkpoint " + str(d) + " --out DIR)"),
             ("samples", "validation generations, samples/step_N.jsonl"), ("hf", "Hugging Face export"),
+            ("adapter", "PEFT LoRA adapter (peft.PeftModel.from_pretrained(base, dir))"),
             ("demo", "generated dataset and tokenizer"), ("tensorboard", "TensorBoard logs"),
         ]
         lines += [f"  {name:<14} {what}" for name, what in items if (d / name).exists()]

@@ -19,6 +19,7 @@ def tree_bytes(tree) -> tuple[int, int]:
 def run_info(trainer, peak_flops: float) -> dict:
     cfg, model_cfg = trainer.cfg, trainer.model.config
     param_total, param_device = tree_bytes(trainer.params)
+    trainable, frozen = trainer.step_fn.split(trainer.params)  # LoRA: the adapters, and the frozen base
     opt_total, opt_device = tree_bytes(trainer.opt_state)
     example = trainer.step_fn.device_batch(largest_micro_batch(trainer.train_data.empty_micro_batch()))
     return {
@@ -29,6 +30,10 @@ def run_info(trainer, peak_flops: float) -> dict:
         "num_params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.params))),
         "param_bytes_total": param_total,
         "param_bytes_per_device": param_device,
+        "trainable_params": int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))),
+        "trainable_param_bytes_total": tree_bytes(trainable)[0],
+        "frozen_param_bytes_total": tree_bytes(frozen)[0],
+        "frozen_param_bytes_per_device": tree_bytes(frozen)[1],
         "opt_state_bytes_total": opt_total,
         "opt_state_bytes_per_device": opt_device,
         "opt_state_memory": "pinned_host between updates" if trainer.step_fn.offload_opt_state else "device",

@@ -6,6 +6,8 @@ weights that already hold the global normalisation (see loss.py and batch.py), s
 the exact gradient of the global batch's loss, however the batch was split into micro-batches, devices or
 hosts. The micro-batch count follows the data, so accumulation is a Python loop over compiled programs
 (one per micro-batch shape, see trainer.shape_buckets), not a scan that would recompile for every count.
+Only the trainable parameters (all, or the LoRA adapters: lora.trainable_names) are differentiated,
+accumulated and optimised; the frozen rest is a plain input of the grad step.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jsft.models.decoder import Decoder
+from jsft.models.lora import trainable_names
 from jsft.models.params import param_arrays, param_shardings, replace_params
 from jsft.sharding import batch_sharding
 from jsft.train.loss import weighted_nll
@@ -49,9 +52,11 @@ class TrainStep:
         offload_opt_state: bool = False,
     ):
         self.template = model  # structure and static config; parameters are passed as a flat dict
-        params = param_arrays(model)
+        self.trainable = set(trainable_names(model))
+        params, _ = self.split(param_arrays(model))
         self.optimizer, self.mesh, self.chunk_size = optimizer, mesh, chunk_size
-        self.param_shardings = param_shardings(model, mesh)
+        # shardings of the trainable parameters (their gradients and optimizer state) and the frozen ones
+        self.param_shardings, self.frozen_shardings = self.split(param_shardings(model, mesh))
         replicated = NamedSharding(mesh, P())
         abstract_opt = jax.eval_shape(optimizer.init, params)
         # Where the optimizer state is used (device memory) and where it lives between steps: the same,
@@ -72,9 +77,9 @@ class TrainStep:
         )
         self._grad = jax.jit(
             self._grad_step,
-            in_shardings=(self.param_shardings, self.param_shardings, self.batch_sharding),
+            in_shardings=(self.param_shardings, self.frozen_shardings, self.param_shardings, self.batch_sharding),
             out_shardings=(self.param_shardings, replicated),
-            donate_argnums=(1,),
+            donate_argnums=(2,),
         )
         self._apply = jax.jit(
             self._apply_step,
@@ -83,7 +88,8 @@ class TrainStep:
             donate_argnums=(0, 1),
         )
         self._eval = jax.jit(
-            self._weighted_loss, in_shardings=(self.param_shardings, self.batch_sharding), out_shardings=replicated
+            self._weighted_loss, in_shardings=({**self.param_shardings, **self.frozen_shardings}, self.batch_sharding),
+            out_shardings=replicated,
         )
 
     # ---- traced functions ---------------------------------------------------------------------------------------
@@ -94,8 +100,8 @@ class TrainStep:
         hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
         return weighted_nll(hidden, model.unembed(), batch, self.chunk_size)
 
-    def _grad_step(self, params, acc, batch):
-        loss, grads = jax.value_and_grad(self._weighted_loss)(params, batch)
+    def _grad_step(self, params, frozen, acc, batch):
+        loss, grads = jax.value_and_grad(lambda p: self._weighted_loss({**frozen, **p}, batch))(params)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
         return acc, loss
 
@@ -115,8 +121,13 @@ class TrainStep:
 
     # ---- host-side API -----------------------------------------------------------------------------------------
 
+    def split(self, params: dict) -> tuple[dict, dict]:
+        """(trainable, frozen) parts of a flat parameter dict."""
+        train = {n: v for n, v in params.items() if n in self.trainable}
+        return train, {n: v for n, v in params.items() if n not in train}
+
     def init_opt_state(self, params):
-        return self._init_opt(params)
+        return self._init_opt(self.split(params)[0])
 
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Host-local rows -> global arrays sharded over the batch axes (each host passes its own rows)."""
@@ -125,12 +136,14 @@ class TrainStep:
         }
 
     def gradients(self, params, micro_batches: list[dict[str, jax.Array]]):
-        """(loss, summed float32 gradients) of one global batch given as device micro-batches."""
+        """(loss, summed float32 gradients of the trainable parameters) of one global batch given as device
+        micro-batches."""
+        params, frozen = self.split(params)
         with jax.set_mesh(self.mesh):  # traced under the mesh, so block-boundary constraints keep rows split
             acc = self._zeros(params)
             loss = jnp.zeros((), jnp.float32)
             for batch in micro_batches:
-                acc, micro_loss = self._grad(params, acc, batch)
+                acc, micro_loss = self._grad(params, frozen, acc, batch)
                 loss = loss + micro_loss
         return loss, acc
 
@@ -144,9 +157,10 @@ class TrainStep:
         stats {grad_norm, lr, skipped_steps, consecutive_skips}: arrays of their own, still readable after
         params and opt_state have been donated to the next step."""
         loss, grads = self.gradients(params, micro_batches)
+        train, frozen = self.split(params)
         with jax.set_mesh(self.mesh):
-            params, opt_state, stats = self._apply(params, opt_state, grads)
-        return params, opt_state, loss, stats
+            train, opt_state, stats = self._apply(train, opt_state, grads)
+        return {**frozen, **train}, opt_state, loss, stats
 
     def eval_loss(self, params, micro_batches: list[dict[str, jax.Array]]) -> jax.Array:
         with jax.set_mesh(self.mesh):
@@ -157,9 +171,18 @@ class TrainStep:
         return self._grad._cache_size()
 
     def lower_grad(self, params, example_batch):
-        """The grad micro-step lowered for this batch shape (jax.stages.Lowered: .as_text(), .compile())."""
+        """The grad micro-step lowered for this batch shape (jax.stages.Lowered: .as_text(), .compile()).
+        `params` (all of them, trainable and frozen) and the batch may be arrays or ShapeDtypeStructs."""
+        train, frozen = self.split(params)
+        acc = jax.eval_shape(self._zeros, train)
         with jax.set_mesh(self.mesh):
-            return self._grad.lower(params, self._zeros(params), example_batch)
+            return self._grad.lower(train, frozen, acc, example_batch)
+
+    def lower_update(self, params, opt_state):
+        """The optimizer update lowered (arrays or ShapeDtypeStructs), for its compiled memory analysis."""
+        train, _ = self.split(params)
+        with jax.set_mesh(self.mesh):
+            return self._apply.lower(train, opt_state, jax.eval_shape(self._zeros, train))
 
     def memory_analysis(self, params, opt_state, example_batch) -> dict:
         """Per-device bytes of the compiled grad step (XLA's memory analysis): arguments, outputs, temporaries."""
