@@ -202,9 +202,8 @@ def save_adapter(model: Decoder, out_dir, *, base_model_name_or_path: Optional[s
     params = param_arrays(model)
     tensors = {}
     for key in adapter_keys(cfg, spec):
-        host = hf_io.to_host(params[key.jsft])
-        for i in range(cfg.num_layers):
-            tensors[key.hf.format(i=i)] = hf_io.to_hf_layout(key, host[i])
+        for i in range(cfg.num_layers):  # one layer at a time, as the model export streams
+            tensors[key.hf.format(i=i)] = hf_io.to_hf_layout(key, hf_io.gather_layer(params[key.jsft], i))
     out = Path(out_dir)
     if jax.process_index() == 0:
         out.mkdir(parents=True, exist_ok=True)
