@@ -39,6 +39,17 @@ def wait_for_step(run_dir, step, proc, timeout=300):
     raise TimeoutError(f"step {step} not reached")
 
 
+def wait_for_checkpoint(run_dir, step, proc, timeout=300):
+    """Until orbax has committed the checkpoint of `step` (it renames the step's directory when complete)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir / "checkpoints" / str(step)).is_dir():
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.1)
+    raise TimeoutError(f"checkpoint {step} not written")
+
+
 def test_kill_9_then_resume_is_exact(sft_setup, tmp_path):
     reference = tmp_path / "reference"
     rc, out = finish(launch(sft_setup, reference))
@@ -56,6 +67,7 @@ def test_kill_9_then_resume_is_exact(sft_setup, tmp_path):
     run = tmp_path / "killed"
     proc = launch(sft_setup, run)
     wait_for_step(run, 5, proc)
+    wait_for_checkpoint(run, 4, proc)  # saves are asynchronous: under load step 4's may still be in flight
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     steps = sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
