@@ -84,3 +84,54 @@ def sft_overrides(setup: dict, run_dir, **extra) -> list[str]:
 def losses(run_dir) -> dict:
     """{step: train/loss} from a run's metrics.jsonl."""
     return {m["step"]: m["train/loss"] for m in map(json.loads, open(Path(run_dir) / "metrics.jsonl"))}
+
+
+def step_samples(step_batches):
+    """(input_ids, loss_mask) of every sample in packed/padded rows of StepBatches, recovered by segment id."""
+    import numpy as np
+
+    for batch in step_batches:
+        for mb in batch.micro_batches:
+            for r in range(len(mb["input_ids"])):
+                for s in np.unique(mb["segment_ids"][r]):
+                    if s > 0:
+                        sel = mb["segment_ids"][r] == s
+                        yield mb["input_ids"][r][sel], mb["loss_mask"][r][sel]
+
+
+def torch_sft_losses(model, trainable, cfg, steps: int) -> list[float]:
+    """The veRL-style torch reference: per step, token-mean CE over the global batch's samples (each padded
+    in one batch with an attention mask; logits at t predict token t+1), torch AdamW over `trainable`,
+    clipping and the same lr schedule as jsft's."""
+    import torch
+
+    from jsft.data.pipeline import build_train_batches
+    from jsft.data.tokenizer import load_tokenizer
+    from jsft.train.optim import make_schedule
+
+    trainable = list(trainable)
+    opt = torch.optim.AdamW(trainable, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                            weight_decay=cfg.optim.weight_decay)
+    schedule = make_schedule(cfg.optim, steps)
+    batches = build_train_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), seed=cfg.data.seed,
+                                  process_index=0, process_count=1, local_devices=8)
+    out = []
+    for step in range(steps):
+        samples = list(step_samples([next(batches)]))
+        width = max(len(ids) for ids, _ in samples)
+        ids = torch.zeros(len(samples), width, dtype=torch.long)
+        attn = torch.zeros(len(samples), width, dtype=torch.long)
+        mask = torch.zeros(len(samples), width)
+        for i, (x, m) in enumerate(samples):
+            ids[i, : len(x)], attn[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1, torch.tensor(m, dtype=torch.float32)
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
+        for group in opt.param_groups:
+            group["lr"] = float(schedule(step))
+        opt.step()
+        out.append(loss.item())
+    return out

@@ -15,16 +15,13 @@ import transformers
 peft = pytest.importorskip("peft")
 
 from jsft.config import load_config  # noqa: E402
-from jsft.data.pipeline import build_train_batches  # noqa: E402
-from jsft.data.tokenizer import load_tokenizer  # noqa: E402
 from jsft.export import load_checkpoint_model  # noqa: E402
 from jsft.models import lora  # noqa: E402
 from jsft.models.params import param_arrays  # noqa: E402
 from jsft.train import checkpoint as ckpt  # noqa: E402
 from jsft.train.loop import train  # noqa: E402
-from jsft.train.optim import make_schedule  # noqa: E402
 
-from jsft_testing import losses, sft_overrides  # noqa: E402
+from jsft_testing import losses, sft_overrides, torch_sft_losses  # noqa: E402
 
 STEPS = 6
 PARITY = {
@@ -47,47 +44,11 @@ def _peft_adapter(base_dir, out):
     model.save_pretrained(out)
 
 
-def _samples(step_batch):
-    """(input_ids, loss_mask) of every sample of a step, recovered from the packed rows by segment id."""
-    for mb in step_batch.micro_batches:
-        for r in range(len(mb["input_ids"])):
-            for s in np.unique(mb["segment_ids"][r]):
-                if s > 0:
-                    sel = mb["segment_ids"][r] == s
-                    yield mb["input_ids"][r][sel], mb["loss_mask"][r][sel]
-
-
 def _torch_peft_losses(setup, cfg, adapter):
-    """The reference: peft on transformers, token-mean CE per global batch, torch AdamW over the adapters,
-    clipping, the same lr schedule; each sample padded in one batch with an attention mask."""
+    """The reference: peft on transformers through jsft_testing.torch_sft_losses, AdamW over the adapters."""
     base = transformers.AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
     model = peft.PeftModel.from_pretrained(base, adapter, is_trainable=True)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
-    schedule = make_schedule(cfg.optim, STEPS)
-    batches = build_train_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), seed=cfg.data.seed,
-                                  process_index=0, process_count=1, local_devices=8)
-    out = []
-    for step in range(STEPS):
-        samples = list(_samples(next(batches)))
-        width = max(len(ids) for ids, _ in samples)
-        ids = torch.zeros(len(samples), width, dtype=torch.long)
-        attn = torch.zeros(len(samples), width, dtype=torch.long)
-        mask = torch.zeros(len(samples), width)
-        for i, (x, m) in enumerate(samples):
-            ids[i, : len(x)], attn[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1, torch.tensor(m, dtype=torch.float32)
-        logits = model(input_ids=ids, attention_mask=attn).logits
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
-        for group in opt.param_groups:
-            group["lr"] = float(schedule(step))
-        opt.step()
-        out.append(loss.item())
-    return out
+    return torch_sft_losses(model, [p for p in model.parameters() if p.requires_grad], cfg, STEPS)
 
 
 def _logits(model, ids):

@@ -7,14 +7,12 @@ import pytest
 import torch
 import transformers
 
-from jsft.config import OptimConfig, load_config
-from jsft.data.pipeline import build_train_batches
+from jsft.config import load_config
 from jsft.data.tokenizer import load_tokenizer
 from jsft.train.__main__ import main
 from jsft.train.loop import train
-from jsft.train.optim import make_schedule
 
-from jsft_testing import sft_overrides
+from jsft_testing import sft_overrides, step_samples, torch_sft_losses
 
 STEPS = 12
 PARITY = {
@@ -35,7 +33,7 @@ def torch_val_loss(model, setup, cfg):
 
     val = build_eval_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), process_index=0, process_count=1, local_devices=8)
     with torch.no_grad():
-        for ids, mask in _samples(b for b in val):
+        for ids, mask in step_samples(b for b in val):
             logits = model(input_ids=torch.tensor(ids)[None]).logits[0]
             nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:], dtype=torch.long), reduction="none")
             total += float((nll * torch.tensor(mask[1:], dtype=torch.float32)).sum())
@@ -43,46 +41,10 @@ def torch_val_loss(model, setup, cfg):
     return total / count
 
 
-def _samples(step_batches):
-    """(input_ids, loss_mask) of every sample in packed/padded rows, recovered through segment ids."""
-    for batch in step_batches:
-        for mb in batch.micro_batches:
-            for r in range(len(mb["input_ids"])):
-                for s in np.unique(mb["segment_ids"][r]):
-                    if s > 0:
-                        sel = mb["segment_ids"][r] == s
-                        yield mb["input_ids"][r][sel], mb["loss_mask"][r][sel]
-
-
 def torch_losses(setup, cfg):
-    """veRL-style reference: per-step token-mean CE over the global batch's samples, AdamW, clipping,
-    the same lr schedule; each sample run on its own (padded batch with an attention mask)."""
+    """veRL-style reference (jsft_testing.torch_sft_losses) on the full model; returns (losses, model)."""
     model = transformers.AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
-    opt = torch.optim.AdamW(model.parameters(), lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
-                            weight_decay=cfg.optim.weight_decay)
-    schedule = make_schedule(cfg.optim, STEPS)
-    batches = build_train_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), seed=cfg.data.seed,
-                                  process_index=0, process_count=1, local_devices=8)
-    losses = []
-    for step in range(STEPS):
-        samples = list(_samples([next(batches)]))
-        width = max(len(ids) for ids, _ in samples)
-        ids = torch.zeros(len(samples), width, dtype=torch.long)
-        attn = torch.zeros(len(samples), width, dtype=torch.long)
-        mask = torch.zeros(len(samples), width)
-        for i, (x, m) in enumerate(samples):
-            ids[i, : len(x)], attn[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1, torch.tensor(m, dtype=torch.float32)
-        logits = model(input_ids=ids, attention_mask=attn).logits
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()  # shift: logits at t predict token t+1
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-        for group in opt.param_groups:
-            group["lr"] = float(schedule(step))
-        opt.step()
-        losses.append(loss.item())
-    return losses, model
+    return torch_sft_losses(model, model.parameters(), cfg, STEPS), model
 
 
 def test_loss_curve_matches_a_torch_loop(sft_setup, tmp_path):
