@@ -208,7 +208,9 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
     spec = lora.spec_from_run_config(cfg.model)
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model),
                            remat_policy=remat, attention_impl=cfg.model.attention_impl, lora=spec)
-    layout = BatchLayout.from_config(cfg.data, jax.local_device_count())
+    from jsft.sharding import sequence_size
+
+    layout = BatchLayout.from_config(cfg.data, jax.local_device_count() // sequence_size(mesh))  # rows: devices off `sequence`
     rows = layout.rows_per_micro_batch * jax.process_count()
     plan = plan_memory(model, make_optimizer(cfg.optim, 1), mesh, rows=rows, row_length=layout.row_length,
                        chunk_size=cfg.trainer.loss_chunk_size, update=update, offload_opt_state=cfg.optim.offload_state)

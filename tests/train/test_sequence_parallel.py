@@ -1,0 +1,110 @@
+"""Sequence parallelism (Ulysses): the loss and every gradient of a batch do not depend on how many devices
+split each row's tokens (S = 1, 2, 4, 8 on 8 fake devices), for packed rows with several samples, padding,
+GQA with fewer KV heads than S, bf16 compute, and every attention implementation that runs on CPU."""
+
+import jax
+import numpy as np
+import pytest
+
+from jsft.config import OptimConfig
+from jsft.models.config import ModelConfig
+from jsft.models.params import init_model, param_arrays
+from jsft.models.ulysses import check_heads, kv_repeats
+from jsft.sharding import make_mesh, param_spec
+from jsft.train.batch import fit_shapes, loss_weights
+from jsft.train.optim import make_optimizer
+from jsft.train.step import TrainStep
+
+T = 64
+
+
+def _config(heads=8, kv_heads=2):
+    return ModelConfig.from_init(dict(
+        model_type="qwen2", vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=4 * T,
+    ))
+
+
+def _rows(rng):
+    """8 packed rows of T tokens (one per device at S=1): 1-3 samples each (positions restart per sample),
+    trailing padding."""
+    ids, seg, pos, mask = (np.zeros((8, T), np.int32) for _ in range(4))
+    for r, lengths in enumerate(([20, 30], [10, 25, 17], [T], [7, 40]) * 2):
+        start = 0
+        for s, n in enumerate(lengths):
+            ids[r, start:start + n] = rng.integers(1, 96, n)
+            seg[r, start:start + n] = s + 1
+            pos[r, start:start + n] = np.arange(n)
+            mask[r, start + n // 3:start + n] = 1
+            start += n
+    return {"input_ids": ids, "segment_ids": seg, "positions": pos, "loss_mask": mask}
+
+
+def _micro_batch(rows, s, buckets=4):
+    w = loss_weights(rows["loss_mask"], rows["segment_ids"], "token-mean", num_samples=9,
+                     num_target_tokens=int(rows["loss_mask"].sum()), max_length=T)
+    return fit_shapes([{**rows, "loss_weight": w}], buckets, multiple=s)[0]
+
+
+def _loss_and_grads(cfg, s, *, dtype="float32", impl="blockwise", remat="none"):
+    mesh = make_mesh({"sequence": s}, devices=jax.devices()[:8])
+    model = init_model(cfg, seed=0, mesh=mesh, dtype=dtype, attention_impl=impl, remat_policy=remat)
+    step = TrainStep(model, make_optimizer(OptimConfig(), 10), mesh, chunk_size=32)
+    mb = _micro_batch(_rows(np.random.default_rng(0)), s)
+    loss, grads = step.gradients(param_arrays(model), [step.device_batch(mb)])
+    return float(loss), {k: np.asarray(v, np.float32) for k, v in grads.items()}
+
+
+def _assert_same(a, b, tol):
+    assert b[0] == pytest.approx(a[0], rel=tol)
+    for name in a[1]:
+        scale = np.abs(a[1][name]).max()
+        np.testing.assert_allclose(b[1][name], a[1][name], rtol=0, atol=tol * scale, err_msg=name)
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+def test_loss_and_gradients_match_across_sequence_sizes(impl):
+    """8 query heads, 2 KV heads: S=4 and 8 repeat the KV heads (2 -> 4, 8); remat on, as by default."""
+    cfg = _config()
+    ref = _loss_and_grads(cfg, 1, impl=impl, remat="full")
+    for s in (2, 4, 8):
+        _assert_same(ref, _loss_and_grads(cfg, s, impl=impl, remat="full"), 1e-5)
+
+
+def test_bf16_compute_matches_across_sequence_sizes():
+    """bf16 activations round after every op; the all-to-alls move values without arithmetic, but XLA may
+    fuse (and so round) differently around them: 2e-2 is a few bf16 ulps (2^-8) of the largest gradient."""
+    cfg = _config()
+    ref = _loss_and_grads(cfg, 1, dtype="bfloat16")
+    _assert_same(ref, _loss_and_grads(cfg, 4, dtype="bfloat16"), 2e-2)
+
+
+def test_rows_are_split_over_the_sequence_axis_and_parameters_over_all_devices():
+    cfg = _config()
+    mesh = make_mesh({"sequence": 4}, devices=jax.devices()[:8])
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 4}
+    model = init_model(cfg, seed=0, mesh=mesh)
+    step = TrainStep(model, make_optimizer(OptimConfig(), 10), mesh, chunk_size=32)
+    mb = step.device_batch(_micro_batch(_rows(np.random.default_rng(0)), 4))
+    assert mb["input_ids"].sharding.shard_shape(mb["input_ids"].shape) == (4, mb["input_ids"].shape[1] // 4)
+    embed = param_arrays(model)["embed"]  # [96, 64]: 8 shards, not 2 shards x 4 copies
+    assert embed.sharding.shard_shape(embed.shape)[1] * 8 == 64 or embed.sharding.shard_shape(embed.shape)[0] * 8 == 96
+    assert param_spec(("vocab", "embed"), (96, 64), mesh) == jax.sharding.PartitionSpec(None, ("fsdp", "sequence"))
+
+
+def test_shapes_are_multiples_of_the_sequence_size():
+    rows = _rows(np.random.default_rng(0))
+    for s in (1, 2, 4, 8):
+        mb = _micro_batch(rows, s, buckets=5)  # bucket step 13 tokens, rounded up to a multiple of s
+        assert mb["input_ids"].shape[1] % s == 0 and mb["target_pos"].shape[1] % s == 0
+    with pytest.raises(ValueError, match="multiple of 3"):
+        fit_shapes([{**rows, "loss_weight": np.zeros((8, T), np.float32)}], 4, multiple=3)
+
+
+def test_heads_that_do_not_split_fail_with_sizes_that_work():
+    assert kv_repeats(8, 2, 4) == 2 and kv_repeats(8, 2, 8) == 4 and kv_repeats(8, 8, 4) == 1
+    check_heads(28, 4, 4)  # Qwen2.5-7B at S=4
+    with pytest.raises(ValueError, match=r"trainer.mesh.sequence=3 cannot split 8 query heads.*\[1, 2, 4, 8\]"):
+        check_heads(8, 2, 3)
+    with pytest.raises(ValueError, match="cannot split 14 query heads"):
+        check_heads(14, 2, 4)  # Qwen2.5-0.5B: 14 heads
