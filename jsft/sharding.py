@@ -273,6 +273,11 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, activation_spec(("batch", "length")))
 
 
+def mesh_sizes_of(mesh: Mesh) -> dict[str, int]:
+    """{axis: size} for reports, `sequence` only when it splits rows (as trainer.mesh is written)."""
+    return {n: int(mesh.shape[n]) for n in MESH_AXES if n != "sequence" or mesh.shape[n] > 1}
+
+
 def sequence_size(mesh: Mesh) -> int:
     """S: the devices one row's tokens are split over (1 without sequence parallelism)."""
     return int(mesh.shape.get("sequence", 1))

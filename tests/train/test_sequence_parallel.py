@@ -2,6 +2,8 @@
 split each row's tokens (S = 1, 2, 4, 8 on 8 fake devices), for packed rows with several samples, padding,
 GQA with fewer KV heads than S, bf16 compute, and every attention implementation that runs on CPU."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -108,3 +110,40 @@ def test_heads_that_do_not_split_fail_with_sizes_that_work():
         check_heads(8, 2, 3)
     with pytest.raises(ValueError, match="cannot split 14 query heads"):
         check_heads(14, 2, 4)  # Qwen2.5-0.5B: 14 heads
+
+
+def test_trainer_with_sequence_4_reproduces_sequence_1_and_resumes_with_sequence_1(sft_setup, tmp_path):
+    """`python -m jsft.train ... trainer.mesh.sequence=4` on 8 devices: the loss curve and validation loss
+    of sequence=1, validation by generation runs, and its checkpoint resumes with sequence=1 (same arrays)."""
+    from jsft.train.__main__ import main
+    from jsft_testing import losses, sft_overrides
+
+    extra = {"data.val_files": sft_setup["val"], "trainer.total_training_steps": 4}
+    ref = sft_overrides(sft_setup, tmp_path / "s1", **extra)
+    assert main(ref) == 0
+    seq = sft_overrides(sft_setup, tmp_path / "s4", **{**extra, "trainer.save_freq": 2,
+                                                       "trainer.val_generations": 1, "trainer.val_max_new_tokens": 4})
+    assert main(seq + ["trainer.mesh.sequence=4"]) == 0
+    one, four = losses(tmp_path / "s1"), losses(tmp_path / "s4")
+    np.testing.assert_allclose([four[s] for s in range(1, 5)], [one[s] for s in range(1, 5)], rtol=1e-5)
+    metrics = [json.loads(line) for line in open(tmp_path / "s4" / "metrics.jsonl")]
+    reference = [json.loads(line) for line in open(tmp_path / "s1" / "metrics.jsonl")]
+    assert metrics[-1]["val/loss"] == pytest.approx(reference[-1]["val/loss"], rel=1e-5)
+    assert any(k.startswith("val/gen") for k in metrics[-1]), sorted(metrics[-1])
+    # the S=4 checkpoint of step 2 continues with S=1 exactly as the S=1 run did
+    resumed = sft_overrides(sft_setup, tmp_path / "resumed", **{
+        **extra, "trainer.resume_mode": "resume_path", "trainer.resume_from_path": str(tmp_path / "s4" / "checkpoints" / "2")})
+    assert main(resumed) == 0
+    np.testing.assert_allclose([losses(tmp_path / "resumed")[s] for s in (3, 4)], [one[s] for s in (3, 4)], rtol=1e-5)
+
+
+def test_alias_key_and_bad_lengths_fail_at_load():
+    from jsft.config import load_config, sequence_parallel_size
+
+    base = ["model.init={model_type: qwen2, vocab_size: 64}", "data.max_length=256"]
+    assert sequence_parallel_size(load_config(None, base + ["ulysses_sequence_parallel_size=4"])) == 4
+    assert sequence_parallel_size(load_config(None, base + ["trainer.mesh.sequence=2"])) == 2
+    with pytest.raises(ValueError, match="data.max_length=250 must be a multiple of the sequence-parallel size 4"):
+        load_config(None, base + ["trainer.mesh.sequence=4", "data.max_length=250"])
+    with pytest.raises(ValueError, match="disagree"):
+        load_config(None, base + ["trainer.mesh.sequence=4", "ulysses_sequence_parallel_size=2"])
