@@ -44,6 +44,9 @@ def run_mesh(cfg, log: Optional[Callable[[str], None]] = None, model_cfg: Option
     model_cfg = model_cfg or run_model_config(cfg)
     s = sequence_parallel_size(cfg)
     check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, s)
+    if jax.local_device_count() % s:  # each host feeds whole rows: a sequence group must be one host's devices
+        raise ValueError(f"trainer.mesh.sequence={s} must divide the {jax.local_device_count()} devices of each "
+                         f"process (a sequence group spanning processes is not supported yet): use a divisor of it")
     axes = cfg.trainer.mesh
     if s > 1:  # the alias key, or trainer.mesh.sequence on top of auto / an explicit {data, fsdp}
         axes = {**(axes if axes != AUTO else {}), "sequence": s}
