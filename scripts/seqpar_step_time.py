@@ -2,9 +2,9 @@
 
     python scripts/seqpar_step_time.py --length 16384 --sizes 1 2 4 [--profile DIR]
 
-8 fake CPU devices; one row per sequence group (rows = 8 / S), so every S computes the same tokens per
-device: S=1 runs 8 rows of T tokens, S=4 two rows split over 4 devices each. Prints the median grad-step
-time per S and, with --profile, the seconds per device spent in all-to-all ops (from the profiler trace).
+8 fake CPU devices; one row per sequence group (rows = 8 / S), as the trainer lays out
+micro_batch_size_per_gpu=1: S=1 runs 8 rows of T tokens (one per device), S=4 two rows split over 4
+devices each (T/4 tokens per device). Prints the median grad-step time and tokens/s per S and, with --profile, the seconds per device spent in all-to-all ops (from the profiler trace).
 """
 
 from __future__ import annotations
@@ -84,7 +84,9 @@ def main() -> None:
             t0 = time.perf_counter()
             jax.block_until_ready(step.gradients(params, [batch]))
             times.append(time.perf_counter() - t0)
-        line = f"S={s}: rows {8 // s} x {args.length}, grad step {statistics.median(times):.2f} s (first {compile_s:.1f} s)"
+        median = statistics.median(times)
+        line = (f"S={s}: rows {8 // s} x {args.length}, grad step {median:.2f} s, "
+                f"{8 // s * args.length / median:.0f} tokens/s (first {compile_s:.1f} s)")
         if args.profile is not None and s > 1:
             out = args.profile / f"s{s}"
             with jax.profiler.trace(str(out)):
