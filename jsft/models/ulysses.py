@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 
 from jsft.sharding import ACTIVATION_RULES
 
-AXIS = "sequence"
+AXIS = ACTIVATION_RULES["length"][0]  # the mesh axis a row's tokens are split over (jsft/sharding.py names it)
 
 
 def kv_repeats(num_heads: int, num_kv_heads: int, s: int) -> int:

@@ -29,12 +29,12 @@ from jsft.eval.generation import GenerationValidation
 from jsft.models import lora
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
+from jsft.sharding import sequence_size
 from jsft.train import checkpoint as ckpt
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.console import run_info_table, wrap
 from jsft.train.hf_export import generation_config, model_card
 from jsft.train.inflight import InFlightStep
-from jsft.sharding import sequence_size
 from jsft.train.mesh import run_mesh
 from jsft.train.metrics import MetricsLogger
 from jsft.train.optim import make_optimizer
