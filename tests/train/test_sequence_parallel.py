@@ -48,8 +48,8 @@ def _micro_batch(rows, s, buckets=4):
     return fit_shapes([{**rows, "loss_weight": w}], buckets, multiple=s)[0]
 
 
-def _loss_and_grads(cfg, s, *, dtype="float32", impl="blockwise", remat="none"):
-    mesh = make_mesh({"sequence": s}, devices=jax.devices()[:8])
+def _loss_and_grads(cfg, s, *, dtype="float32", impl="blockwise", remat="none", axes=None):
+    mesh = make_mesh(axes or {"sequence": s}, devices=jax.devices()[:8])
     model = init_model(cfg, seed=0, mesh=mesh, dtype=dtype, attention_impl=impl, remat_policy=remat)
     step = TrainStep(model, make_optimizer(OptimConfig(), 10), mesh, chunk_size=32)
     mb = _micro_batch(_rows(np.random.default_rng(0)), s)
@@ -71,6 +71,12 @@ def test_loss_and_gradients_match_across_sequence_sizes(impl):
     ref = _loss_and_grads(cfg, 1, impl=impl, remat="full")
     for s in (2, 4, 8):
         _assert_same(ref, _loss_and_grads(cfg, s, impl=impl, remat="full"), 1e-5)
+
+
+def test_hsdp_with_a_sequence_axis_matches():
+    """{data: 2, fsdp: 2, sequence: 2}: parameters over fsdp x sequence, replicated over data."""
+    cfg = _config()
+    _assert_same(_loss_and_grads(cfg, 1), _loss_and_grads(cfg, 2, axes={"data": 2, "fsdp": 2, "sequence": 2}), 1e-5)
 
 
 def test_bf16_compute_matches_across_sequence_sizes():
