@@ -209,3 +209,31 @@ def test_packed_kernels_under_ulysses(impl, s):
     valid = np.asarray(seg > 0)
     np.testing.assert_allclose(np.asarray(out)[valid], np.asarray(ref)[valid], rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(dq), np.asarray(jax.grad(loss("xla"))(q)), rtol=2e-5, atol=2e-5)
+
+
+def test_two_processes_with_sequence_4_follow_the_single_process_curve(sft_setup, tmp_path):
+    """2 processes x 4 devices, trainer.mesh.sequence=4 (each process's devices one sequence group, rows
+    over the 2 processes) reproduce 1 process x 8 devices without sequence parallelism."""
+    import os
+    import subprocess
+    import sys
+
+    from jsft.train.__main__ import main
+    from jsft_testing import losses, sft_overrides
+    from test_multihost import _free_port
+
+    extra = {"trainer.total_training_steps": 3, "data.train_batch_size": 8}
+    assert main(sft_overrides(sft_setup, tmp_path / "single", **extra)) == 0
+    port, procs = _free_port(), []
+    for pid in range(2):
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "jsft.train", *sft_overrides(sft_setup, tmp_path / "multi", **extra),
+             "trainer.mesh.sequence=4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outputs):
+        assert p.returncode == 0, out[-4000:]
+    assert "sequence: 4" in outputs[0] and "2 process(es)" in outputs[0]
+    single, multi = losses(tmp_path / "single"), losses(tmp_path / "multi")
+    np.testing.assert_allclose([multi[s] for s in sorted(single)], [single[s] for s in sorted(single)], rtol=1e-5)
