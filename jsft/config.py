@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -84,7 +85,8 @@ class TrainerConfig:
     # JAX's persistent compilation cache (a directory; None = off): restarts and resumes skip recompiling
     compilation_cache_dir: Optional[str] = None
     # auto: fsdp = the largest group dividing the devices that shards every large tensor, data = the rest
-    # (HSDP); or explicit sizes {data: 3, fsdp: 8} (-1 takes the rest), checked against the model at start
+    # (HSDP); or explicit sizes {data: 3, fsdp: 8} (-1 takes the rest), checked against the model at start;
+    # `sequence: S` (trainer.mesh.sequence=4) splits each row's tokens over S devices (Ulysses), data/fsdp auto
     mesh: Any = "auto"
     peak_tflops: Optional[float] = None  # dense peak TFLOP/s of one device for train/mfu; None: jsft/train/perf.py's table
     export_hf: bool = False  # also write an HF safetensors export to <default_local_dir>/hf at the end
@@ -109,6 +111,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    ulysses_sequence_parallel_size: int = 1  # veRL's key (top-level there too): alias of trainer.mesh.sequence
 
 
 _SECTIONS = {
@@ -218,11 +221,35 @@ def validate(cfg: RunConfig) -> None:
         from jsft.sharding import check_mesh_axes
 
         check_mesh_axes(cfg.trainer.mesh)
+    _check_sequence(cfg)
     if cfg.trainer.peak_tflops is not None and cfg.trainer.peak_tflops <= 0:
         raise ValueError(f"trainer.peak_tflops={cfg.trainer.peak_tflops} must be > 0 (or null: look it up)")
     from jsft.models.lora import check_run_config  # noqa: PLC0415 (jax-importing; only validate needs it)
 
     check_run_config(cfg.model)
+
+
+def sequence_parallel_size(cfg: RunConfig) -> int:
+    """S of trainer.mesh.sequence or its alias ulysses_sequence_parallel_size (1: no sequence parallelism)."""
+    return max(_mesh_sequence(cfg), cfg.ulysses_sequence_parallel_size)
+
+
+def _mesh_sequence(cfg: RunConfig) -> int:
+    return int(cfg.trainer.mesh.get("sequence", 1)) if isinstance(cfg.trainer.mesh, Mapping) else 1
+
+
+def _check_sequence(cfg: RunConfig) -> None:
+    alias, mesh_s = cfg.ulysses_sequence_parallel_size, _mesh_sequence(cfg)
+    if alias < 1 or mesh_s < 1:
+        raise ValueError("trainer.mesh.sequence and ulysses_sequence_parallel_size must be >= 1")
+    if alias > 1 and mesh_s > 1 and alias != mesh_s:
+        raise ValueError(f"ulysses_sequence_parallel_size={alias} and trainer.mesh.sequence={mesh_s} disagree: set one")
+    s = sequence_parallel_size(cfg)
+    row = cfg.data.max_token_len_per_gpu if cfg.data.use_dynamic_bsz else cfg.data.max_length
+    if row % s:
+        key = "data.max_token_len_per_gpu" if cfg.data.use_dynamic_bsz else "data.max_length"
+        raise ValueError(f"{key}={row} must be a multiple of the sequence-parallel size {s}: each row's tokens "
+                         f"are split over {s} devices")
 
 
 def to_yaml(cfg: RunConfig) -> str:

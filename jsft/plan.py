@@ -208,13 +208,15 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
     spec = lora.spec_from_run_config(cfg.model)
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model),
                            remat_policy=remat, attention_impl=cfg.model.attention_impl, lora=spec)
-    layout = BatchLayout.from_config(cfg.data, jax.local_device_count())
+    from jsft.sharding import mesh_sizes_of, sequence_size
+
+    layout = BatchLayout.from_config(cfg.data, jax.local_device_count() // sequence_size(mesh))  # rows: devices off `sequence`
     rows = layout.rows_per_micro_batch * jax.process_count()
     plan = plan_memory(model, make_optimizer(cfg.optim, 1), mesh, rows=rows, row_length=layout.row_length,
                        chunk_size=cfg.trainer.loss_chunk_size, update=update, offload_opt_state=cfg.optim.offload_state)
     about = {
         "model": f"{model_cfg.model_type}, {model_cfg.num_params() / 1e9:.2f}B parameters",
-        "mesh": dict(mesh.shape),
+        "mesh": mesh_sizes_of(mesh),
         "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
         "micro-batch": f"[{rows}, {layout.row_length}]",
         "dtypes": f"compute {cfg.model.dtype}, parameters {lora.base_param_dtype(cfg.model)}",

@@ -6,9 +6,11 @@ axis whose size it divides, and replicates small tensors (norm scales, biases). 
 MAX_REPLICATED_ELEMENTS or more that no listed dimension lets `fsdp` divide is an error, never a quiet
 full copy on every device. XLA then inserts the all-gathers and reduce-scatters.
 
-The mesh is `{data: D, fsdp: F}`: parameters are sharded over the F devices of an fsdp group and
-replicated over the D groups (HSDP; D=1 is plain FSDP), the batch is split over all D*F devices.
-`trainer.mesh: auto` picks the largest F that divides the device count and shards every large tensor.
+The mesh is `{data: D, fsdp: F, sequence: S}`: parameters are sharded over the F*S devices of an fsdp
+group (fsdp and sequence together, so parameter memory does not grow with S) and replicated over the D
+groups (HSDP; D=1 is plain FSDP); the rows of a batch are split over the D*F devices, and each row's
+tokens over the S devices of the `sequence` axis (Ulysses, jsft/models/ulysses.py). `trainer.mesh: auto`
+picks the largest F that divides the devices (over S) and shards every large tensor; S is 1 unless asked.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "sequence")
 AUTO = "auto"  # trainer.mesh value: choose {data, fsdp} from the parameter shapes (auto_mesh_shape)
 
 # logical axis -> mesh axes it may be sharded over, in priority order for parameters: `embed` first, then
@@ -34,7 +36,10 @@ PARAM_RULES: dict[str, tuple[str, ...]] = {
 }
 # activations: the batch is split over every data-parallel axis; everything else is replicated, except
 # `replica_batch` + `embed`: rows over data, hidden over fsdp (the embedding lookup's layout, decoder.py).
-ACTIVATION_RULES: dict[str, tuple[str, ...]] = {"batch": ("data", "fsdp"), "replica_batch": ("data",), "embed": ("fsdp",)}
+# `length`: a row's tokens over the sequence axis (size 1 unless trainer.mesh.sequence > 1).
+ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
+    "batch": ("data", "fsdp"), "replica_batch": ("data",), "embed": ("fsdp",), "length": ("sequence",),
+}
 
 # tensors smaller than this are replicated: sharding them saves nothing and costs a collective each
 MIN_SHARDED_ELEMENTS = 1 << 12
@@ -54,19 +59,33 @@ def _sizes(mesh: MeshSizes) -> dict[str, int]:
 
 
 def check_mesh_axes(axes) -> dict[str, int]:
-    """An explicit trainer.mesh's sizes per axis (an axis left out is 1; at most one -1), or ValueError."""
+    """An explicit trainer.mesh's sizes per axis (an axis left out is 1; at most one -1), or ValueError.
+    A mapping that names only `sequence` leaves data and fsdp to `auto` (see make_mesh)."""
     if not isinstance(axes, Mapping):
         raise ValueError(f"trainer.mesh={axes!r}: write {AUTO} or a mapping such as {{data: 3, fsdp: 8}}")
     unknown = set(axes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; supported: {', '.join(MESH_AXES)}")
-    sizes = {name: int(axes.get(name, 1)) for name in MESH_AXES}
+    # sequence only when named: a {data, fsdp} mesh reads back as written
+    sizes = {name: int(axes.get(name, 1)) for name in MESH_AXES if name != "sequence" or name in axes}
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {free}")
     if any(s < 1 for n, s in sizes.items() if n not in free):
         raise ValueError(f"trainer.mesh sizes must be >= 1, or -1 for the rest; got {dict(axes)}")
+    if sizes.get("sequence") == -1:
+        raise ValueError("trainer.mesh.sequence must be a size (e.g. 4), not -1")
     return sizes
+
+
+def split_sequence(axes) -> tuple[Union[str, dict], int]:
+    """(data/fsdp part of trainer.mesh, sequence size S): `auto` or a mapping naming only `sequence`
+    becomes (auto, S), so `trainer.mesh.sequence=4` keeps the automatic data/fsdp choice."""
+    if axes == AUTO:
+        return AUTO, 1
+    sizes = check_mesh_axes(axes)
+    s = sizes.pop("sequence", 1)
+    return (AUTO if set(axes) == {"sequence"} else sizes), s
 
 
 def mesh_sizes(axes: Mapping[str, int], n_devices: int) -> dict[str, int]:
@@ -89,34 +108,48 @@ def make_mesh(
     params: Optional[Layout] = None,
     log=None,
 ) -> Mesh:
-    """A mesh over all devices (of every process). `axes`: `auto`, or {data, fsdp} sizes (one may be -1).
-    With `params` (the model's layout), `auto` chooses the HSDP shape from it and an explicit mesh is
-    checked against it (ValueError naming a tensor it cannot shard); without, `auto` puts every device on
-    fsdp. `log` receives a line saying which mesh and why."""
+    """A mesh over all devices (of every process). `axes`: `auto`, or {data, fsdp, sequence} sizes (one of
+    data/fsdp may be -1; only `sequence` given: data/fsdp auto over the rest). With `params` (the model's
+    layout), `auto` chooses the HSDP shape from it and an explicit mesh is checked against it (ValueError
+    naming a tensor it cannot shard); without, `auto` puts every device on fsdp. `log` receives a line
+    saying which mesh and why."""
     devices = list(devices if devices is not None else jax.devices())
+    axes, seq = split_sequence(axes)
+    if len(devices) % seq:
+        raise ValueError(f"trainer.mesh.sequence={seq} does not divide the {len(devices)} devices")
     if axes == AUTO and params is None:
-        sizes = {"data": 1, "fsdp": len(devices)}
+        sizes = {"data": 1, "fsdp": len(devices) // seq, "sequence": seq}
         why = f"mesh {_mesh_text(sizes)} (auto without parameter shapes: every device on fsdp)"
     elif axes == AUTO:
-        sizes, why = auto_mesh_shape(params, len(devices))
+        sizes, why = auto_mesh_shape(params, len(devices), seq)
     else:
-        sizes = mesh_sizes(axes, len(devices))
+        sizes = {**mesh_sizes(axes, len(devices) // seq), "sequence": seq}
         if params is not None:
             check_layout(params, sizes)
         checked = ": every large tensor splits over fsdp" if params is not None else ""
         why = f"mesh {_mesh_text(sizes)} (trainer.mesh={dict(axes)}{checked})"
     if log is not None:
         log(why)
-    shape = tuple(sizes[n] for n in MESH_AXES)
+    shape = tuple(sizes.get(n, 1) for n in MESH_AXES)
     # Auto axes: shardings are annotations and XLA's partitioner places the collectives.
     auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
-    # jax.devices() order (host by host), fsdp the fastest axis: an fsdp group is one host's devices when
-    # F divides the devices per host, so HSDP's parameter all-gathers stay within a host
+    # jax.devices() order (host by host), sequence then fsdp the fastest axes: a sequence group (its
+    # all-to-alls in every layer) and an fsdp group are one host's devices when they divide the devices per
+    # host, so Ulysses' and HSDP's collectives stay within a host
     return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
 
 
+def _fsdp_group(sizes: Mapping[str, int]) -> tuple[Union[str, tuple[str, ...]], int]:
+    """The mesh axes parameters are sharded over in place of `fsdp`, and their device count: fsdp, or
+    (fsdp, sequence) when S > 1, so the sequence devices hold different parameter shards, not copies."""
+    if sizes.get("sequence", 1) > 1:
+        return ("fsdp", "sequence"), sizes["fsdp"] * sizes["sequence"]
+    return "fsdp", sizes["fsdp"]
+
+
 def _place(logical_axes: Sequence[Optional[str]], shape: Sequence[int], sizes: Mapping[str, int]) -> list:
-    """Each mesh axis on the first logical axis (in PARAM_RULES order) that it divides, never used twice."""
+    """Each mesh axis on the first logical axis (in PARAM_RULES order) that it divides, never used twice;
+    `fsdp` stands for the fsdp group (_fsdp_group)."""
     spec: list[Optional[str]] = [None] * len(shape)
     if math.prod(shape) < MIN_SHARDED_ELEMENTS:
         return spec
@@ -126,19 +159,21 @@ def _place(logical_axes: Sequence[Optional[str]], shape: Sequence[int], sizes: M
             continue
         dim = logical_axes.index(name)
         for mesh_axis in mesh_axes:
-            size = sizes[mesh_axis]
+            placed, size = _fsdp_group(sizes) if mesh_axis == "fsdp" else (mesh_axis, sizes[mesh_axis])
             if mesh_axis in used or spec[dim] is not None or size == 1:
                 continue
             if shape[dim] % size == 0:
-                spec[dim] = mesh_axis
+                spec[dim] = placed
                 used.add(mesh_axis)
     return spec
 
 
 def left_whole(logical_axes, shape, sizes: Mapping[str, int]) -> bool:
-    """True when a large tensor would be replicated over a real (size > 1) fsdp axis."""
+    """True when a large tensor would be replicated over a real (size > 1) fsdp group."""
+    sizes = _sizes(sizes)
+    placed, size = _fsdp_group(sizes)
     spec = _place(logical_axes, shape, sizes)
-    return sizes["fsdp"] > 1 and math.prod(shape) >= MAX_REPLICATED_ELEMENTS and "fsdp" not in spec
+    return size > 1 and math.prod(shape) >= MAX_REPLICATED_ELEMENTS and placed not in spec
 
 
 def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh: MeshSizes) -> P:
@@ -148,7 +183,7 @@ def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh
         raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
     sizes = _sizes(mesh)
     if left_whole(logical_axes, shape, sizes):
-        raise ValueError(f"a parameter {list(shape)} {tuple(logical_axes)} cannot be split over fsdp={sizes['fsdp']} "
+        raise ValueError(f"a parameter {list(shape)} {tuple(logical_axes)} cannot be split over fsdp group={_fsdp_group(sizes)[1]} "
                          f"and would be replicated on every device: use a mesh whose fsdp size divides one of "
                          f"its {', '.join(a for a in logical_axes if a in PARAM_RULES)} dimensions "
                          f"(jsft.sharding.auto_mesh_shape / trainer.mesh={AUTO} finds one)")
@@ -164,15 +199,20 @@ def first_left_whole(params: Layout, sizes: Mapping[str, int]) -> Optional[str]:
     """The first large tensor that this mesh would replicate over fsdp, described; None when all split."""
     for name, (shape, logical_axes) in params.items():
         if left_whole(logical_axes, shape, sizes):
-            return _describe(name, shape, logical_axes, sizes["fsdp"])
+            return _describe(name, shape, logical_axes, _fsdp_group(_sizes(sizes))[1])
     return None
 
 
-def working_meshes(params: Layout, n_devices: int) -> list[dict[str, int]]:
-    """Every {data, fsdp} over `n_devices` that splits each large tensor over fsdp, largest fsdp first."""
-    out = []
-    for f in sorted((f for f in range(1, n_devices + 1) if n_devices % f == 0), reverse=True):
-        sizes = {"data": n_devices // f, "fsdp": f}
+def _with_sequence(sizes: dict[str, int], seq: int) -> dict[str, int]:
+    return {**sizes, "sequence": seq} if seq > 1 else sizes
+
+
+def working_meshes(params: Layout, n_devices: int, seq: int = 1) -> list[dict[str, int]]:
+    """Every {data, fsdp} (with `sequence: seq` when seq > 1) over `n_devices` that splits each large
+    tensor over the fsdp group, largest fsdp first."""
+    out, rows = [], n_devices // seq
+    for f in sorted((f for f in range(1, rows + 1) if rows % f == 0), reverse=True):
+        sizes = _with_sequence({"data": rows // f, "fsdp": f}, seq)
         if first_left_whole(params, sizes) is None:
             out.append(sizes)
     return out
@@ -185,29 +225,32 @@ def check_layout(params: Layout, sizes: Mapping[str, int]) -> None:
     if bad is None:
         return
     n = math.prod(sizes.values())
-    good = ", ".join(_mesh_text(m) for m in working_meshes(params, n)[:3])
+    good = ", ".join(_mesh_text(m) for m in working_meshes(params, n, sizes.get("sequence", 1))[:3])
     raise ValueError(
         f"trainer.mesh {_mesh_text(sizes)} cannot shard {bad}: every device would hold a full copy. "
         f"Meshes over {n} devices that shard every tensor: {good} (or trainer.mesh={AUTO})"
     )
 
 
-def auto_mesh_shape(params: Layout, n_devices: int) -> tuple[dict[str, int], str]:
-    """({data, fsdp}, why): the largest fsdp that divides `n_devices` and splits every large tensor (the
-    parameters then take 1/fsdp of their size per device); the remaining factor replicates over data."""
-    sizes = working_meshes(params, n_devices)[0]  # fsdp=1 always works
-    why = (f"mesh {_mesh_text(sizes)} (trainer.mesh={AUTO}): the largest fsdp dividing {n_devices} devices "
+def auto_mesh_shape(params: Layout, n_devices: int, seq: int = 1) -> tuple[dict[str, int], str]:
+    """({data, fsdp} (+ sequence when seq > 1), why): the largest fsdp that divides `n_devices / seq` and
+    splits every large tensor over fsdp x sequence (the parameters then take 1/(fsdp*seq) of their size per
+    device); the remaining factor replicates over data."""
+    rows = n_devices // seq
+    sizes = working_meshes(params, n_devices, seq)[0]  # fsdp=1 always works at seq=1
+    why = (f"mesh {_mesh_text(sizes)} (trainer.mesh={AUTO}): the largest fsdp dividing {rows} devices "
            f"that splits every parameter of >= {MAX_REPLICATED_ELEMENTS} elements")
-    if sizes["fsdp"] < n_devices:
-        bigger = min(f for f in range(sizes["fsdp"] + 1, n_devices + 1) if n_devices % f == 0)
+    if sizes["fsdp"] < rows:
+        bigger = min(f for f in range(sizes["fsdp"] + 1, rows + 1) if rows % f == 0)
         why += (f"; fsdp={bigger} would leave "
-                f"{first_left_whole(params, {'data': n_devices // bigger, 'fsdp': bigger})} whole; "
+                f"{first_left_whole(params, _with_sequence({'data': rows // bigger, 'fsdp': bigger}, seq))} whole; "
                 f"parameters are replicated over data={sizes['data']} groups (HSDP)")
     return sizes, why
 
 
 def _mesh_text(sizes: Mapping[str, int]) -> str:
-    return "{" + ", ".join(f"{n}: {sizes[n]}" for n in MESH_AXES) + "}"
+    shown = [n for n in MESH_AXES if n != "sequence" or sizes.get(n, 1) > 1]  # sequence only when used
+    return "{" + ", ".join(f"{n}: {sizes.get(n, 1)}" for n in shown) + "}"
 
 
 def param_sharding(logical_axes, shape, mesh: Mesh) -> NamedSharding:
@@ -220,7 +263,24 @@ def activation_spec(logical_axes: Sequence[Optional[str]]) -> P:
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows split over the data-parallel devices, the rest replicated (generation's prompts)."""
     return NamedSharding(mesh, activation_spec(("batch",) + (None,) * (ndim - 1)))
+
+
+def row_sharding(mesh: Mesh) -> NamedSharding:
+    """A training micro-batch field [rows, length or target slots]: rows over the data-parallel devices,
+    the second axis over `sequence` (so its size must be a multiple of S: jsft/train/batch.py)."""
+    return NamedSharding(mesh, activation_spec(("batch", "length")))
+
+
+def mesh_sizes_of(mesh: Mesh) -> dict[str, int]:
+    """{axis: size} for reports, `sequence` only when it splits rows (as trainer.mesh is written)."""
+    return {n: int(mesh.shape[n]) for n in MESH_AXES if n != "sequence" or mesh.shape[n] > 1}
+
+
+def sequence_size(mesh: Mesh) -> int:
+    """S: the devices one row's tokens are split over (1 without sequence parallelism)."""
+    return int(mesh.shape.get("sequence", 1))
 
 
 def data_parallel_size(mesh: Mesh) -> int:

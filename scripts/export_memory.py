@@ -40,7 +40,7 @@ def main() -> int:
     from jsft.models.config import ModelConfig
     from jsft.models.params import abstract_model, flat_params, sharding_for
     from jsft.plan import PRESETS
-    from jsft.sharding import make_mesh
+    from jsft.sharding import make_mesh, mesh_sizes_of
 
     fields = PRESETS[args.preset] if args.preset else json.loads(args.hf_config)
     cfg = ModelConfig.from_init(fields)
@@ -63,7 +63,7 @@ def main() -> int:
         })
     gib = 2**30
     print(f"{fields.get('model_type')} {cfg.num_layers} layers, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
-          f"vocab {cfg.vocab_size}; fp32 parameters; mesh {dict(mesh.shape)}; largest layer tensor {limit / gib:.2f} GiB")
+          f"vocab {cfg.vocab_size}; fp32 parameters; mesh {mesh_sizes_of(mesh)}; largest layer tensor {limit / gib:.2f} GiB")
     print(f"{'parameter':<20} {'shape':<22} {'streamed GiB/device':>20} {'allgather GiB/device':>21}")
     for r in rows:
         print(f"{r['param']:<20} {str(tuple(r['shape'])):<22} {r['streamed_bytes'] / gib:>20.2f} {r['whole_bytes'] / gib:>21.2f}")

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from jsft.sharding import activation_spec
+from jsft.models import ulysses
 
 IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "pallas_gpu", "splash")
 
@@ -265,8 +266,8 @@ def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
     return impl
 
 
-def _packed(impl: str, q, k, v, segment_ids):
-    """The packed-row kernels, each device on its own rows; interpreted off their platform."""
+def _kernel(impl: str):
+    """A packed-row kernel (q, k, v, segment_ids) -> out; interpreted off its platform."""
     from jsft.models import attention_gpu, attention_tpu  # Pallas imports only where they are used
 
     interpret = jax.default_backend() == "cpu"
@@ -275,11 +276,32 @@ def _packed(impl: str, q, k, v, segment_ids):
         "cudnn": attention_gpu.cudnn_packed_attention,
         "splash": partial(attention_tpu.splash_attention, interpret=interpret),
     }
-    return _per_device(kernels[impl], q, k, v, segment_ids, check_vma=False)
+    return kernels[impl]
+
+
+def _packed(impl: str, q, k, v, segment_ids):
+    """The packed-row kernels, each device on its own rows."""
+    return _per_device(_kernel(impl), q, k, v, segment_ids, check_vma=False)
+
+
+def _local_self_attention(impl: str, q, k, v, segment_ids, positions):
+    """Self-attention on one device's whole rows (inside Ulysses' shard_map): no further shard_map."""
+    if impl in _PACKED:
+        return _kernel(impl)(q, k, v, segment_ids)
+    if impl == "blockwise" and q.shape[1] > BLOCK:
+        return blockwise_attention(q, k, v, segment_ids, segment_ids, positions, positions)
+    return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids, positions, positions))
+
+
+_PACKED = ("pallas_gpu", "cudnn", "splash")
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, impl: str = "xla"):
-    if impl in ("pallas_gpu", "cudnn", "splash"):
+    self_attention = q_segment_ids is kv_segment_ids and q_positions is kv_positions
+    if self_attention and ulysses.applies(q):  # tokens split over the sequence axis
+        return ulysses.ulysses_attention(partial(_local_self_attention, impl), q, k, v, q_segment_ids, q_positions,
+                                         check_vma=impl not in _PACKED)
+    if impl in _PACKED:
         if q.shape[1] == k.shape[1] and q_segment_ids is kv_segment_ids:
             return _packed(impl, q, k, v, q_segment_ids)
         impl = "blockwise"  # a KV cache (generation): not packed self-attention

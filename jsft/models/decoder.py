@@ -167,7 +167,7 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
         h = rms_norm(x, p["mlp_norm"], eps)
         gated = jax.nn.silu(proj(h, p, "gate_proj", lora_scale)) * proj(h, p, "up_proj", lora_scale)  # [B, T, F]
         x = x + proj(gated, p, "down_proj", lora_scale)
-    return constrain(x, ("batch", None, None)), cache
+    return constrain(x, ("batch", "length", None)), cache
 
 
 def _write_kv(cache, layer, k, v):
@@ -255,7 +255,8 @@ class Decoder(nnx.Module):
             # rows over data and hidden over fsdp first, then rows over all devices: the lookup's backward
             # (a scatter into the fsdp-sharded table) then reshards within each fsdp group; straight from
             # rows over all devices, XLA replicates the whole [B, T, D] gradient when data > 1 (HSDP)
-            x = constrain(x, ("batch", None, None), via=("replica_batch", None, "embed"))
+            # (tokens over the sequence axis throughout: Ulysses, jsft/models/ulysses.py)
+            x = constrain(x, ("batch", "length", None), via=("replica_batch", "length", "embed"))
         params = {name: p[...].astype(self.dtype) for name, p in self.layers.items()}
         lora_scale = 0.0
         if self.lora is not None:

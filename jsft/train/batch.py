@@ -64,11 +64,11 @@ def gather_step(batch: StepBatch, empty: dict) -> GlobalStep:
     return GlobalStep(micro, samples, targets, tokens)
 
 
-def prepare_step(batch: StepBatch, empty: dict, *, mode: str, max_length: int, buckets: int) -> GlobalStep:
+def prepare_step(batch: StepBatch, empty: dict, *, mode: str, max_length: int, buckets: int, multiple: int = 1) -> GlobalStep:
     """gather_step + attach_weights + fit_shapes: one training step's micro-batches, ready for the step."""
     g = gather_step(batch, empty)
     attach_weights(g.micro_batches, mode, samples=g.samples, targets=g.target_tokens, max_length=max_length)
-    g.micro_batches = fit_shapes(g.micro_batches, buckets)
+    g.micro_batches = fit_shapes(g.micro_batches, buckets, multiple)
     return g
 
 
@@ -81,10 +81,11 @@ def attach_weights(micro_batches: list[dict], mode: str, *, samples: int, target
         )
 
 
-def fit_shapes(micro_batches: list[dict], buckets: int) -> list[dict]:
+def fit_shapes(micro_batches: list[dict], buckets: int, multiple: int = 1) -> list[dict]:
     """Micro-batches with `loss_weight` -> the step's fields (ROW_FIELDS + the target slots), each cut to
     its bucketed shape. Every host calls this with its own rows; shapes follow the largest need over all
-    hosts, so the global micro-batch i has one shape everywhere."""
+    hosts, so the global micro-batch i has one shape everywhere. `multiple`: lengths and target capacities
+    are multiples of it (the sequence-parallel size S, which splits both; the row length must be one)."""
     if buckets < 1:
         raise ValueError(f"trainer.shape_buckets={buckets} must be >= 1")
     if not micro_batches:
@@ -92,10 +93,13 @@ def fit_shapes(micro_batches: list[dict], buckets: int) -> list[dict]:
     needs = np.array([[_used_length(mb["segment_ids"]), _most_targets(mb["loss_weight"])] for mb in micro_batches])
     needs = distributed.all_hosts(needs.ravel()).reshape(-1, len(micro_batches), 2).max(axis=0)
     row_length = micro_batches[0]["input_ids"].shape[1]
+    if row_length % multiple:
+        raise ValueError(f"rows of {row_length} tokens cannot be split over trainer.mesh.sequence={multiple}: "
+                         f"make data.max_length (or data.max_token_len_per_gpu) a multiple of {multiple}")
     out = []
     for mb, (used, targets) in zip(micro_batches, needs):
-        length = bucketed(int(used), row_length, buckets)
-        out.append(shaped(mb, length, bucketed(int(targets), length, buckets)))
+        length = bucketed(int(used), row_length, buckets, multiple)
+        out.append(shaped(mb, length, bucketed(int(targets), length, buckets, multiple)))
     return out
 
 
@@ -105,9 +109,11 @@ def shaped(mb: dict, length: int, capacity: int) -> dict:
     return {**{k: cut[k] for k in ROW_FIELDS}, **causal_targets(cut["loss_weight"], cut["input_ids"], capacity)}
 
 
-def bucketed(need: int, full: int, buckets: int) -> int:
-    """The smallest multiple of ceil(full / buckets) that holds `need` (at least one step), capped at full."""
+def bucketed(need: int, full: int, buckets: int, multiple: int = 1) -> int:
+    """The smallest multiple of ceil(full / buckets) (rounded up to a multiple of `multiple`) that holds
+    `need` (at least one step), capped at full (itself a multiple of `multiple`)."""
     step = -(-full // buckets)
+    step = -(-step // multiple) * multiple
     return min(full, max(step, -(-need // step) * step))
 
 

@@ -29,6 +29,7 @@ from jsft.eval.generation import GenerationValidation
 from jsft.models import lora
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
+from jsft.sharding import sequence_size
 from jsft.train import checkpoint as ckpt
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.console import run_info_table, wrap
@@ -112,7 +113,7 @@ class Trainer:
                                         stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
         log(describe_stop_tokens(self.tokenizer))
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                     local_devices=jax.local_device_count())
+                     local_devices=jax.local_device_count() // sequence_size(self.mesh))  # rows: devices off `sequence`
         fingerprint.check_hosts_agree(fingerprint.inputs(cfg.data, self.tokenizer))  # before tokenizing
         self.train_data = build_train_batches(cfg.data, self.tokenizer, seed=cfg.data.seed, **where)
         log(format_summary(self.train_data.dataset, "train"))
@@ -218,7 +219,8 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         g = prepare_step(batch, self.train_data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode,
-                         max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets)
+                         max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets,
+                         multiple=sequence_size(self.mesh))
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
         self.params, self.opt_state, loss, stats = self.step_fn.train_step_stats(self.params, self.opt_state, device_batches)
         mean_len = g.tokens / max(g.samples, 1)
@@ -246,7 +248,7 @@ class Trainer:
         for c in chunks:
             attach_weights(c.micro_batches, cfg.trainer.loss_agg_mode, samples=samples, targets=targets,
                            max_length=cfg.data.max_length)
-            micro = fit_shapes(c.micro_batches, cfg.trainer.shape_buckets)
+            micro = fit_shapes(c.micro_batches, cfg.trainer.shape_buckets, sequence_size(self.mesh))
             total += float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in micro]))
         metrics = {"val/loss": total, "val/target_tokens": targets}
         if self.generation_validation is not None:

@@ -15,6 +15,8 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jsft.sharding import constrain
+
 def target_nll(hidden: jax.Array, unembed: jax.Array, target_pos, target_ids, target_weight, chunk_size: int) -> jax.Array:
     """Negative log-likelihood of each listed target, float32 [R, C] (0 in padding slots):
 
@@ -22,8 +24,12 @@ def target_nll(hidden: jax.Array, unembed: jax.Array, target_pos, target_ids, ta
 
     hidden [R, T, D] (compute dtype), unembed [D, V]; the slots come from `causal_targets`. Logits are
     float32 for `chunk_size` vocabulary columns at a time ([R*C, chunk_size] live, forward and backward),
-    never [R, T, V]. Rows stay whole, so a row-sharded batch gathers on its own device.
+    never [R, T, V]. Rows stay whole, so a row-sharded batch gathers on its own device: under sequence
+    parallelism the hidden states are all-gathered over the sequence axis first ([R, T, D], small next to
+    attention's and the MLP's activations), and the target slots stay split over it (row_sharding), so each
+    device of a sequence group scores its own C/S slots.
     """
+    hidden = constrain(hidden, ("batch", None, None))
     picked = jnp.take_along_axis(hidden, target_pos[..., None], axis=1)  # [R, C, D]
     r, c, d = picked.shape
     # Flat [R*C, D]: XLA:CPU runs 2-D matmuls (and the dW contraction over tokens) faster than 3-D einsums.

@@ -3,6 +3,8 @@
     trainer.mesh: auto            -> the largest fsdp that divides the devices and shards every large tensor,
                                      the rest on data (HSDP), printed with the reason
     trainer.mesh: {data: 3, fsdp: 8} -> used as given; a large tensor it cannot shard stops the run here
+    trainer.mesh.sequence=4          -> (or ulysses_sequence_parallel_size=4) each row's tokens over 4 devices,
+                                     data/fsdp as above over the rest; heads that 4 cannot split stop the run
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ from typing import Callable, Optional
 import jax
 from jax.sharding import Mesh
 
+from jsft.config import sequence_parallel_size
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_layout
-from jsft.sharding import make_mesh
+from jsft.models.ulysses import check_heads
+from jsft.sharding import AUTO, make_mesh
 
 
 def run_model_config(cfg) -> ModelConfig:
@@ -36,6 +40,14 @@ def run_model_config(cfg) -> ModelConfig:
 
 
 def run_mesh(cfg, log: Optional[Callable[[str], None]] = None, model_cfg: Optional[ModelConfig] = None) -> Mesh:
-    """trainer.mesh over all devices, chosen (auto) or checked for the run's parameter shapes."""
-    layout = param_layout(model_cfg or run_model_config(cfg))
-    return make_mesh(cfg.trainer.mesh, jax.devices(), params=layout, log=log)
+    """trainer.mesh over all devices, chosen (auto) or checked for the run's parameter shapes and heads."""
+    model_cfg = model_cfg or run_model_config(cfg)
+    s = sequence_parallel_size(cfg)
+    check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, s)
+    if jax.local_device_count() % s:  # each host feeds whole rows: a sequence group must be one host's devices
+        raise ValueError(f"trainer.mesh.sequence={s} must divide the {jax.local_device_count()} devices of each "
+                         f"process (a sequence group spanning processes is not supported yet): use a divisor of it")
+    axes = cfg.trainer.mesh
+    if s > 1:  # the alias key, or trainer.mesh.sequence on top of auto / an explicit {data, fsdp}
+        axes = {**(axes if axes != AUTO else {}), "sequence": s}
+    return make_mesh(axes, jax.devices(), params=param_layout(model_cfg), log=log)

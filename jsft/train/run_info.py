@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsft.models.params import array_bytes
+from jsft.sharding import mesh_sizes_of
 from jsft.train.batch import largest_micro_batch
 
 
@@ -23,7 +24,7 @@ def run_info(trainer, peak_flops: float) -> dict:
     opt_total, opt_device = tree_bytes(trainer.opt_state)
     example = trainer.step_fn.device_batch(largest_micro_batch(trainer.train_data.empty_micro_batch()))
     return {
-        "mesh": {k: int(v) for k, v in trainer.mesh.shape.items()},
+        "mesh": mesh_sizes_of(trainer.mesh),
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "backend": jax.default_backend(),

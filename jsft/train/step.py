@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jsft.models.decoder import Decoder
 from jsft.models.lora import trainable_names
 from jsft.models.params import param_arrays, param_shardings, replace_params
-from jsft.sharding import batch_sharding
+from jsft.sharding import row_sharding
 from jsft.train.loss import weighted_nll
 from jsft.train.optim import consecutive_skips, current_lr, skipped_steps
 
@@ -70,7 +70,7 @@ class TrainStep:
         if offload_opt_state:
             check_memory_kind(mesh, HOST_MEMORY)
             self.opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), self.opt_device_shardings)
-        self.batch_sharding = batch_sharding(mesh)
+        self.batch_sharding = row_sharding(mesh)  # rows over data x fsdp, tokens / target slots over sequence
         self._init_opt = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
         self._zeros = jax.jit(
             lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p), out_shardings=self.param_shardings

@@ -42,7 +42,7 @@ def mesh_gradients(meshes: list[dict]) -> list[dict]:
     from jsft.config import OptimConfig
     from jsft.models.config import ModelConfig
     from jsft.models.params import param_arrays
-    from jsft.sharding import make_mesh
+    from jsft.sharding import make_mesh, mesh_sizes_of
     from jsft.train.optim import make_optimizer
     from jsft.train.step import TrainStep
 
@@ -60,7 +60,7 @@ def mesh_gradients(meshes: list[dict]) -> list[dict]:
         reference = reference or (float(loss), grads)
         diff = max(float(np.abs(g - reference[1][k]).max() / np.abs(reference[1][k]).max()) for k, g in grads.items())
         q = step.param_shardings["layers/q_proj"]
-        out.append({"mesh": dict(mesh.shape), "loss": float(loss), "loss_ref": reference[0], "grad_diff": diff,
+        out.append({"mesh": mesh_sizes_of(mesh), "loss": float(loss), "loss_ref": reference[0], "grad_diff": diff,
                     "q_proj_shards": int(np.prod(q.mesh.shape["fsdp"])) if "fsdp" in q.spec else 1,
                     "q_proj_shard_shape": list(q.shard_shape(params["layers/q_proj"].shape))})
     return out
