@@ -22,7 +22,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
+    """The run config's `model:` section (the architecture itself is jsft.models.config.ModelConfig)."""
+
     path: Optional[str] = None  # Hugging Face checkpoint directory (safetensors)
     # random initialisation instead of model.path: HF config fields ({model_type: qwen2, hidden_size: 256,
     # ...}); vocab_size defaults to the tokenizer's size rounded up to a multiple of 64
@@ -110,7 +112,7 @@ class DemoConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -118,7 +120,7 @@ class RunConfig:
 
 
 _SECTIONS = {
-    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "demo": DemoConfig,
+    "model": ModelSection, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "demo": DemoConfig,
 }
 
 
