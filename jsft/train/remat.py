@@ -56,10 +56,21 @@ def device_memory(setting: Optional[str], devices) -> tuple[int, str]:
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     if stats and stats.get("bytes_limit"):
         return int(stats["bytes_limit"]), f"{devices[0].platform} bytes_limit"
-    # CPU: no limit from jax; the RAM free now, shared by this host's (possibly fake) devices
-    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # CPU: no limit from jax; the RAM available now, shared by this host's (possibly fake) devices
+    available = _available_ram()
     local = sum(1 for d in devices if d.process_index == devices[0].process_index)
     return available // local, f"host available RAM / {local} local device(s)"
+
+
+def _available_ram() -> int:
+    """MemAvailable (free + reclaimable page cache) where /proc/meminfo has it, else free pages."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 @dataclass

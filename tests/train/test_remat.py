@@ -97,3 +97,12 @@ def test_jsft_plan_resolves_auto_against_its_budget(config_only):
                       "data.micro_batch_size_per_gpu": 1})
     result, about = plan.make_plan(cfg, update=False, budget=10**11)
     assert about["remat"] == "auto -> none" and result.step_temp > 0
+
+
+def test_device_memory_on_cpu_is_the_available_ram_over_the_local_devices():
+    import jax
+
+    assert remat.device_memory("24GiB", jax.devices()) == (24 * 2**30, "trainer.device_memory=24GiB")
+    memory, source = remat.device_memory(None, jax.devices())  # 8 fake CPU devices: no bytes_limit
+    assert source == "host available RAM / 8 local device(s)"
+    assert memory == pytest.approx(remat._available_ram() / 8, rel=0.05)
