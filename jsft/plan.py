@@ -9,6 +9,8 @@ micro-step (forward + backward + gradient accumulation) and optimizer update. Pr
 parameters, optimizer state, gradient accumulator, the micro-step's temporaries (activations), the
 update's temporaries, and the peak, then whether the peak fits `--device-memory` x `--mem-fraction`
 (JAX preallocates 75% of a GPU by default). Exit status 0 when it fits, 1 when it does not.
+model.remat_policy=auto (the default) is resolved as the trainer resolves it (jsft/train/remat.py), against
+that budget when given: the first line then says e.g. `remat auto -> dots_saveable`.
 
 On a CPU host, `--devices N` fakes N devices (XLA_FLAGS) so an 8-GPU mesh can be planned on a laptop; the
 figures are then XLA:CPU's buffer assignment, an estimate of a GPU's (fusion choices differ). On the GPU
