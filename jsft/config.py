@@ -23,15 +23,20 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml
 
 
 @dataclass
-class ModelConfig:
+class ModelSection:
+    """The run config's `model:` section (the architecture itself is jsft.models.config.ModelConfig)."""
+
     path: Optional[str] = None  # Hugging Face checkpoint directory (safetensors)
     # random initialisation instead of model.path: HF config fields ({model_type: qwen2, hidden_size: 256,
     # ...}); vocab_size defaults to the tokenizer's size rounded up to a multiple of 64
     init: Optional[Dict[str, Any]] = None
     dtype: str = "bfloat16"  # compute dtype
     param_dtype: str = "float32"  # parameter (and optimizer state) dtype
-    enable_gradient_checkpointing: bool = True  # rematerialise each decoder layer in the backward pass
-    remat_policy: str = "full"  # none | full | dots_saveable (with enable_gradient_checkpointing)
+    # veRL's switch: true = rematerialise each decoder layer (remat_policy full, or the one named), false = none;
+    # null = let remat_policy decide
+    enable_gradient_checkpointing: Optional[bool] = None
+    # auto: the cheapest of none, dots_saveable, full whose compiled peak fits the device (jsft/train/remat.py)
+    remat_policy: str = "auto"  # auto | none | dots_saveable | full
     # auto (pallas_gpu on GPU, splash on TPU, blockwise on CPU) | blockwise | xla | pallas_gpu | cudnn | splash
     attention_impl: str = "auto"  # (jsft/models/attention.py; docs/training.md "Attention")
     # LoRA (veRL's keys; docs/training.md#lora): adapters on the projections, the base frozen
@@ -88,6 +93,9 @@ class TrainerConfig:
     # (HSDP); or explicit sizes {data: 3, fsdp: 8} (-1 takes the rest), checked against the model at start;
     # `sequence: S` (trainer.mesh.sequence=4) splits each row's tokens over S devices (Ulysses), data/fsdp auto
     mesh: Any = "auto"
+    # memory of one device for model.remat_policy=auto, e.g. 80GB or 24GiB; None: jax's bytes_limit (GPU/TPU),
+    # on CPU the host's available RAM over its devices
+    device_memory: Optional[str] = None
     peak_tflops: Optional[float] = None  # dense peak TFLOP/s of one device for train/mfu; None: jsft/train/perf.py's table
     export_hf: bool = False  # also write an HF safetensors export to <default_local_dir>/hf at the end
     val_generations: int = 0  # held-out prompts generated and scored at each validation; 0 = off (docs/training.md)
@@ -106,7 +114,7 @@ class DemoConfig:
 
 @dataclass
 class RunConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -115,7 +123,7 @@ class RunConfig:
 
 
 _SECTIONS = {
-    "model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "demo": DemoConfig,
+    "model": ModelSection, "data": DataConfig, "optim": OptimConfig, "trainer": TrainerConfig, "demo": DemoConfig,
 }
 
 
@@ -189,7 +197,10 @@ def validate(cfg: RunConfig) -> None:
     _choice("data.truncation", cfg.data.truncation, ["error", "left", "right"])
     _choice("data.on_bad_row", cfg.data.on_bad_row, ["error", "skip"])
     _choice("data.pad_mode", cfg.data.pad_mode, ["no_padding", "right"])
-    _choice("model.remat_policy", cfg.model.remat_policy, ["none", "full", "dots_saveable"])
+    _choice("model.remat_policy", cfg.model.remat_policy, ["auto", "none", "dots_saveable", "full"])
+    from jsft.train import remat  # noqa: PLC0415
+
+    remat.check_run_config(cfg.model, cfg.trainer)
     _choice("model.attention_impl", cfg.model.attention_impl, ["auto", "xla", "blockwise", "cudnn", "pallas_gpu", "splash"])
     _choice("optim.lr_scheduler_type", cfg.optim.lr_scheduler_type, ["constant", "cosine", "wsd"])
     _choice("trainer.resume_mode", cfg.trainer.resume_mode, ["auto", "disable", "resume_path"])

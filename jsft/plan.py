@@ -9,6 +9,8 @@ micro-step (forward + backward + gradient accumulation) and optimizer update. Pr
 parameters, optimizer state, gradient accumulator, the micro-step's temporaries (activations), the
 update's temporaries, and the peak, then whether the peak fits `--device-memory` x `--mem-fraction`
 (JAX preallocates 75% of a GPU by default). Exit status 0 when it fits, 1 when it does not.
+model.remat_policy=auto (the default) is resolved as the trainer resolves it (jsft/train/remat.py), against
+that budget when given: the first line then says e.g. `remat auto -> dots_saveable`.
 
 On a CPU host, `--devices N` fakes N devices (XLA_FLAGS) so an 8-GPU mesh can be planned on a laptop; the
 figures are then XLA:CPU's buffer assignment, an estimate of a GPU's (fusion choices differ). On the GPU
@@ -191,20 +193,34 @@ def model_config(cfg):
     return run_model_config(cfg)
 
 
-def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
-    """(Plan, description) for a run config on the devices of this process (see plan_memory for `update`)."""
+def make_plan(cfg, update: bool = True, budget: Optional[int] = None) -> tuple[Plan, dict]:
+    """(Plan, description) for a run config on the devices of this process (see plan_memory for `update`).
+    model.remat_policy=auto is resolved as the trainer does (jsft/train/remat.py), against `budget` when given."""
+    from jsft.train import remat as remat_choice
+    from jsft.train.mesh import run_mesh
+
+    model_cfg = model_config(cfg)
+    why = []
+    mesh = run_mesh(cfg, why.append, model_cfg)  # raises before compiling when the mesh would replicate
+    policy, chosen = remat_choice.explicit_policy(cfg.model), None
+    if policy is None:
+        chosen = remat_choice.choose_for_run(cfg, model_cfg, mesh, budget=budget)
+        policy = chosen.policy
+    plan, about = plan_run(cfg, model_cfg, mesh, policy, update=update)
+    if chosen is not None:
+        about["remat"] = f"auto -> {policy}"
+    return plan, {**about, "why": why[0]}
+
+
+def plan_run(cfg, model_cfg, mesh, remat: str, update: bool = True) -> tuple[Plan, dict]:
+    """The Plan of a run config with this remat policy, on this mesh (no "why" in the description)."""
     import jax
 
     from jsft.data.pipeline import BatchLayout
     from jsft.models import lora
     from jsft.models.params import abstract_model
-    from jsft.train.mesh import run_mesh
     from jsft.train.optim import make_optimizer
 
-    model_cfg = model_config(cfg)
-    why = []
-    mesh = run_mesh(cfg, why.append, model_cfg)  # raises before compiling when the mesh would replicate
-    remat = cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none"
     spec = lora.spec_from_run_config(cfg.model)
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model),
                            remat_policy=remat, attention_impl=cfg.model.attention_impl, lora=spec)
@@ -225,7 +241,7 @@ def make_plan(cfg, update: bool = True) -> tuple[Plan, dict]:
     }
     if spec:
         about["lora"] = f"r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)} ({cfg.model.param_dtype})"
-    return plan, {**about, "why": why[0]}
+    return plan, about
 
 
 def report(plan: Plan, about: dict, budget: Optional[int]) -> str:
@@ -270,7 +286,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
         budget = parse_bytes(args.device_memory) * args.mem_fraction if args.device_memory else None
-        plan, about = make_plan(cfg)
+        plan, about = make_plan(cfg, budget=budget)
     except (ValueError, FileNotFoundError) as e:
         print(f"plan error: {e}", file=sys.stderr)
         return 2

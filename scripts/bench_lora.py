@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 
-import bench  # noqa: E402
+import bench_workload as bench  # noqa: E402
 import jsft.models as jm  # noqa: E402
 from bench_row import first_row  # noqa: E402
 from jsft.models import lora  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-import bench  # noqa: E402
+import bench_workload as bench  # noqa: E402
 import jsft.models as jm  # noqa: E402
 from jsft.data.pipeline import build_train_batches  # noqa: E402
 from jsft.data.tokenizer import load_tokenizer  # noqa: E402

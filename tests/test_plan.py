@@ -38,7 +38,7 @@ def plans(config_only):
 
 def test_plan_prints_per_device_memory_and_the_verdict(config_only, plans, capsys, monkeypatch):
     seen = []
-    monkeypatch.setattr(plan, "make_plan", lambda cfg: seen.append(cfg) or plans["full"])  # compiled above
+    monkeypatch.setattr(plan, "make_plan", lambda cfg, **kw: seen.append(cfg) or plans["full"])  # compiled above
     args = overrides(config_only)  # overrides before and after the options
     assert plan.main(args[:2] + ["--device-memory", "1GiB"] + args[2:] + ["--mem-fraction", "1"]) == 0
     assert seen[0].model.path == config_only and seen[0].data.max_length == 256

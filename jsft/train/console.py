@@ -102,6 +102,7 @@ def run_info_table(info: Mapping[str, Any]) -> str:
                             f"per device, {info['opt_state_memory']}"),
         ("micro-step", f"shape {info['micro_batch_shape']}, compute {info['compute_dtype']}, "
                        f"temporaries {_bytes(mem.get('temp_bytes'))} per device"),
+        ("remat", info["remat_policy"] + (" (auto, by compiled memory)" if info.get("remat_auto") else "")),
         ("steps", f"{info['total_steps']} optimizer steps, {info['loss_agg_mode']}"),
     ]
     return table(rows)

@@ -31,6 +31,7 @@ from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import sequence_size
 from jsft.train import checkpoint as ckpt
+from jsft.train import remat
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.console import run_info_table, wrap
 from jsft.train.hf_export import generation_config, model_card
@@ -134,15 +135,16 @@ class Trainer:
         self.lora = lora.spec_from_run_config(cfg.model)  # None: full fine-tuning
         if self.lora and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
             lora.check_adapter(cfg.model.lora_adapter_path, ModelConfig.from_pretrained(cfg.model.path), self.lora)
+        model_cfg = (ModelConfig.from_pretrained(cfg.model.path) if cfg.model.path
+                     else random_init_config(cfg.model.init, self.tokenizer))
+        remat_policy, self.remat_choice = remat.resolve(cfg, model_cfg, self.mesh, log)  # auto: by compiled memory
         kwargs = dict(
             dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model), mesh=self.mesh,
-            remat_policy=cfg.model.remat_policy if cfg.model.enable_gradient_checkpointing else "none",
-            attention_impl=cfg.model.attention_impl,
+            remat_policy=remat_policy, attention_impl=cfg.model.attention_impl,
         )
         if cfg.model.path:
             self.model = jm.from_pretrained(cfg.model.path, **kwargs)
         else:
-            model_cfg = random_init_config(cfg.model.init, self.tokenizer)
             self.model = jm.init_model(model_cfg, seed=cfg.trainer.seed, **kwargs)
             log(f"random init: {model_cfg.model_type}, {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
                 f"{model_cfg.num_heads}/{model_cfg.num_kv_heads} heads, vocab {model_cfg.vocab_size}")

@@ -1,0 +1,272 @@
+"""The two sides of the bench, each in its own (spawned) process, one optimizer step per request.
+
+  jsft   the real pipeline (tokenized dataset -> first-fit packed rows) and `TrainStep`, one CPU device,
+         under one of bench_workload.SETTINGS (defaults: remat chosen by memory as the trainer does);
+  torch  transformers' Qwen2ForCausalLM (sdpa attention), micro-batches of `torch_micro_batch` samples in
+         dataset order padded to their longest sample (what veRL / TRL do without varlen flash attention).
+
+The parent interleaves the sides' steps (jsft step s, torch step s, jsft step s+1, ...), so that load from
+other work on the machine hits all alike and the ratios stay meaningful on a shared box.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import time
+import traceback
+from pathlib import Path
+
+from bench_workload import Workload, jsft_config, sample_flops
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class JsftSide:
+    """jsft's real data pipeline and TrainStep on one CPU device."""
+
+    def __init__(self, paths: dict, w: Workload, workdir: Path, settings: str):
+        import jsft.models as jm
+        from jsft.data.pipeline import build_train_batches
+        from jsft.data.tokenizer import load_tokenizer
+        from jsft.models.params import param_arrays
+        from jsft.sharding import make_mesh
+        from jsft.train import remat
+        from jsft.train.batch import largest_micro_batch
+        from jsft.train.optim import make_optimizer
+        from jsft.train.step import TrainStep
+
+        self.cfg = cfg = jsft_config(paths, w, workdir, settings)
+        self.settings = settings
+        mesh = make_mesh({"fsdp": -1})
+        self.data = build_train_batches(cfg.data, load_tokenizer(paths["tokenizer"]), seed=0, process_index=0,
+                                        process_count=1, local_devices=1)
+        model_cfg = jm.ModelConfig.from_pretrained(paths["model"])
+        policy, self.remat_choice = remat.resolve(cfg, model_cfg, mesh, lambda _: None)  # as the trainer does
+        self.model = jm.from_pretrained(paths["model"], dtype=cfg.model.dtype, mesh=mesh, remat_policy=policy,
+                                        attention_impl=cfg.model.attention_impl)
+        self.step_fn = TrainStep(self.model, make_optimizer(cfg.optim, w.warmup_steps + w.steps), mesh,
+                                 chunk_size=cfg.trainer.loss_chunk_size)
+        self.params = param_arrays(self.model)
+        self.opt_state = self.step_fn.init_opt_state(self.params)
+        self.example = self.step_fn.device_batch(largest_micro_batch(self.data.empty_micro_batch()))
+        self.memory = self.step_fn.memory_analysis(self.params, self.opt_state, self.example)
+        rerun = build_train_batches(cfg.data, load_tokenizer(paths["tokenizer"]), seed=0, process_index=0,
+                                    process_count=1, local_devices=1)
+        self.compile_s, self.shapes = self._compile_shapes([next(rerun) for _ in range(w.warmup_steps + w.steps)])
+
+    def _prepare(self, batch):
+        from jsft.train.batch import prepare_step
+
+        c = self.cfg
+        return prepare_step(batch, self.data.empty_micro_batch(), mode=c.trainer.loss_agg_mode,
+                            max_length=c.data.max_length, buckets=c.trainer.shape_buckets)
+
+    def _compile_shapes(self, batches) -> tuple[float, int]:
+        """Compile (and run once) every micro-batch shape the run's steps will use, so that the measured
+        steps time steady-state training; the compile cost is reported on its own."""
+        shapes = {}
+        for batch in batches:
+            for mb in self._prepare(batch).micro_batches:
+                shapes.setdefault(tuple(mb[k].shape for k in ("input_ids", "target_pos")), mb)
+        t = time.perf_counter()
+        loss, _ = self.step_fn.gradients(self.params, [self.step_fn.device_batch(mb) for mb in shapes.values()])
+        float(loss)
+        return time.perf_counter() - t, len(shapes)
+
+    def peak(self) -> float:
+        """fp32 matmul FLOP/s right now: the machine's current capacity, for MFU and to spot busy steps."""
+        from jsft.train.perf import measured_matmul_flops
+
+        return measured_matmul_flops("float32")
+
+    def step(self) -> dict:
+        t = time.perf_counter()
+        g = self._prepare(next(self.data))
+        batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
+        compiled = self.step_fn.compiled_programs()
+        self.params, self.opt_state, loss, _ = self.step_fn.train_step(self.params, self.opt_state, batches)
+        loss = float(loss)  # waits for the step
+        new_shapes = self.step_fn.compiled_programs() - compiled
+        lengths = [n for mb in g.micro_batches for n in _segment_lengths(mb["segment_ids"])]
+        flops = sample_flops(self.model.config, lengths)
+        c = self.model.config  # the unembedding is needed at target tokens only (6 FLOPs per weight)
+        needed = flops - 6 * c.vocab_size * c.hidden_size * (g.tokens - g.target_tokens)
+        return {"time": time.perf_counter() - t, "real": g.tokens, "computed": g.computed_tokens,
+                "flops": flops, "needed_flops": needed, "loss": loss, "compiled": new_shapes}
+
+    def summary(self) -> dict:
+        import jax
+
+        from jsft.train.run_info import tree_bytes
+
+        return {
+            "compile_s": self.compile_s,
+            "compiled_shapes_ahead": self.shapes,
+            "param_bytes": tree_bytes(self.params)[1],
+            "opt_state_bytes": tree_bytes(self.opt_state)[1],
+            "step_memory": self.memory,
+            "micro_batch_shape": list(self.example["input_ids"].shape),
+            "attention_impl": self.model.attention_impl,
+            "settings": self.settings,
+            "remat_policy": self.model.remat_policy,
+            "remat_choice_s": self.remat_choice.compile_s if self.remat_choice else None,
+            "micro_batch_size_per_gpu": self.cfg.data.micro_batch_size_per_gpu,
+            "loss_chunk_size": self.cfg.trainer.loss_chunk_size,
+            "devices": jax.device_count(),
+            "peak_rss": peak_rss(),
+        }
+
+
+def _segment_lengths(segment_ids):
+    import numpy as np
+
+    return [int(n) for row in np.asarray(segment_ids) for n in np.bincount(row)[1:] if n]
+
+
+class TorchSide:
+    """transformers' Qwen2 + torch AdamW; micro-batches of `torch_micro_batch` samples in dataset order,
+    each padded to its longest sample; token-mean loss over the step, like jsft's default."""
+
+    def __init__(self, paths: dict, w: Workload, workdir: Path, settings: str = "tuned"):
+        import torch
+        import transformers
+
+        from jsft.data.dataset import load_dataset
+        from jsft.data.tokenizer import load_tokenizer
+        from jsft.models.config import ModelConfig
+        from jsft.train.optim import make_schedule
+
+        self.w, self.cfg = w, jsft_config(paths, w, workdir)
+        self.dataset = load_dataset(self.cfg.data, load_tokenizer(paths["tokenizer"]), self.cfg.data.train_files)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            paths["model"], dtype=torch.float32, attn_implementation="sdpa")
+        self.model.train()
+        self.model_cfg = ModelConfig.from_pretrained(paths["model"])
+        optim = self.cfg.optim
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=0.0, betas=tuple(optim.betas), eps=optim.eps,
+                                     weight_decay=optim.weight_decay)
+        self.schedule = make_schedule(optim, w.warmup_steps + w.steps)
+        self.count = 0
+
+    def step(self) -> dict:
+        import torch
+
+        w, n = self.w, self.count
+        samples = [self.dataset.sample(i) for i in range(n * w.samples_per_step, (n + 1) * w.samples_per_step)]
+        t = time.perf_counter()
+        targets = sum(int(m[1:].sum()) for _, m in samples)
+        self.opt.zero_grad(set_to_none=True)
+        total, computed = 0.0, 0
+        for i in range(0, len(samples), w.torch_micro_batch):
+            ids, attn, mask = _padded_batch(samples[i : i + w.torch_micro_batch])
+            logits = self.model(input_ids=ids, attention_mask=attn).logits
+            nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+            loss = (nll * mask[:, 1:]).sum() / targets  # shifted: logits at t predict token t+1
+            loss.backward()
+            total += loss.item()
+            computed += ids.numel()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip_grad)
+        for group in self.opt.param_groups:
+            group["lr"] = float(self.schedule(n))
+        self.opt.step()
+        self.count += 1
+        lengths = [len(ids) for ids, _ in samples]
+        return {"time": time.perf_counter() - t, "real": sum(lengths), "computed": computed,
+                "flops": sample_flops(self.model_cfg, lengths), "loss": total}
+
+    def summary(self) -> dict:
+        import torch
+
+        return {"threads": torch.get_num_threads(), "peak_rss": peak_rss()}
+
+
+def _padded_batch(samples):
+    import torch
+
+    width = max(len(ids) for ids, _ in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    attn = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros(len(samples), width)
+    for r, (x, m) in enumerate(samples):
+        ids[r, : len(x)], attn[r, : len(x)], mask[r, : len(x)] = torch.from_numpy(x.copy()), 1, torch.from_numpy(m.copy())
+    return ids, attn, mask
+
+
+SIDES = {"jsft": JsftSide, "torch": TorchSide}
+
+
+def serve(kind: str, settings: str, conn, paths: dict, w: Workload, workdir: str) -> None:
+    """Child process: build one side, then answer "step" requests until "summary". An exception is sent
+    to the parent as ("error", traceback) instead of dying silently."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    # One real CPU device, whatever fake-device flag the caller runs under (a test session sets 8).
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
+    try:
+        side = SIDES[kind](paths, w, Path(workdir), settings)
+        conn.send("ready")
+        while (request := conn.recv()) != "summary":
+            conn.send(getattr(side, request)())  # "step" or "peak"
+        conn.send(side.summary())
+    except Exception:
+        conn.send(("error", traceback.format_exc()))
+        raise
+
+
+class Remote:
+    """A side running in its own (spawned) process."""
+
+    def __init__(self, kind: str, settings: str, paths: dict, w: Workload, workdir: Path):
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child_conn = ctx.Pipe()
+        self.proc = ctx.Process(target=serve, args=(kind, settings, child_conn, paths, w, str(workdir)), daemon=True)
+        self.proc.start()
+        self._expect("ready")
+
+    def _recv(self):
+        deadline = time.monotonic() + 3600
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"benchmark child exited with code {self.proc.exitcode} without answering")
+            if time.monotonic() > deadline:
+                raise TimeoutError("benchmark child did not answer in an hour")
+        got = self.conn.recv()
+        if isinstance(got, tuple) and got and got[0] == "error":
+            raise RuntimeError(f"benchmark child failed:\n{got[1]}")
+        return got
+
+    def _expect(self, what):
+        got = self._recv()
+        if got != what:
+            raise RuntimeError(f"benchmark child said {got!r}, expected {what!r}")
+
+    def call(self, request: str):
+        self.conn.send(request)
+        return self._recv()
+
+    def finish(self) -> dict:
+        self.conn.send("summary")
+        out = self._recv()
+        self.proc.join()
+        return out
+
+
+def run_interleaved(paths: dict, w: Workload, workdir: Path, settings: list[str]) -> tuple[dict, list]:
+    """A jsft side per settings name and the torch side, their steps alternating, each step bracketed by
+    matmul-peak probes; setup runs alone. Returns ({name: [step records]}, [(name, summary)])."""
+    sides = {f"jsft:{s}": Remote("jsft", s, paths, w, workdir) for s in settings}
+    prober = next(iter(sides.values()))
+    sides["torch"] = Remote("torch", "tuned", paths, w, workdir)
+    steps = {name: [] for name in sides}
+    probe = prober.call("peak")
+    for _ in range(w.warmup_steps + w.steps):
+        for name, side in sides.items():
+            step = side.call("step")
+            after = prober.call("peak")
+            steps[name].append({**step, "peaks": (probe, after)})
+            probe = after
+    return steps, [(name, side.finish()) for name, side in sides.items()]
