@@ -14,7 +14,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,12 +45,8 @@ def main() -> None:
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="jsft-bench-lora-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     w = bench.Workload()
-    paths = {k: str(workdir / k) for k in ("model", "tokenizer")} | {"train": str(workdir / "train.jsonl")}
-    if not Path(paths["model"]).exists():
-        paths = bench.prepare(workdir, w)
+    workdir, paths = bench.workdir_workload(args.workdir, "jsft-bench-lora-", w)
     cfg = bench.jsft_config(paths, w, workdir)
     row = first_row(paths, cfg)
     length = row["input_ids"].shape[1]

@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -102,12 +101,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", help="a bench workload directory (built there when absent)")
     args = p.parse_args()
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="jsft-bench-row-"))
-    workdir.mkdir(parents=True, exist_ok=True)
     w = bench.Workload()
-    paths = {k: str(workdir / k) for k in ("model", "tokenizer")} | {"train": str(workdir / "train.jsonl")}
-    if not Path(paths["model"]).exists():
-        paths = bench.prepare(workdir, w)
+    workdir, paths = bench.workdir_workload(args.workdir, "jsft-bench-row-", w)
     cfg = bench.jsft_config(paths, w, workdir)
     before = measured_matmul_flops("float32")
     print(f"matmul peak  {before / 1e9:.0f} GFLOP/s (probed before)")

@@ -13,8 +13,10 @@ import dataclasses
 import json
 import random
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -116,6 +118,17 @@ def _geometric(rng: random.Random, mean: float) -> int:
     while rng.random() > p:
         k += 1
     return k
+
+
+def workdir_workload(workdir: Optional[str], prefix: str, w: "Workload") -> tuple[Path, dict]:
+    """(directory, paths) of a bench workload: `workdir` if it holds one, else built there (or in a new
+    temporary directory). For the profiling scripts that reuse one workload across invocations."""
+    directory = Path(workdir or tempfile.mkdtemp(prefix=prefix))
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {k: str(directory / k) for k in ("model", "tokenizer")} | {"train": str(directory / "train.jsonl")}
+    if not Path(paths["model"]).exists():
+        paths = prepare(directory, w)
+    return directory, paths
 
 
 def prepare(workdir: Path, w: Workload) -> dict:
