@@ -20,7 +20,8 @@ STEP_FIELDS = [
 ]
 
 
-def _fmt(value: Any, spec: str = "{:.4g}") -> str:
+def fmt(value: Any, spec: str = "{:.4g}") -> str:
+    """A metric for the console: 4 significant digits, n/a for missing, and non-numbers as they are."""
     if value is None:
         return "n/a"
     if isinstance(value, float) and value != value:
@@ -34,11 +35,11 @@ def _fmt(value: Any, spec: str = "{:.4g}") -> str:
 def step_lines(step: int, total: int, metrics: Mapping[str, Any]) -> list[str]:
     """`step 12/200 | loss 1.2345 | lr 3.00e-04 | ...` (<= 120 columns), then the val/* metrics, wrapped."""
     head = f"step {step}/{total}"
-    parts = [f"{short} {_fmt(metrics[k], spec)}" for k, short, spec in STEP_FIELDS if k in metrics]
+    parts = [f"{short} {fmt(metrics[k], spec)}" for k, short, spec in STEP_FIELDS if k in metrics]
     if metrics.get("train/skipped_steps"):
         parts.append(f"skipped {metrics['train/skipped_steps']}")
     lines = wrap(head, parts)
-    val = [f"{k.removeprefix('val/')} {_fmt(v)}" for k, v in metrics.items() if k.startswith("val/")]
+    val = [f"{k.removeprefix('val/')} {fmt(v)}" for k, v in metrics.items() if k.startswith("val/")]
     if val:
         lines += wrap(" " * len(head) + " val", val)
     return lines

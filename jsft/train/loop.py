@@ -33,7 +33,7 @@ from jsft.sharding import sequence_size
 from jsft.train import checkpoint as ckpt
 from jsft.train import remat
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
-from jsft.train.console import run_info_table, wrap
+from jsft.train.console import fmt, run_info_table, wrap
 from jsft.train.hf_export import generation_config, model_card
 from jsft.train.inflight import InFlightStep
 from jsft.train.mesh import run_mesh
@@ -338,7 +338,7 @@ class Trainer:
         lines = [f"run directory {d}"]
         if last:
             keys = [k for k in last if k in ("train/loss", "val/loss") or k.endswith(("_rate", "_match"))]
-            lines += wrap(f"  step {last['step']}:", [f"{k} {_g(last[k])}" for k in keys], sep=", ")
+            lines += wrap(f"  step {last['step']}:", [f"{k} {fmt(last[k])}" for k in keys], sep=", ")
         items = [
             ("config.yaml", "resolved config"), ("run_info.json", "mesh, parameter and memory figures"),
             ("metrics.jsonl", "one JSON object per optimizer step (python -m jsft.plot " + str(d) + ")"),
@@ -390,10 +390,6 @@ def _check_paths(cfg: RunConfig) -> None:
                 resolve_files(files)  # missing inputs, unknown types, a DatasetDict: refused before any work
             except (ValueError, FileNotFoundError) as e:
                 raise type(e)(f"{key}: {e}") from None
-
-
-def _g(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def _complete_message(run_dir: Path, step: int, total: int) -> str:
