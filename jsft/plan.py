@@ -224,10 +224,13 @@ def plan_run(cfg, model_cfg, mesh, remat: str, update: bool = True) -> tuple[Pla
     spec = lora.spec_from_run_config(cfg.model)
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model),
                            remat_policy=remat, attention_impl=cfg.model.attention_impl, lora=spec)
-    from jsft.sharding import mesh_sizes_of, sequence_size
+    from jsft.sharding import mesh_sizes_of
 
-    layout = BatchLayout.from_config(cfg.data, jax.local_device_count() // sequence_size(mesh))  # rows: devices off `sequence`
-    rows = layout.rows_per_micro_batch * jax.process_count()
+    from jsft.train.feeders import mesh_feeders
+
+    feeders = mesh_feeders(mesh)  # rows per feeder: devices off `sequence`
+    layout = BatchLayout.from_config(cfg.data, feeders.row_blocks)
+    rows = layout.rows_per_micro_batch * feeders.count
     plan = plan_memory(model, make_optimizer(cfg.optim, 1), mesh, rows=rows, row_length=layout.row_length,
                        chunk_size=cfg.trainer.loss_chunk_size, update=update, offload_opt_state=cfg.optim.offload_state)
     about = {

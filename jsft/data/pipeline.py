@@ -3,8 +3,9 @@
 A global batch is exactly `data.train_batch_size` samples (veRL semantics), whatever the device count or
 micro-batch size. Epoch e visits the samples in the order of a grain shuffle seeded with `seed + e`
 (`grain.MapDataset.shuffle`, a stateless index permutation), cut into global batches, dropping the last
-incomplete one. Host p takes the samples at positions i % process_count == p of each global batch and
-builds its share:
+incomplete one. Feeder f takes the samples at positions i % feeder_count == f of each global batch and
+builds its share (a feeder is one process, or the processes whose devices hold the same rows when a
+sequence group spans processes: jsft/train/feeders.py; each of them builds the same rows):
 
     pad_mode=no_padding   the host's samples, longest first, first-fit packed into rows of
                           data.max_length tokens (grain's FirstFitPackIterDataset with one bin per
@@ -212,15 +213,20 @@ class EvalBatches:
         return self.layout.empty_micro_batch()
 
 
-def build_train_batches(cfg: DataConfig, tokenizer, *, seed: int, process_index: int, process_count: int, local_devices: int, files=None) -> TrainBatches:
-    """Training batches over `files` (default data.train_files); bad input raises before any batch."""
+def build_train_batches(cfg: DataConfig, tokenizer, *, seed: int, process_index: int, process_count: int, local_devices: int,
+                        files=None, feeder: Optional[tuple[int, int]] = None) -> TrainBatches:
+    """Training batches over `files` (default data.train_files); bad input raises before any batch. Tokenized
+    by process; batches sharded over `feeder` = (index, count) (default: this process of process_count)."""
     dataset = load_dataset(cfg, tokenizer, cfg.train_files if files is None else files,
                            process_index=process_index, process_count=process_count)
-    return TrainBatches(dataset, cfg, seed=seed, process_index=process_index, process_count=process_count, local_devices=local_devices)
+    index, count = feeder or (process_index, process_count)
+    return TrainBatches(dataset, cfg, seed=seed, process_index=index, process_count=count, local_devices=local_devices)
 
 
-def build_eval_batches(cfg: DataConfig, tokenizer, *, process_index: int, process_count: int, local_devices: int, files=None) -> EvalBatches:
+def build_eval_batches(cfg: DataConfig, tokenizer, *, process_index: int, process_count: int, local_devices: int,
+                       files=None, feeder: Optional[tuple[int, int]] = None) -> EvalBatches:
     """Validation batches over `files` (default data.val_files): one pass, no shuffle, nothing dropped."""
     dataset = load_dataset(cfg, tokenizer, cfg.val_files if files is None else files,
                            process_index=process_index, process_count=process_count)
-    return EvalBatches(dataset, cfg, process_index=process_index, process_count=process_count, local_devices=local_devices)
+    index, count = feeder or (process_index, process_count)
+    return EvalBatches(dataset, cfg, process_index=index, process_count=count, local_devices=local_devices)

@@ -27,8 +27,8 @@ and a logit at every position.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence
 
-import jax
 import numpy as np
 
 from jsft import distributed
@@ -46,27 +46,32 @@ class GlobalStep:
     samples: int
     target_tokens: int
     tokens: int
+    feeders: int = 1  # hosts (or groups of hosts) feeding different rows
 
     @property
     def computed_tokens(self) -> int:
-        """Tokens the step computes over all hosts and micro-batches, padding included."""
-        return sum(mb["input_ids"].size for mb in self.micro_batches) * jax.process_count()
+        """Tokens the step computes over all feeders and micro-batches, padding included."""
+        return sum(mb["input_ids"].size for mb in self.micro_batches) * self.feeders
 
 
-def gather_step(batch: StepBatch, empty: dict) -> GlobalStep:
+def gather_step(batch: StepBatch, empty: dict, leaders: Optional[Sequence[int]] = None) -> GlobalStep:
     """This host's micro-batches plus the GLOBAL counts; every host is padded to the same number of
-    micro-batches (an empty one weighs nothing), since all hosts must run the same programs."""
+    micro-batches (an empty one weighs nothing), since all hosts must run the same programs. `leaders`:
+    the processes whose counts are summed, one per feeder (jsft/train/feeders.py; the others hold copies
+    of their rows); default every process."""
     counts = np.array([batch_counts(mb["loss_mask"], mb["segment_ids"]) for mb in batch.micro_batches]).reshape(-1, 2)
     every = distributed.all_hosts([len(batch.micro_batches), *counts.sum(axis=0), batch.num_tokens])
     num_micro = int(every[:, 0].max())
-    samples, targets, tokens = (int(x) for x in every[:, 1:].sum(axis=0))
+    counted = every if leaders is None else every[list(leaders)]
+    samples, targets, tokens = (int(x) for x in counted[:, 1:].sum(axis=0))
     micro = batch.micro_batches + [dict(empty) for _ in range(num_micro - len(batch.micro_batches))]
-    return GlobalStep(micro, samples, targets, tokens)
+    return GlobalStep(micro, samples, targets, tokens, len(counted))
 
 
-def prepare_step(batch: StepBatch, empty: dict, *, mode: str, max_length: int, buckets: int, multiple: int = 1) -> GlobalStep:
+def prepare_step(batch: StepBatch, empty: dict, *, mode: str, max_length: int, buckets: int, multiple: int = 1,
+                 leaders: Optional[Sequence[int]] = None) -> GlobalStep:
     """gather_step + attach_weights + fit_shapes: one training step's micro-batches, ready for the step."""
-    g = gather_step(batch, empty)
+    g = gather_step(batch, empty, leaders)
     attach_weights(g.micro_batches, mode, samples=g.samples, targets=g.target_tokens, max_length=max_length)
     g.micro_batches = fit_shapes(g.micro_batches, buckets, multiple)
     return g

@@ -34,6 +34,7 @@ from jsft.train import checkpoint as ckpt
 from jsft.train import remat
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.console import fmt, run_info_table, wrap
+from jsft.train.feeders import mesh_feeders
 from jsft.train.hf_export import generation_config, model_card
 from jsft.train.inflight import InFlightStep
 from jsft.train.mesh import run_mesh
@@ -113,8 +114,9 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template,
                                         stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
         log(describe_stop_tokens(self.tokenizer))
+        self.feeders = mesh_feeders(self.mesh)  # rows per feeder: devices off `sequence` (jsft/train/feeders.py)
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
-                     local_devices=jax.local_device_count() // sequence_size(self.mesh))  # rows: devices off `sequence`
+                     local_devices=self.feeders.row_blocks, feeder=(self.feeders.index, self.feeders.count))
         fingerprint.check_hosts_agree(fingerprint.inputs(cfg.data, self.tokenizer))  # before tokenizing
         self.train_data = build_train_batches(cfg.data, self.tokenizer, seed=cfg.data.seed, **where)
         log(format_summary(self.train_data.dataset, "train"))
@@ -222,7 +224,7 @@ class Trainer:
         t0 = time.perf_counter()
         g = prepare_step(batch, self.train_data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode,
                          max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets,
-                         multiple=sequence_size(self.mesh))
+                         multiple=sequence_size(self.mesh), leaders=self.feeders.leaders)
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
         self.params, self.opt_state, loss, stats = self.step_fn.train_step_stats(self.params, self.opt_state, device_batches)
         mean_len = g.tokens / max(g.samples, 1)
@@ -243,7 +245,7 @@ class Trainer:
         """val/loss over the whole validation set, normalised like training (global counts of the set), then
         validation by generation (trainer.val_generations) and the extra hooks."""
         cfg = self.cfg
-        chunks = [gather_step(b, self.val_data.empty_micro_batch()) for b in self.val_data]
+        chunks = [gather_step(b, self.val_data.empty_micro_batch(), self.feeders.leaders) for b in self.val_data]
         samples = sum(c.samples for c in chunks)
         targets = sum(c.target_tokens for c in chunks)
         total = 0.0

@@ -4,7 +4,8 @@
                                      the rest on data (HSDP), printed with the reason
     trainer.mesh: {data: 3, fsdp: 8} -> used as given; a large tensor it cannot shard stops the run here
     trainer.mesh.sequence=4          -> (or ulysses_sequence_parallel_size=4) each row's tokens over 4 devices,
-                                     data/fsdp as above over the rest; heads that 4 cannot split stop the run
+                                     data/fsdp as above over the rest; heads that 4 cannot split stop the run;
+                                     a group may span processes (jsft/train/feeders.py says who feeds which rows)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from jsft.models.config import ModelConfig
 from jsft.models.params import param_layout
 from jsft.models.ulysses import check_heads
 from jsft.sharding import AUTO, make_mesh
+from jsft.train.feeders import mesh_feeders
 
 
 def run_model_config(cfg) -> ModelConfig:
@@ -44,10 +46,26 @@ def run_mesh(cfg, log: Optional[Callable[[str], None]] = None, model_cfg: Option
     model_cfg = model_cfg or run_model_config(cfg)
     s = sequence_parallel_size(cfg)
     check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, s)
-    if jax.local_device_count() % s:  # each host feeds whole rows: a sequence group must be one host's devices
-        raise ValueError(f"trainer.mesh.sequence={s} must divide the {jax.local_device_count()} devices of each "
-                         f"process (a sequence group spanning processes is not supported yet): use a divisor of it")
     axes = cfg.trainer.mesh
     if s > 1:  # the alias key, or trainer.mesh.sequence on top of auto / an explicit {data, fsdp}
         axes = {**(axes if axes != AUTO else {}), "sequence": s}
-    return make_mesh(axes, jax.devices(), params=param_layout(model_cfg), log=log)
+    mesh = make_mesh(axes, jax.devices(), params=param_layout(model_cfg), log=log)
+    try:  # processes that share rows (a sequence group spanning them) must share all of them
+        mesh_feeders(mesh)
+    except ValueError as e:
+        raise ValueError(f"trainer.mesh.sequence={s}: {e}; use trainer.mesh.sequence in "
+                         f"{_feedable_sizes(model_cfg)} (data/fsdp auto), which these processes can feed") from None
+    return mesh
+
+
+def _feedable_sizes(model_cfg: ModelConfig) -> list[int]:
+    """The sequence sizes (data/fsdp auto) whose heads split and whose rows the processes can feed."""
+    out = []
+    for s in (s for s in range(1, jax.device_count() + 1) if jax.device_count() % s == 0):
+        try:
+            check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, s)
+            mesh_feeders(make_mesh({"sequence": s}, jax.devices(), params=param_layout(model_cfg)))
+        except ValueError:
+            continue
+        out.append(s)
+    return out

@@ -24,6 +24,7 @@ from jsft.models.decoder import Decoder
 from jsft.models.lora import trainable_names
 from jsft.models.params import param_arrays, param_shardings, replace_params
 from jsft.sharding import row_sharding
+from jsft.train.feeders import mesh_feeders
 from jsft.train.loss import weighted_nll
 from jsft.train.optim import consecutive_skips, current_lr, skipped_steps
 
@@ -71,6 +72,7 @@ class TrainStep:
             check_memory_kind(mesh, HOST_MEMORY)
             self.opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), self.opt_device_shardings)
         self.batch_sharding = row_sharding(mesh)  # rows over data x fsdp, tokens / target slots over sequence
+        self.feeders = mesh_feeders(mesh)  # who passes which rows to device_batch
         self._init_opt = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
         self._zeros = jax.jit(
             lambda p: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), p), out_shardings=self.param_shardings
@@ -130,10 +132,13 @@ class TrainStep:
         return self._init_opt(self.split(params)[0])
 
     def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host-local rows -> global arrays sharded over the batch axes (each host passes its own rows)."""
-        return {
-            k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local[k])) for k in BATCH_FIELDS
-        }
+        """Host-local rows -> global arrays sharded over the batch axes. Each feeder passes its own rows,
+        whole: the global shape says so, and each device takes its token slice (jsft/train/feeders.py)."""
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_process_local_data(self.batch_sharding, x, (x.shape[0] * self.feeders.count, *x.shape[1:]))
+
+        return {k: put(local[k]) for k in BATCH_FIELDS}
 
     def gradients(self, params, micro_batches: list[dict[str, jax.Array]]):
         """(loss, summed float32 gradients of the trainable parameters) of one global batch given as device

@@ -211,29 +211,58 @@ def test_packed_kernels_under_ulysses(impl, s):
     np.testing.assert_allclose(np.asarray(dq), np.asarray(jax.grad(loss("xla"))(q)), rtol=2e-5, atol=2e-5)
 
 
-def test_two_processes_with_sequence_4_follow_the_single_process_curve(sft_setup, tmp_path):
-    """2 processes x 4 devices, trainer.mesh.sequence=4 (each process's devices one sequence group, rows
-    over the 2 processes) reproduce 1 process x 8 devices without sequence parallelism."""
+def _two_processes(overrides: list[str]) -> list[str]:
+    """`python -m jsft.train` as 2 processes x 4 CPU devices; their outputs (both must exit 0)."""
     import os
     import subprocess
     import sys
 
-    from jsft.train.__main__ import main
-    from jsft_testing import losses, sft_overrides
     from test_multihost import _free_port
 
-    extra = {"trainer.total_training_steps": 3, "data.train_batch_size": 8}
-    assert main(sft_overrides(sft_setup, tmp_path / "single", **extra)) == 0
     port, procs = _free_port(), []
     for pid in range(2):
         env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
                "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "jsft.train", *sft_overrides(sft_setup, tmp_path / "multi", **extra),
-             "trainer.mesh.sequence=4"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(subprocess.Popen([sys.executable, "-m", "jsft.train", *overrides], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out[-4000:]
-    assert "sequence: 4" in outputs[0] and "2 process(es)" in outputs[0]
+    assert "2 process(es)" in outputs[0]
+    return outputs
+
+
+def test_two_processes_with_sequence_4_follow_the_single_process_curve(sft_setup, tmp_path):
+    """2 processes x 4 devices, trainer.mesh.sequence=4 (each process's devices one sequence group, rows
+    over the 2 processes) reproduce 1 process x 8 devices without sequence parallelism."""
+    from jsft.train.__main__ import main
+    from jsft_testing import losses, sft_overrides
+
+    extra = {"trainer.total_training_steps": 3, "data.train_batch_size": 8}
+    assert main(sft_overrides(sft_setup, tmp_path / "single", **extra)) == 0
+    outputs = _two_processes(sft_overrides(sft_setup, tmp_path / "multi", **extra) + ["trainer.mesh.sequence=4"])
+    assert "sequence: 4" in outputs[0]
     single, multi = losses(tmp_path / "single"), losses(tmp_path / "multi")
     np.testing.assert_allclose([multi[s] for s in sorted(single)], [single[s] for s in sorted(single)], rtol=1e-5)
+
+
+def test_a_sequence_group_spanning_two_processes_follows_the_single_process_curve(sft_setup, tmp_path):
+    """2 processes x 4 devices, trainer.mesh.sequence=8: one sequence group over both processes, which
+    feed the same rows (jsft/train/feeders.py). Loss curve, validation loss and the global counts equal
+    1 process x 8 devices without sequence parallelism: nothing is counted twice."""
+    from jsft.train.__main__ import main
+    from jsft_testing import make_tiny_hf, sft_overrides
+
+    model = tmp_path / "model8"  # 8 query heads: S=8 splits them
+    make_tiny_hf(model, "qwen2", vocab_size=768, hidden_size=64, intermediate_size=128, num_attention_heads=8)
+    setup = {**sft_setup, "model": str(model)}
+    extra = {"trainer.total_training_steps": 2, "data.val_files": sft_setup["val"], "trainer.save_freq": 2}
+    assert main(sft_overrides(setup, tmp_path / "single", **extra)) == 0
+    outputs = _two_processes(sft_overrides(setup, tmp_path / "multi", **extra) + ["trainer.mesh.sequence=8"])
+    assert "sequence: 8" in outputs[0]
+    single, multi = ([json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")] for run in ("single", "multi"))
+    for key in ("train/loss", "val/loss"):
+        np.testing.assert_allclose([m[key] for m in multi if key in m], [m[key] for m in single if key in m], rtol=1e-5)
+    for key in ("train/samples", "train/target_tokens", "train/global_tokens", "val/target_tokens"):
+        assert [m.get(key) for m in multi] == [m.get(key) for m in single], key
+    assert (tmp_path / "multi" / "checkpoints" / "2").is_dir()
