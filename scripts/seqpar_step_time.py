@@ -1,6 +1,7 @@
 """CPU step time of a tiny model on one long packed row with Ulysses sequence parallelism (S = 1, 2, 4).
 
     python scripts/seqpar_step_time.py --length 16384 --sizes 1 2 4 [--profile DIR]
+                                       [--layers 2 --hidden 128 --heads 8 --kv-heads 2]
 
 8 fake CPU devices; one row per sequence group (rows = 8 / S), as the trainer lays out
 micro_batch_size_per_gpu=1: S=1 runs 8 rows of T tokens (one per device), S=4 two rows split over 4
@@ -32,10 +33,10 @@ from jsft.train.optim import make_optimizer  # noqa: E402
 from jsft.train.step import TrainStep  # noqa: E402
 
 
-def model_config() -> ModelConfig:
+def model_config(layers: int = 2, hidden: int = 128, heads: int = 8, kv_heads: int = 2) -> ModelConfig:
     return ModelConfig.from_init(dict(
-        model_type="qwen2", vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=1 << 16,
+        model_type="qwen2", vocab_size=512, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=1 << 16,
     ))
 
 
@@ -49,9 +50,9 @@ def long_rows(rows: int, length: int, seed: int = 0) -> dict:
     return {**rows_, **causal_targets(weight, ids, length)}
 
 
-def step_for(s: int, length: int):
+def step_for(s: int, length: int, cfg: ModelConfig):
     mesh = make_mesh({"sequence": s})
-    model = init_model(model_config(), seed=0, mesh=mesh, remat_policy="full", attention_impl="blockwise")
+    model = init_model(cfg, seed=0, mesh=mesh, remat_policy="full", attention_impl="blockwise")
     step = TrainStep(model, make_optimizer(OptimConfig(), 10), mesh, chunk_size=512)
     batch = step.device_batch(long_rows(8 // s, length))
     return step, param_arrays(model), batch
@@ -73,9 +74,14 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--profile", type=Path, default=None)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
     args = ap.parse_args()
+    cfg = model_config(args.layers, args.hidden, args.heads, args.kv_heads)
     for s in args.sizes:
-        step, params, batch = step_for(s, args.length)
+        step, params, batch = step_for(s, args.length, cfg)
         t0 = time.perf_counter()
         jax.block_until_ready(step.gradients(params, [batch]))  # compile + first run
         compile_s = time.perf_counter() - t0
