@@ -117,7 +117,8 @@ def micro_batches(rows: dict[str, np.ndarray], layout: BatchLayout) -> list[dict
 
 
 class _HostStep:
-    """Global sample indices of one step -> this host's StepBatch."""
+    """Global sample indices of one step -> this host's StepBatch. process_index / process_count here are
+    the feeder's (jsft/train/feeders.py): the process's own unless a sequence group spans processes."""
 
     def __init__(self, dataset: TokenizedDataset, layout: BatchLayout, process_index: int, process_count: int):
         if not 0 <= process_index < process_count:
