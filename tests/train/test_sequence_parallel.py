@@ -256,7 +256,8 @@ def test_a_sequence_group_spanning_two_processes_follows_the_single_process_curv
     model = tmp_path / "model8"  # 8 query heads: S=8 splits them
     make_tiny_hf(model, "qwen2", vocab_size=768, hidden_size=64, intermediate_size=128, num_attention_heads=8)
     setup = {**sft_setup, "model": str(model)}
-    extra = {"trainer.total_training_steps": 2, "data.val_files": sft_setup["val"], "trainer.save_freq": 2}
+    extra = {"trainer.total_training_steps": 2, "data.val_files": sft_setup["val"], "trainer.save_freq": 2,
+             "trainer.shape_buckets": 1}  # one compiled shape per program: the test runs three trainers
     assert main(sft_overrides(setup, tmp_path / "single", **extra)) == 0
     outputs = _two_processes(sft_overrides(setup, tmp_path / "multi", **extra) + ["trainer.mesh.sequence=8"])
     assert "sequence: 8" in outputs[0]
