@@ -4,7 +4,7 @@
                                      the rest on data (HSDP), printed with the reason
     trainer.mesh: {data: 3, fsdp: 8} -> used as given; a large tensor it cannot shard stops the run here
     trainer.mesh.sequence=4          -> (or ulysses_sequence_parallel_size=4) each row's tokens over 4 devices,
-                                     data/fsdp as above over the rest; heads that 4 cannot split stop the run
+                                     data/fsdp as above over the rest; Ulysses, or ring where 4 cannot split the heads
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from jsft.config import sequence_parallel_size
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_layout
-from jsft.models.ulysses import check_heads
+from jsft.models import sequence_parallel
 from jsft.sharding import AUTO, make_mesh
 
 
@@ -43,7 +43,9 @@ def run_mesh(cfg, log: Optional[Callable[[str], None]] = None, model_cfg: Option
     """trainer.mesh over all devices, chosen (auto) or checked for the run's parameter shapes and heads."""
     model_cfg = model_cfg or run_model_config(cfg)
     s = sequence_parallel_size(cfg)
-    check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, s)
+    # ulysses or ring (heads Ulysses cannot split stop the run only with trainer.sequence_parallel=ulysses)
+    _, seq_line = sequence_parallel.for_run(cfg, model_cfg)
+    log = log if log is None or s == 1 else (lambda line, log=log: log(f"{line}; {seq_line}"))
     if jax.local_device_count() % s:  # each host feeds whole rows: a sequence group must be one host's devices
         raise ValueError(f"trainer.mesh.sequence={s} must divide the {jax.local_device_count()} devices of each "
                          f"process (a sequence group spanning processes is not supported yet): use a divisor of it")
