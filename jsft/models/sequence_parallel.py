@@ -46,7 +46,7 @@ def describe(mode: str, choice: str, num_heads: int, num_kv_heads: int, s: int, 
 
 
 def for_run(cfg, model_cfg) -> tuple[str, str]:
-    """(choice, the line printed with the mesh) for a run config and its model; raises before any work."""
+    """(choice, the line printed with the mesh; "" at S=1) for a run config and its model; raises before any work."""
     from jsft.config import sequence_parallel_size  # noqa: PLC0415 (the run config's S, alias included)
 
     s, mode = sequence_parallel_size(cfg), cfg.trainer.sequence_parallel
@@ -54,7 +54,9 @@ def for_run(cfg, model_cfg) -> tuple[str, str]:
     dynamic = cfg.data.use_dynamic_bsz
     check_length(choice, cfg.data.max_token_len_per_gpu if dynamic else cfg.data.max_length, s,
                  "data.max_token_len_per_gpu" if dynamic else "data.max_length")
-    from jsft.models.attention import resolve_impl  # noqa: PLC0415
+    if s == 1:
+        return choice, ""
+    from jsft.models.attention import resolve_impl  # noqa: PLC0415 (attention imports ulysses, as this module)
 
     impl = resolve_impl(cfg.model.attention_impl, cfg.model.dtype)
     return choice, describe(mode, choice, model_cfg.num_heads, model_cfg.num_kv_heads, s, impl)

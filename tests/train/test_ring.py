@@ -111,6 +111,25 @@ def test_ring_config_keys_fail_at_load():
         load_config(None, base + ["data.max_length=256", "trainer.sequence_parallel=zigzag"])
 
 
+def test_run_mesh_prints_the_choice_and_checks_auto_ring_lengths():
+    """auto -> ring is known once the heads are: the 2S length check runs at start, before any data."""
+    from jsft.config import load_config
+    from jsft.models.sequence_parallel import describe
+    from jsft.train.mesh import run_mesh
+
+    init = "model.init={model_type: qwen2, vocab_size: 64, hidden_size: 48, num_attention_heads: 6, num_key_value_heads: 2}"
+    lines = []
+    run_mesh(load_config(None, [init, "trainer.mesh.sequence=4", "data.max_length=256"]), lines.append)
+    assert lines == ["mesh {data: 1, fsdp: 2, sequence: 4} (trainer.mesh=auto): the largest fsdp dividing 2 devices "
+                     "that splits every parameter of >= 1048576 elements; sequence parallel: ring (auto: S=4 cannot "
+                     "split 6/2 heads), zigzag rows"], lines
+    with pytest.raises(ValueError, match="data.max_length=260 must be a multiple of 2 x trainer.mesh.sequence = 8"):
+        run_mesh(load_config(None, [init, "trainer.mesh.sequence=4", "data.max_length=260"]))
+    # GPU defaults: the packed kernels return no lse, so ring's blocks attend with blockwise, and it says so
+    assert "each KV block attends with blockwise (attention_impl=pallas_gpu serves generation only)" in describe(
+        "ring", "ring", 8, 2, 4, "pallas_gpu")
+
+
 def test_trainer_with_ring_reproduces_sequence_1_and_resumes_with_sequence_1(sft_setup, tmp_path, capsys):
     """The tiny model's 4 query heads cannot split over S=8, so `auto` picks ring (printed with the mesh):
     the loss curve and validation loss of sequence=1, and its step-2 checkpoint continues with S=1."""
