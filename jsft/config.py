@@ -93,6 +93,8 @@ class TrainerConfig:
     # (HSDP); or explicit sizes {data: 3, fsdp: 8} (-1 takes the rest), checked against the model at start;
     # `sequence: S` (trainer.mesh.sequence=4) splits each row's tokens over S devices (Ulysses), data/fsdp auto
     mesh: Any = "auto"
+    # auto | ulysses | ring: attention over split rows; auto = Ulysses where S splits the heads, ring otherwise
+    sequence_parallel: str = "auto"
     # memory of one device for model.remat_policy=auto, e.g. 80GB or 24GiB; None: jax's bytes_limit (GPU/TPU),
     # on CPU the host's available RAM over its devices
     device_memory: Optional[str] = None
@@ -232,6 +234,7 @@ def validate(cfg: RunConfig) -> None:
         from jsft.sharding import check_mesh_axes
 
         check_mesh_axes(cfg.trainer.mesh)
+    _choice("trainer.sequence_parallel", cfg.trainer.sequence_parallel, ["auto", "ulysses", "ring"])
     _check_sequence(cfg)
     if cfg.trainer.peak_tflops is not None and cfg.trainer.peak_tflops <= 0:
         raise ValueError(f"trainer.peak_tflops={cfg.trainer.peak_tflops} must be > 0 (or null: look it up)")
@@ -261,6 +264,10 @@ def _check_sequence(cfg: RunConfig) -> None:
         key = "data.max_token_len_per_gpu" if cfg.data.use_dynamic_bsz else "data.max_length"
         raise ValueError(f"{key}={row} must be a multiple of the sequence-parallel size {s}: each row's tokens "
                          f"are split over {s} devices")
+    if cfg.trainer.sequence_parallel == "ring":  # auto -> ring is checked when the heads are known (train/mesh.py)
+        from jsft.models.sequence_parallel import check_length  # noqa: PLC0415
+
+        check_length("ring", row, s, "data.max_token_len_per_gpu" if cfg.data.use_dynamic_bsz else "data.max_length")
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -221,10 +221,14 @@ def plan_run(cfg, model_cfg, mesh, remat: str, update: bool = True) -> tuple[Pla
     from jsft.models.params import abstract_model
     from jsft.train.optim import make_optimizer
 
+    from jsft.models import sequence_parallel
+
     spec = lora.spec_from_run_config(cfg.model)
+    seq_choice, _ = sequence_parallel.for_run(cfg, model_cfg)  # ring's KV buffers are then in the compiled step
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model),
-                           remat_policy=remat, attention_impl=cfg.model.attention_impl, lora=spec)
-    from jsft.sharding import mesh_sizes_of
+                           remat_policy=remat, attention_impl=cfg.model.attention_impl, lora=spec,
+                           sequence_parallel=seq_choice)
+    from jsft.sharding import mesh_sizes_of, sequence_size
 
     from jsft.train.feeders import mesh_feeders
 
@@ -242,6 +246,8 @@ def plan_run(cfg, model_cfg, mesh, remat: str, update: bool = True) -> tuple[Pla
         "remat": remat,
         "attention": model.attention_impl,
     }
+    if sequence_size(mesh) > 1:
+        about["sequence parallel"] = seq_choice
     if spec:
         about["lora"] = f"r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)} ({cfg.model.param_dtype})"
     return plan, about

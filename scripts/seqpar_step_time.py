@@ -1,11 +1,13 @@
-"""CPU step time of a tiny model on one long packed row with Ulysses sequence parallelism (S = 1, 2, 4).
+"""CPU step time of a tiny model on one long packed row with sequence parallelism (S = 1, 2, 4).
 
-    python scripts/seqpar_step_time.py --length 16384 --sizes 1 2 4 [--profile DIR]
+    python scripts/seqpar_step_time.py --length 16384 --sizes 1 2 4 [--mode ulysses|ring] [--profile DIR]
                                        [--layers 2 --hidden 128 --heads 8 --kv-heads 2]
 
 8 fake CPU devices; one row per sequence group (rows = 8 / S), as the trainer lays out
 micro_batch_size_per_gpu=1: S=1 runs 8 rows of T tokens (one per device), S=4 two rows split over 4
 devices each (T/4 tokens per device). Prints the median grad-step time and tokens/s per S and, with --profile, the seconds per device spent in all-to-all ops (from the profiler trace).
+--mode ring: ring attention on zigzag rows (trainer.sequence_parallel=ring); --profile then sums its
+ppermute ops (the KV hops; on CPU this includes waiting for the neighbour) instead.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from jsft.config import OptimConfig  # noqa: E402
 from jsft.models.config import ModelConfig  # noqa: E402
 from jsft.models.params import init_model, param_arrays  # noqa: E402
 from jsft.sharding import make_mesh  # noqa: E402
-from jsft.train.batch import causal_targets  # noqa: E402
+from jsft.train.batch import causal_targets, zigzag_rows  # noqa: E402
 from jsft.train.optim import make_optimizer  # noqa: E402
 from jsft.train.step import TrainStep  # noqa: E402
 
@@ -50,20 +52,22 @@ def long_rows(rows: int, length: int, seed: int = 0) -> dict:
     return {**rows_, **causal_targets(weight, ids, length)}
 
 
-def step_for(s: int, length: int, cfg: ModelConfig):
+def step_for(s: int, length: int, cfg: ModelConfig, mode: str = "ulysses"):
     mesh = make_mesh({"sequence": s})
-    model = init_model(cfg, seed=0, mesh=mesh, remat_policy="full", attention_impl="blockwise")
+    model = init_model(cfg, seed=0, mesh=mesh, remat_policy="full", attention_impl="blockwise",
+                       sequence_parallel=mode)
     step = TrainStep(model, make_optimizer(OptimConfig(), 10), mesh, chunk_size=512)
-    batch = step.device_batch(long_rows(8 // s, length))
+    rows = long_rows(8 // s, length)
+    batch = step.device_batch(zigzag_rows(rows, s) if mode == "ring" and s > 1 else rows)
     return step, param_arrays(model), batch
 
 
-def all_to_all_seconds(trace_dir: Path) -> float:
-    """Seconds per device in all-to-all ops: their trace events summed over the 8 devices' threads, / 8."""
+def all_to_all_seconds(trace_dir: Path, op: str = "all-to-all") -> float:
+    """Seconds per device in `op` ops: their trace events summed over the 8 devices' threads, / 8."""
     total = 0.0
     for path in trace_dir.rglob("*.trace.json.gz"):
         for ev in json.load(gzip.open(path))["traceEvents"]:
-            if ev.get("ph") == "X" and ev.get("name", "").startswith("all-to-all"):
+            if ev.get("ph") == "X" and ev.get("name", "").startswith(op):
                 total += ev.get("dur", 0.0)
     return total / 1e6 / 8
 
@@ -78,10 +82,11 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--mode", choices=["ulysses", "ring"], default="ulysses", help="trainer.sequence_parallel")
     args = ap.parse_args()
     cfg = model_config(args.layers, args.hidden, args.heads, args.kv_heads)
     for s in args.sizes:
-        step, params, batch = step_for(s, args.length, cfg)
+        step, params, batch = step_for(s, args.length, cfg, args.mode)
         t0 = time.perf_counter()
         jax.block_until_ready(step.gradients(params, [batch]))  # compile + first run
         compile_s = time.perf_counter() - t0
@@ -91,13 +96,14 @@ def main() -> None:
             jax.block_until_ready(step.gradients(params, [batch]))
             times.append(time.perf_counter() - t0)
         median = statistics.median(times)
-        line = (f"S={s}: rows {8 // s} x {args.length}, grad step {median:.2f} s, "
+        line = (f"{args.mode} S={s}: rows {8 // s} x {args.length}, grad step {median:.2f} s, "
                 f"{8 // s * args.length / median:.0f} tokens/s (first {compile_s:.1f} s)")
         if args.profile is not None and s > 1:
             out = args.profile / f"s{s}"
             with jax.profiler.trace(str(out)):
                 jax.block_until_ready(step.gradients(params, [batch]))
-            line += f", all-to-all {all_to_all_seconds(out):.3f} s per device (profiled step)"
+            op = "ppermute" if args.mode == "ring" else "all-to-all"  # the ops' names in the trace
+            line += f", {op} {all_to_all_seconds(out, op):.3f} s per device (profiled step)"
         print(line, flush=True)
 
 

@@ -37,6 +37,7 @@ def from_pretrained(
     mesh: Optional[Mesh] = None,
     remat_policy: str = "none",
     attention_impl: str = "auto",
+    sequence_parallel: str = "ulysses",
 ) -> Decoder:
     """Load an HF checkpoint directory (safetensors, single file or sharded) straight into sharded arrays.
 
@@ -46,7 +47,8 @@ def from_pretrained(
     files = hf_io.SafetensorsDir(path)
     hf_io.check_names(cfg, files.names(), path)
     abstract = abstract_model(
-        cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl
+        cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl,
+        sequence_parallel=sequence_parallel,
     )
     keys = {k.jsft: k for k in hf_io.key_table(cfg)}
     values = {}

@@ -176,19 +176,41 @@ def _blockwise(q, k, v, mask_ids, bq: int, bk: int):
 
 
 def _blockwise_fwd(q, k, v, mask_ids, bq, bk):
-    tiles = _Tiles(mask_ids, bq, bk, q.shape[2] // mask_ids[0].shape[1])
     live = _live_pairs(mask_ids, bq, bk)
-    out, lse = _blockwise_fwd_impl(q, _swap(k), v, tiles, live)
+    out, lse = block_fwd(q, k, v, mask_ids, bq, bk, live)
     return out.astype(q.dtype), (q, k, v, mask_ids, out, lse, live)
 
 
 def _blockwise_bwd(bq, bk, residuals, d_out):
-    """Recompute each live tile's probabilities from the saved logsumexp (FlashAttention-2 backward):
-    dS = P * (dO V^T - rowsum(dO * O)), dQ = dS K, dK^T = Q^T dS, dV^T = dO^T P."""
-    q, k, v, mask_ids, out, lse, (pairs, count) = residuals
-    tiles = _Tiles(mask_ids, bq, bk, q.shape[2] // mask_ids[0].shape[1])
+    q, k, v, mask_ids, out, lse, live = residuals
     d_out = d_out.astype(jnp.float32)
-    delta = jnp.sum(d_out * out, axis=-1)  # [B, K, T*G]
+    dq, dk, dv = block_bwd(q, k, v, mask_ids, lse, jnp.sum(d_out * out, axis=-1), d_out, bq, bk, live)
+    no_grad = jax.tree.map(lambda x: None, mask_ids)  # integer ids: no cotangent
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# Block-level pieces, in the inner layout (q [B,K,T*G,H] pre-scaled, k/v [B,K,S,H], mask_ids padded to whole
+# tiles): `_blockwise` above is one call of each; ring attention (ring.py) calls them once per visiting KV
+# block and merges the blocks' (out, lse) itself.
+
+
+def block_fwd(q, k, v, mask_ids, bq: int, bk: int, live=None):
+    """Attention of q against one KV block over its live tiles: (out fp32 [B,K,T*G,H], normalised within the
+    block, 0 where no key is visible; lse fp32 [B,K,T*G], the rows' log-sum-exp, _MASKED where none is)."""
+    tiles = _Tiles(mask_ids, bq, bk, q.shape[2] // mask_ids[0].shape[1])
+    live = _live_pairs(mask_ids, bq, bk) if live is None else live
+    return _blockwise_fwd_impl(q, _swap(k), v, tiles, live)
+
+
+def block_bwd(q, k, v, mask_ids, lse, delta, d_out, bq: int, bk: int, live=None):
+    """The FlashAttention-2 backward of one KV block, each live tile's probabilities recomputed from the
+    GIVEN lse (the row's over all its keys) and delta = rowsum(dO * O) (its final output):
+    dS = P * (dO V^T - delta), dQ = dS K, dK^T = Q^T dS, dV^T = dO^T P. d_out fp32; returns fp32 (dq, dk, dv)."""
+    tiles = _Tiles(mask_ids, bq, bk, q.shape[2] // mask_ids[0].shape[1])
+    pairs, count = _live_pairs(mask_ids, bq, bk) if live is None else live
     q_t, k_t, v_t, do_t = _swap(q), _swap(k), _swap(v), _swap(d_out)
 
     def body(p, carry):
@@ -206,16 +228,19 @@ def _blockwise_bwd(bq, bk, residuals, d_out):
 
     zeros = partial(jnp.zeros_like, dtype=jnp.float32)
     dq, dk_t, dv_t = jax.lax.fori_loop(0, count, body, (zeros(q), zeros(k_t), zeros(v_t)))
-    no_grad = jax.tree.map(lambda x: None, mask_ids)  # integer ids: no cotangent
-    return dq.astype(q.dtype), _swap(dk_t).astype(k.dtype), _swap(dv_t).astype(v.dtype), no_grad
-
-
-_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+    return dq, _swap(dk_t), _swap(dv_t)
 
 
 def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block=BLOCK):
     """Same contract as xla_attention, the mask given by ids; q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
     `block`: the tile edge, or (query tile, key tile)."""
+    qi, ki, vi, mask_ids, (bq, bk) = to_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block)
+    return from_blocks(_blockwise(qi, ki, vi, mask_ids, bq, bk), q.shape).astype(q.dtype)
+
+
+def to_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block=BLOCK):
+    """The inner layout of the block functions: (q [B,K,T'*G,H] scaled by H^-0.5, k/v [B,K,S',H], mask ids,
+    (bq, bk)), T and S padded up to whole tiles."""
     b, t, n, h = q.shape
     kh = k.shape[2]
     bq, bk = (block, block) if isinstance(block, int) else block
@@ -227,8 +252,14 @@ def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_
     qi = pad_q(q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, -1, kh, n // kh, h)  # [B, T', K, G, H]
     qi = qi.transpose(0, 2, 1, 3, 4).reshape(b, kh, -1, h)  # [B, K, T'*G, H]
     ki, vi = (pad_k(x).transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, S', H]
-    out = _blockwise(qi, ki, vi, mask_ids, bq, bk).reshape(b, kh, -1, n // kh, h)
-    return out.transpose(0, 2, 1, 3, 4).reshape(b, -1, n, h)[:, :t].astype(q.dtype)
+    return qi, ki, vi, mask_ids, (bq, bk)
+
+
+def from_blocks(out, q_shape):
+    """[B, K, T'*G, H] (the inner layout) -> [B, T, N, H] of q_shape."""
+    b, t, n, h = q_shape
+    kh = out.shape[1]
+    return out.reshape(b, kh, -1, n // kh, h).transpose(0, 2, 1, 3, 4).reshape(b, -1, n, h)[:, :t]
 
 
 def _per_device(fn, *args, check_vma: bool = True):
@@ -296,8 +327,15 @@ def _local_self_attention(impl: str, q, k, v, segment_ids, positions):
 _PACKED = ("pallas_gpu", "cudnn", "splash")
 
 
-def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, impl: str = "xla"):
+def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, impl: str = "xla",
+              sequence_parallel: str = "ulysses"):
+    """`sequence_parallel` (ulysses | ring): how self-attention runs when rows are split over the sequence
+    axis; ring attends per KV block with `blockwise` whatever `impl` (the kernels return no lse)."""
     self_attention = q_segment_ids is kv_segment_ids and q_positions is kv_positions
+    if self_attention and sequence_parallel == "ring" and ulysses.applies(q):
+        from jsft.models import ring  # ring imports this module's block functions
+
+        return ring.ring_attention(q, k, v, q_segment_ids, q_positions)
     if self_attention and ulysses.applies(q):  # tokens split over the sequence axis
         return ulysses.ulysses_attention(partial(_local_self_attention, impl), q, k, v, q_segment_ids, q_positions,
                                          check_vma=impl not in _PACKED)

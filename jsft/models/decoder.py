@@ -136,7 +136,7 @@ def proj(x, p: dict, name: str, lora_scale: float = 0.0, contract: int = 1):
 
 
 def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, attn_impl, cache=None, layer=None,
-          lora_scale: float = 0.0):
+          lora_scale: float = 0.0, sequence_parallel: str = "ulysses"):
     """One pre-norm decoder layer. p: this layer's parameters (already in the compute dtype), with
     "<proj>.lora_a"/"<proj>.lora_b" for projections that carry an adapter. x [B,T,D].
 
@@ -158,7 +158,7 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
             kv_seg, kv_pos = cache["segment_ids"], cache["positions"]
         a = attention(
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
-            q_positions=positions, kv_positions=kv_pos, impl=attn_impl,
+            q_positions=positions, kv_positions=kv_pos, impl=attn_impl, sequence_parallel=sequence_parallel,
         )
         x = x + proj(a, p, "o_proj", lora_scale, contract=2)
         if cfg.o_bias:
@@ -207,9 +207,11 @@ class Decoder(nnx.Module):
         remat_policy: str = "none",
         attention_impl: str = "auto",
         lora=None,
+        sequence_parallel: str = "ulysses",
     ):
         """`lora`: a jsft.models.lora.LoraSpec (rank, scale, targets, dtype) to add adapters (nnx.LoRAParam,
-        flat names 'lora_a/q_proj', 'lora_b/q_proj'), or None."""
+        flat names 'lora_a/q_proj', 'lora_b/q_proj'), or None. `sequence_parallel`: ulysses | ring, the
+        attention over rows split across the sequence axis (jsft/models/sequence_parallel.py)."""
         if remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat policy '{remat_policy}' is not supported; allowed: {', '.join(REMAT_POLICIES)}")
         self.config = cfg
@@ -217,6 +219,9 @@ class Decoder(nnx.Module):
         self.param_dtype = jnp.dtype(param_dtype)
         self.remat_policy = remat_policy
         self.attention_impl = resolve_impl(attention_impl, self.dtype)
+        if sequence_parallel not in ("ulysses", "ring"):
+            raise ValueError(f"sequence_parallel={sequence_parallel!r} is not supported; allowed: ulysses, ring")
+        self.sequence_parallel = sequence_parallel
         self.lora = lora
         pd, L = self.param_dtype, cfg.num_layers
         self.embed = _param(_normal, rngs.params(), (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), pd)
@@ -274,6 +279,7 @@ class Decoder(nnx.Module):
             carry = block(
                 p, x, cfg=cfg, inv_freq=inv_freq, positions=positions, segment_ids=segment_ids,
                 attn_impl=self.attention_impl, cache=cache, layer=layer, lora_scale=lora_scale,
+                sequence_parallel=self.sequence_parallel,
             )
             return carry, None
 

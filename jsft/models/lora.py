@@ -228,7 +228,7 @@ def _spec_of(model: Decoder) -> LoraSpec:
 
 def _decoder_kwargs(model: Decoder, **changes) -> dict:
     kw = dict(dtype=model.dtype, param_dtype=model.param_dtype, remat_policy=model.remat_policy,
-              attention_impl=model.attention_impl, lora=model.lora)
+              attention_impl=model.attention_impl, lora=model.lora, sequence_parallel=model.sequence_parallel)
     return {**kw, **changes}
 
 

@@ -41,7 +41,8 @@ def check_heads(num_heads: int, num_kv_heads: int, s: int) -> None:
         raise ValueError(
             f"trainer.mesh.sequence={s} cannot split {num_heads} query heads / {num_kv_heads} kv heads "
             f"(Ulysses needs query heads divisible by S, and kv heads repeated up to a multiple of S to "
-            f"divide the query heads): use trainer.mesh.sequence in {ok}"
+            f"divide the query heads): use trainer.mesh.sequence in {ok}, or trainer.sequence_parallel=ring "
+            f"(ring attention splits tokens, not heads)"
         )
 
 

@@ -33,6 +33,7 @@ import numpy as np
 
 from jsft import distributed
 from jsft.data.pipeline import StepBatch
+from jsft.models.ring import zigzag_order
 
 ROW_FIELDS = ("input_ids", "segment_ids", "positions")
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
@@ -69,11 +70,11 @@ def gather_step(batch: StepBatch, empty: dict, leaders: Optional[Sequence[int]] 
 
 
 def prepare_step(batch: StepBatch, empty: dict, *, mode: str, max_length: int, buckets: int, multiple: int = 1,
-                 leaders: Optional[Sequence[int]] = None) -> GlobalStep:
+                 leaders: Optional[Sequence[int]] = None, zigzag: bool = False) -> GlobalStep:
     """gather_step + attach_weights + fit_shapes: one training step's micro-batches, ready for the step."""
     g = gather_step(batch, empty, leaders)
     attach_weights(g.micro_batches, mode, samples=g.samples, targets=g.target_tokens, max_length=max_length)
-    g.micro_batches = fit_shapes(g.micro_batches, buckets, multiple)
+    g.micro_batches = fit_shapes(g.micro_batches, buckets, multiple, zigzag)
     return g
 
 
@@ -86,11 +87,13 @@ def attach_weights(micro_batches: list[dict], mode: str, *, samples: int, target
         )
 
 
-def fit_shapes(micro_batches: list[dict], buckets: int, multiple: int = 1) -> list[dict]:
+def fit_shapes(micro_batches: list[dict], buckets: int, multiple: int = 1, zigzag: bool = False) -> list[dict]:
     """Micro-batches with `loss_weight` -> the step's fields (ROW_FIELDS + the target slots), each cut to
     its bucketed shape. Every host calls this with its own rows; shapes follow the largest need over all
     hosts, so the global micro-batch i has one shape everywhere. `multiple`: lengths and target capacities
-    are multiples of it (the sequence-parallel size S, which splits both; the row length must be one)."""
+    are multiples of it (the sequence-parallel size S, which splits both; the row length must be one).
+    `zigzag` (ring attention, S > 1): lengths are multiples of 2S and every row is laid out in zigzag order
+    (`zigzag_rows`), after the causal shift."""
     if buckets < 1:
         raise ValueError(f"trainer.shape_buckets={buckets} must be >= 1")
     if not micro_batches:
@@ -98,14 +101,28 @@ def fit_shapes(micro_batches: list[dict], buckets: int, multiple: int = 1) -> li
     needs = np.array([[_used_length(mb["segment_ids"]), _most_targets(mb["loss_weight"])] for mb in micro_batches])
     needs = distributed.all_hosts(needs.ravel()).reshape(-1, len(micro_batches), 2).max(axis=0)
     row_length = micro_batches[0]["input_ids"].shape[1]
-    if row_length % multiple:
-        raise ValueError(f"rows of {row_length} tokens cannot be split over trainer.mesh.sequence={multiple}: "
-                         f"make data.max_length (or data.max_token_len_per_gpu) a multiple of {multiple}")
+    zigzag = zigzag and multiple > 1
+    length_multiple = 2 * multiple if zigzag else multiple
+    if row_length % length_multiple:
+        raise ValueError(f"rows of {row_length} tokens cannot be split over trainer.mesh.sequence={multiple}"
+                         f"{' in 2S zigzag chunks (ring attention)' if zigzag else ''}: make data.max_length "
+                         f"(or data.max_token_len_per_gpu) a multiple of {length_multiple}")
     out = []
     for mb, (used, targets) in zip(micro_batches, needs):
-        length = bucketed(int(used), row_length, buckets, multiple)
-        out.append(shaped(mb, length, bucketed(int(targets), length, buckets, multiple)))
+        length = bucketed(int(used), row_length, buckets, length_multiple)
+        mb = shaped(mb, length, bucketed(int(targets), length, buckets, multiple))
+        out.append(zigzag_rows(mb, multiple) if zigzag else mb)
     return out
+
+
+def zigzag_rows(mb: dict, s: int) -> dict:
+    """A shaped micro-batch in ring attention's load-balanced token order (jsft/models/ring.py::zigzag_order):
+    the per-token fields permuted, each target slot's predicting position moved to its token's new index.
+    Slots keep their order, labels and weights, so the loss (a sum over slots) is the same number."""
+    order = zigzag_order(mb["input_ids"].shape[1], s)
+    new_index = np.argsort(order).astype(np.int32)  # old token index -> its index in the zigzag row
+    rows = {k: np.ascontiguousarray(mb[k][:, order]) for k in ROW_FIELDS}
+    return {**mb, **rows, "target_pos": new_index[mb["target_pos"]]}
 
 
 def shaped(mb: dict, length: int, capacity: int) -> dict:

@@ -26,7 +26,7 @@ from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
 from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer, stop_token_ids, stop_tokens
 from jsft.eval.generation import GenerationValidation
-from jsft.models import lora
+from jsft.models import lora, sequence_parallel
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import sequence_size
@@ -140,9 +140,10 @@ class Trainer:
         model_cfg = (ModelConfig.from_pretrained(cfg.model.path) if cfg.model.path
                      else random_init_config(cfg.model.init, self.tokenizer))
         remat_policy, self.remat_choice = remat.resolve(cfg, model_cfg, self.mesh, log)  # auto: by compiled memory
+        self.sequence_parallel, _ = sequence_parallel.for_run(cfg, model_cfg)  # ulysses | ring (printed with the mesh)
         kwargs = dict(
             dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model), mesh=self.mesh,
-            remat_policy=remat_policy, attention_impl=cfg.model.attention_impl,
+            remat_policy=remat_policy, attention_impl=cfg.model.attention_impl, sequence_parallel=self.sequence_parallel,
         )
         if cfg.model.path:
             self.model = jm.from_pretrained(cfg.model.path, **kwargs)
@@ -224,7 +225,8 @@ class Trainer:
         t0 = time.perf_counter()
         g = prepare_step(batch, self.train_data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode,
                          max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets,
-                         multiple=sequence_size(self.mesh), leaders=self.feeders.leaders)
+                         multiple=sequence_size(self.mesh), leaders=self.feeders.leaders,
+                         zigzag=self.sequence_parallel == "ring")
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
         self.params, self.opt_state, loss, stats = self.step_fn.train_step_stats(self.params, self.opt_state, device_batches)
         mean_len = g.tokens / max(g.samples, 1)
@@ -252,7 +254,8 @@ class Trainer:
         for c in chunks:
             attach_weights(c.micro_batches, cfg.trainer.loss_agg_mode, samples=samples, targets=targets,
                            max_length=cfg.data.max_length)
-            micro = fit_shapes(c.micro_batches, cfg.trainer.shape_buckets, sequence_size(self.mesh))
+            micro = fit_shapes(c.micro_batches, cfg.trainer.shape_buckets, sequence_size(self.mesh),
+                               zigzag=self.sequence_parallel == "ring")
             total += float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in micro]))
         metrics = {"val/loss": total, "val/target_tokens": targets}
         if self.generation_validation is not None:

@@ -4,7 +4,7 @@
                                      the rest on data (HSDP), printed with the reason
     trainer.mesh: {data: 3, fsdp: 8} -> used as given; a large tensor it cannot shard stops the run here
     trainer.mesh.sequence=4          -> (or ulysses_sequence_parallel_size=4) each row's tokens over 4 devices,
-                                     data/fsdp as above over the rest; heads that 4 cannot split stop the run;
+                                     data/fsdp as above over the rest; Ulysses, or ring where 4 cannot split the heads;
                                      a group may span processes (jsft/train/feeders.py says who feeds which rows)
 """
 
@@ -18,7 +18,7 @@ from jax.sharding import Mesh
 from jsft.config import sequence_parallel_size
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_layout
-from jsft.models.ulysses import check_heads
+from jsft.models import sequence_parallel
 from jsft.sharding import AUTO, make_mesh
 from jsft.train.feeders import mesh_feeders
 
@@ -45,7 +45,9 @@ def run_mesh(cfg, log: Optional[Callable[[str], None]] = None, model_cfg: Option
     """trainer.mesh over all devices, chosen (auto) or checked for the run's parameter shapes and heads."""
     model_cfg = model_cfg or run_model_config(cfg)
     s = sequence_parallel_size(cfg)
-    check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, s)
+    # ulysses or ring (heads Ulysses cannot split stop the run only with trainer.sequence_parallel=ulysses)
+    _, seq_line = sequence_parallel.for_run(cfg, model_cfg)
+    log = log if log is None or s == 1 else (lambda line, log=log: log(f"{line}; {seq_line}"))
     axes = cfg.trainer.mesh
     if s > 1:  # the alias key, or trainer.mesh.sequence on top of auto / an explicit {data, fsdp}
         axes = {**(axes if axes != AUTO else {}), "sequence": s}
@@ -54,16 +56,16 @@ def run_mesh(cfg, log: Optional[Callable[[str], None]] = None, model_cfg: Option
         mesh_feeders(mesh)
     except ValueError as e:
         raise ValueError(f"trainer.mesh.sequence={s}: {e}; use trainer.mesh.sequence in "
-                         f"{_feedable_sizes(model_cfg)} (data/fsdp auto), which these processes can feed") from None
+                         f"{_feedable_sizes(cfg.trainer.sequence_parallel, model_cfg)} (data/fsdp auto), which these processes can feed") from None
     return mesh
 
 
-def _feedable_sizes(model_cfg: ModelConfig) -> list[int]:
-    """The sequence sizes (data/fsdp auto) whose heads split and whose rows the processes can feed."""
+def _feedable_sizes(mode: str, model_cfg: ModelConfig) -> list[int]:
+    """The sequence sizes (data/fsdp auto) that `mode` supports for these heads and whose rows the processes can feed."""
     out = []
     for s in (s for s in range(1, jax.device_count() + 1) if jax.device_count() % s == 0):
         try:
-            check_heads(model_cfg.num_heads, model_cfg.num_kv_heads, s)
+            sequence_parallel.choose(mode, model_cfg.num_heads, model_cfg.num_kv_heads, s)
             mesh_feeders(make_mesh({"sequence": s}, jax.devices(), params=param_layout(model_cfg)))
         except ValueError:
             continue

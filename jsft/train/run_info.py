@@ -48,6 +48,7 @@ def run_info(trainer, peak_flops: float) -> dict:
         "total_steps": trainer.total_steps,
         "loss_agg_mode": cfg.trainer.loss_agg_mode,
         "attention_impl": trainer.model.attention_impl,  # what model.attention_impl resolved to here
+        "sequence_parallel": trainer.model.sequence_parallel,  # ulysses | ring (trainer.sequence_parallel resolved)
         "remat_policy": trainer.model.remat_policy,  # what the decoder runs with
         "remat_auto": trainer.remat_choice.to_json() if trainer.remat_choice else None,  # remat_policy=auto's figures
     }

@@ -1,0 +1,127 @@
+"""Ring attention (context parallelism): attention over rows whose tokens are split over the `sequence` axis,
+without splitting heads (so any head count works, and S may exceed the heads).
+
+Each of the S devices of a sequence group keeps its T/S queries; the KV blocks (keys, values and their
+segment ids and positions) travel around the ring with `ppermute`, one hop per step. At step t device d
+holds the block of device d - t, attends its queries to it (attention.py's block_fwd: only the block's
+live tiles, so a block the mask hides entirely costs no matmul) and merges the result into its running
+output with an online log-sum-exp:
+
+    lse = logaddexp(lse, lse_t);  out = out * exp(lse_old - lse) + out_t * exp(lse_t - lse)
+
+S compute steps, S - 1 sends of the KV; XLA may overlap each send with the step's compute. The backward
+(custom_vjp) runs the same ring with FlashAttention-2's per-block backward against the GLOBAL out and lse:
+dq accumulates locally, dk/dv in buffers that travel with their KV block and make one last hop home.
+
+Masking is only by segment ids and positions (attention.py), so the exactness does not depend on which
+tokens a device holds. Load balance does: with a contiguous split, device S-1's queries see every block
+and device 0's only its own. The zigzag layout (MaxText, torchtitan) cuts each row into 2S chunks and gives
+device d chunks d and 2S-1-d; `zigzag_order` is that permutation, which the host applies to every
+per-token field of a micro-batch (jsft/train/batch.py), so the loss (a sum over target slots) is unchanged.
+
+Dimension letters as attention.py: B batch, T tokens per device, N query heads, K kv heads, G = N/K, H head dim.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from jsft.models import attention as A
+from jsft.sharding import ACTIVATION_RULES
+
+AXIS = ACTIVATION_RULES["length"][0]  # the mesh axis a row's tokens are split over
+
+
+def zigzag_order(length: int, s: int) -> np.ndarray:
+    """The zigzag permutation of a row of `length` tokens (a multiple of 2S): new index i holds old token
+    order[i], so device d (the d-th run of length/S) holds chunks d and 2S-1-d of length / (2S) tokens."""
+    if length % (2 * s):
+        raise ValueError(f"a row of {length} tokens does not cut into 2 x {s} equal chunks (zigzag, ring attention)")
+    chunks = np.arange(length).reshape(2 * s, -1)
+    return np.concatenate([np.concatenate([chunks[d], chunks[2 * s - 1 - d]]) for d in range(s)])
+
+
+def _send(x, s: int):
+    """Every array of x one hop along the ring: device d -> d + 1."""
+    return jax.lax.ppermute(x, AXIS, [(d, (d + 1) % s) for d in range(s)])
+
+
+def _merge(acc, block):
+    """Two (out, lse) of the same queries over disjoint keys -> over both (an online softmax step)."""
+    (out, lse), (o_t, lse_t) = acc, block
+    new = jnp.logaddexp(lse, lse_t)
+    return out * jnp.exp(lse - new)[..., None] + o_t * jnp.exp(lse_t - new)[..., None], new
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _ring(q, k, v, q_ids, kv_ids, s: int, bq: int, bk: int):
+    return _ring_fwd(q, k, v, q_ids, kv_ids, s, bq, bk)[0]
+
+
+def _mask_ids(q_ids, kv_ids):
+    return (q_ids[0], kv_ids[0], q_ids[1], kv_ids[1])
+
+
+def _ring_fwd(q, k, v, q_ids, kv_ids, s, bq, bk):
+    """q [B,K,T*G,H] (pre-scaled), k/v [B,K,T,H], ids (segment ids, positions) [B, T] of this device."""
+
+    def attend(acc, block):
+        k_t, v_t, ids_t = block
+        return _merge(acc, A.block_fwd(q, k_t, v_t, _mask_ids(q_ids, ids_t), bq, bk))
+
+    def step(_, carry):
+        acc, block = carry
+        return attend(acc, block), _send(block, s)
+
+    init = (jnp.zeros_like(q, jnp.float32), jnp.full_like(q[..., 0], A._MASKED, jnp.float32))
+    acc, block = jax.lax.fori_loop(0, s - 1, step, (init, (k, v, kv_ids)))
+    out, lse = attend(acc, block)  # the last block: nothing left to send
+    return out.astype(q.dtype), (q, k, v, q_ids, kv_ids, out, lse)
+
+
+def _ring_bwd(s, bq, bk, residuals, d_out):
+    q, k, v, q_ids, kv_ids, out, lse = residuals
+    d_out = d_out.astype(jnp.float32)
+    delta = jnp.sum(d_out * out, axis=-1)  # rowsum(dO * O) of the final output
+
+    def attend(dq, block):
+        k_t, v_t, ids_t, dk_t, dv_t = block
+        dq_t, dk_b, dv_b = A.block_bwd(q, k_t, v_t, _mask_ids(q_ids, ids_t), lse, delta, d_out, bq, bk)
+        return dq + dq_t, (k_t, v_t, ids_t, dk_t + dk_b, dv_t + dv_b)
+
+    def step(_, carry):
+        dq, block = attend(*carry)
+        return dq, _send(block, s)
+
+    zeros = partial(jnp.zeros_like, dtype=jnp.float32)
+    carry = (zeros(q), (k, v, kv_ids, zeros(k), zeros(v)))
+    dq, block = attend(*jax.lax.fori_loop(0, s - 1, step, carry))
+    dk, dv = _send(block[3:], s)  # the buffers hold block d+1's gradients: one hop home
+    no_grad = jax.tree.map(lambda x: None, (q_ids, kv_ids))
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), *no_grad)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+def ring_attention(q, k, v, segment_ids, positions, block=A.BLOCK):
+    """Self-attention of q [B,T,N,H], k/v [B,T,K,H] split over (batch, sequence), with the row's segment ids
+    and positions [B, T] split alike (in any token order: see zigzag_order). Returns [B,T,N,H], split like q."""
+    s = jax.sharding.get_abstract_mesh().shape[AXIS]
+    rows = ACTIVATION_RULES["batch"]
+    tokens, ids = P(rows, AXIS, None, None), P(rows, AXIS)
+
+    def per_device(q, k, v, segment_ids, positions):
+        qi, ki, vi, (q_seg, kv_seg, q_pos, kv_pos), (bq, bk) = A.to_blocks(
+            q, k, v, segment_ids, segment_ids, positions, positions, block)
+        with jax.named_scope("ring_attention"):
+            out = _ring(qi, ki, vi, (q_seg, q_pos), (kv_seg, kv_pos), s, bq, bk)
+        return A.from_blocks(out, q.shape).astype(q.dtype)
+
+    return jax.shard_map(per_device, in_specs=(tokens, tokens, tokens, ids, ids), out_specs=tokens)(
+        q, k, v, segment_ids, positions)
