@@ -11,7 +11,6 @@ largest tensor, far below the checkpoint size.
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile

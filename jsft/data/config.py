@@ -1,6 +1,6 @@
 """The `data.*` section of the run config: files, chat rendering, masking, truncation and batching."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, List, Optional
 
 

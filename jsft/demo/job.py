@@ -42,7 +42,7 @@ def prepare(cfg: RunConfig, run_dir: Path) -> RunConfig:
     """cfg with data.train_files / val_files / tokenizer pointing at freshly generated demo assets."""
     demo = run_dir / "demo"
     if jax.process_index() == 0:
-        paths = write_dataset(demo, cfg.demo.num_train, cfg.demo.num_val, seed=cfg.demo.seed)
+        write_dataset(demo, cfg.demo.num_train, cfg.demo.num_val, seed=cfg.demo.seed)
         build_tokenizer(demo / "tokenizer", seed=cfg.demo.seed)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils

@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jsft.models import hf_io
-from jsft.models.config import ModelConfig, load_hf_config
+from jsft.models.config import ModelConfig
 from jsft.models.decoder import Decoder, init_cache
 from jsft.models.params import abstract_model, flat_params, init_model, model_bytes, replace_params, sharding_for
 

@@ -12,11 +12,10 @@ scanned block can be rematerialised with a selectable policy.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from jsft.models.attention import attention, resolve_impl

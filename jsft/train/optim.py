@@ -20,10 +20,9 @@ was applied.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 
 from jsft.config import OptimConfig

@@ -3,7 +3,6 @@
 
 import re
 
-import jax
 import numpy as np
 import pytest
 

@@ -2,7 +2,6 @@
 a half-written checkpoint is never picked."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
