@@ -182,7 +182,8 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
         update_temp=int(update_temp),
         opt_offloaded=offload_opt_state,
         step_memory={"argument_bytes": int(grad_step.argument_size_in_bytes),
-                     "output_bytes": int(grad_step.output_size_in_bytes), "temp_bytes": int(grad_step.temp_size_in_bytes)},
+                     "output_bytes": int(grad_step.output_size_in_bytes),
+                     "temp_bytes": int(grad_step.temp_size_in_bytes)},
     )
 
 
