@@ -24,7 +24,7 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 _LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -129,6 +129,7 @@ class Plan:
     opt_offloaded: bool = False  # optim.offload_state: the state is on the device during the update only
     frozen_params: int = 0  # of `params`, the frozen part (LoRA: the base); gradients and optimizer skip it
     trainable_count: int = 0  # trainable parameters (elements, all devices)
+    step_memory: dict = field(default_factory=dict)  # the micro-step's compiled figures, as TrainStep.memory_analysis
 
     @property
     def peak(self) -> int:
@@ -180,6 +181,9 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
         step_temp=int(grad_step.temp_size_in_bytes),
         update_temp=int(update_temp),
         opt_offloaded=offload_opt_state,
+        step_memory={"argument_bytes": int(grad_step.argument_size_in_bytes),
+                     "output_bytes": int(grad_step.output_size_in_bytes),
+                     "temp_bytes": int(grad_step.temp_size_in_bytes)},
     )
 
 

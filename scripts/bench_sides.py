@@ -63,7 +63,8 @@ class JsftSide:
 
         c = self.cfg
         return prepare_step(batch, self.data.empty_micro_batch(), mode=c.trainer.loss_agg_mode,
-                            max_length=c.data.max_length, buckets=c.trainer.shape_buckets)
+                            max_length=c.data.max_length, buckets=c.trainer.shape_buckets,
+                            rows_per_device=self.data.layout.rows_per_device)
 
     def _compile_shapes(self, batches) -> tuple[float, int]:
         """Compile (and run once) every micro-batch shape the run's steps will use, so that the measured

@@ -61,11 +61,16 @@ class BatchLayout:
     row_length: int  # tokens per row
     rows_per_micro_batch: int  # rows of one micro-batch on this host (all local devices)
     one_sample_per_row: bool  # pad_mode=right
+    devices: int = 1  # local devices the rows of a micro-batch are split over
+
+    @property
+    def rows_per_device(self) -> int:
+        return self.rows_per_micro_batch // self.devices
 
     @classmethod
     def from_config(cls, cfg: DataConfig, local_devices: int) -> "BatchLayout":
         if not cfg.use_dynamic_bsz:
-            return cls(cfg.max_length, local_devices * cfg.micro_batch_size_per_gpu, cfg.pad_mode == "right")
+            return cls(cfg.max_length, local_devices * cfg.micro_batch_size_per_gpu, cfg.pad_mode == "right", local_devices)
         if cfg.pad_mode != "no_padding":
             raise ValueError("data.use_dynamic_bsz=true packs samples into token-budget rows; it needs data.pad_mode=no_padding")
         if cfg.max_token_len_per_gpu < cfg.max_length:
@@ -73,7 +78,7 @@ class BatchLayout:
                 f"data.max_token_len_per_gpu={cfg.max_token_len_per_gpu} must be >= data.max_length={cfg.max_length}, "
                 "so that the longest sample fits one device's row"
             )
-        return cls(cfg.max_token_len_per_gpu, local_devices, False)
+        return cls(cfg.max_token_len_per_gpu, local_devices, False, local_devices)
 
     def empty_micro_batch(self) -> dict[str, np.ndarray]:
         return {k: np.zeros((self.rows_per_micro_batch, self.row_length), np.int32) for k in FIELDS}

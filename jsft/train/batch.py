@@ -5,7 +5,9 @@
     attach_weights  per-token loss weights from those global counts (`loss_weights`)
     fit_shapes      each micro-batch cut to the shortest bucketed row length that holds every host's rows,
                     and its targets listed per row in a bucketed capacity (`causal_targets`), so the
-                    step computes neither trailing padding nor logits at non-target positions
+                    step computes neither trailing padding nor logits at non-target positions; a
+                    micro-batch of several rows per device whose rows differ much in length (a step's
+                    short leftover row next to a full one) runs as one micro-step per row instead
 
 Alignment: `loss_mask[t] = 1` means token t is a target, and `loss_weights` keeps only targets that
 continue their sample (a sample's first token has nothing to be predicted from). The shift to "hidden
@@ -70,11 +72,11 @@ def gather_step(batch: StepBatch, empty: dict, leaders: Optional[Sequence[int]] 
 
 
 def prepare_step(batch: StepBatch, empty: dict, *, mode: str, max_length: int, buckets: int, multiple: int = 1,
-                 leaders: Optional[Sequence[int]] = None, zigzag: bool = False) -> GlobalStep:
+                 leaders: Optional[Sequence[int]] = None, zigzag: bool = False, rows_per_device: int = 1) -> GlobalStep:
     """gather_step + attach_weights + fit_shapes: one training step's micro-batches, ready for the step."""
     g = gather_step(batch, empty, leaders)
     attach_weights(g.micro_batches, mode, samples=g.samples, targets=g.target_tokens, max_length=max_length)
-    g.micro_batches = fit_shapes(g.micro_batches, buckets, multiple, zigzag)
+    g.micro_batches = fit_shapes(g.micro_batches, buckets, multiple, zigzag, rows_per_device)
     return g
 
 
@@ -87,19 +89,26 @@ def attach_weights(micro_batches: list[dict], mode: str, *, samples: int, target
         )
 
 
-def fit_shapes(micro_batches: list[dict], buckets: int, multiple: int = 1, zigzag: bool = False) -> list[dict]:
+# Split a micro-batch into one micro-step per row (of each device) only when that computes at most this
+# share of its columns: a micro-step costs ~6% beyond its columns (BENCHMARKS.md, "Padding and shapes").
+SPLIT_BELOW = 0.85
+
+
+def fit_shapes(micro_batches: list[dict], buckets: int, multiple: int = 1, zigzag: bool = False,
+               rows_per_device: int = 1) -> list[dict]:
     """Micro-batches with `loss_weight` -> the step's fields (ROW_FIELDS + the target slots), each cut to
     its bucketed shape. Every host calls this with its own rows; shapes follow the largest need over all
     hosts, so the global micro-batch i has one shape everywhere. `multiple`: lengths and target capacities
     are multiples of it (the sequence-parallel size S, which splits both; the row length must be one).
     `zigzag` (ring attention, S > 1): lengths are multiples of 2S and every row is laid out in zigzag order
-    (`zigzag_rows`), after the causal shift."""
+    (`zigzag_rows`), after the causal shift.
+    `rows_per_device` > 1 (the rows of a device are consecutive): part m of a micro-batch is row m of
+    every device; the parts become micro-batches of their own when their lengths sum to at most
+    SPLIT_BELOW of the whole (decided on every host's needs, so all hosts split alike)."""
     if buckets < 1:
         raise ValueError(f"trainer.shape_buckets={buckets} must be >= 1")
     if not micro_batches:
         return []
-    needs = np.array([[_used_length(mb["segment_ids"]), _most_targets(mb["loss_weight"])] for mb in micro_batches])
-    needs = distributed.all_hosts(needs.ravel()).reshape(-1, len(micro_batches), 2).max(axis=0)
     row_length = micro_batches[0]["input_ids"].shape[1]
     zigzag = zigzag and multiple > 1
     length_multiple = 2 * multiple if zigzag else multiple
@@ -107,11 +116,26 @@ def fit_shapes(micro_batches: list[dict], buckets: int, multiple: int = 1, zigza
         raise ValueError(f"rows of {row_length} tokens cannot be split over trainer.mesh.sequence={multiple}"
                          f"{' in 2S zigzag chunks (ring attention)' if zigzag else ''}: make data.max_length "
                          f"(or data.max_token_len_per_gpu) a multiple of {length_multiple}")
-    out = []
-    for mb, (used, targets) in zip(micro_batches, needs):
-        length = bucketed(int(used), row_length, buckets, length_multiple)
+    rows = micro_batches[0]["input_ids"].shape[0]
+    parts = rows_per_device if rows_per_device > 1 and rows % rows_per_device == 0 else 1
+    needs = np.array([[[_used_length(mb["segment_ids"][m::parts]), _most_targets(mb["loss_weight"][m::parts])]
+                       for m in range(parts)] for mb in micro_batches])  # [micro-batches, parts, 2]
+    needs = distributed.all_hosts(needs.ravel()).reshape(-1, *needs.shape).max(axis=0)
+    bucket = lambda used: bucketed(int(used), row_length, buckets, length_multiple)  # noqa: E731
+
+    def fit(mb: dict, used, targets) -> dict:
+        length = bucket(used)
         mb = shaped(mb, length, bucketed(int(targets), length, buckets, multiple))
-        out.append(zigzag_rows(mb, multiple) if zigzag else mb)
+        return zigzag_rows(mb, multiple) if zigzag else mb
+
+    out = []
+    for mb, part_needs in zip(micro_batches, needs):
+        whole = bucket(part_needs[:, 0].max())
+        apart = sum(bucket(u) for u in part_needs[:, 0])
+        if parts > 1 and apart <= SPLIT_BELOW * parts * whole:
+            out += [fit({k: x[m::parts] for k, x in mb.items()}, *part_needs[m]) for m in range(parts)]
+        else:
+            out.append(fit(mb, *part_needs.max(axis=0)))
     return out
 
 

@@ -226,7 +226,7 @@ class Trainer:
         g = prepare_step(batch, self.train_data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode,
                          max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets,
                          multiple=sequence_size(self.mesh), leaders=self.feeders.leaders,
-                         zigzag=self.sequence_parallel == "ring")
+                         zigzag=self.sequence_parallel == "ring", rows_per_device=self.train_data.layout.rows_per_device)
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
         self.params, self.opt_state, loss, stats = self.step_fn.train_step_stats(self.params, self.opt_state, device_batches)
         mean_len = g.tokens / max(g.samples, 1)

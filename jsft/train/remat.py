@@ -81,6 +81,7 @@ class RematChoice:
     peaks: dict = field(default_factory=dict)  # policy -> compiled per-device peak bytes (the ones tried)
     compile_s: float = 0.0  # start-up cost of choosing
     fits: bool = True  # False: not even `full` fits; the run goes on with full and may run out of memory
+    step_memory: dict = field(default_factory=dict)  # the chosen policy's compiled micro-step (run_info reuses it)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -116,15 +117,18 @@ def choose_for_run(cfg, model_cfg, mesh, budget: Optional[int] = None) -> RematC
         budget, source = int(HEADROOM * memory), f"{HEADROOM:.0%} of {source}"
     else:
         source = "the given budget"
-    update_temp = {}
+    update_temp, step_memory = {}, {}
 
     def peak_of(policy: str) -> int:
         plan, _ = plan_run(cfg, model_cfg, mesh, policy, update=not update_temp)
         update_temp.setdefault("bytes", plan.update_temp)  # compiled with the first candidate only
         plan.update_temp = update_temp["bytes"]
+        step_memory[policy] = plan.step_memory
         return plan.peak
 
-    return choose(peak_of, int(budget), source)
+    choice = choose(peak_of, int(budget), source)
+    choice.step_memory = step_memory[choice.policy]  # the very program the run compiles: no second compile
+    return choice
 
 
 def resolve(cfg, model_cfg, mesh, log: Callable[[str], None]) -> tuple[str, Optional[RematChoice]]:

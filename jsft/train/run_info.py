@@ -17,6 +17,13 @@ def tree_bytes(tree) -> tuple[int, int]:
     return total, max(per_device.values(), default=0)
 
 
+def step_memory(trainer, example) -> dict:
+    """The largest micro-step's compiled memory figures; remat auto compiled that program already."""
+    if trainer.remat_choice is not None and trainer.remat_choice.step_memory:
+        return trainer.remat_choice.step_memory
+    return trainer.step_fn.memory_analysis(trainer.params, trainer.opt_state, example)
+
+
 def run_info(trainer, peak_flops: float) -> dict:
     cfg, model_cfg = trainer.cfg, trainer.model.config
     param_total, param_device = tree_bytes(trainer.params)
@@ -44,7 +51,7 @@ def run_info(trainer, peak_flops: float) -> dict:
         "param_dtype": str(jnp.dtype(cfg.model.param_dtype)),
         "micro_batch_shape": list(example["input_ids"].shape),  # the largest; shape_buckets may cut it
         "shape_buckets": cfg.trainer.shape_buckets,
-        "step_memory_per_device": trainer.step_fn.memory_analysis(trainer.params, trainer.opt_state, example),
+        "step_memory_per_device": step_memory(trainer, example),
         "total_steps": trainer.total_steps,
         "loss_agg_mode": cfg.trainer.loss_agg_mode,
         "attention_impl": trainer.model.attention_impl,  # what model.attention_impl resolved to here

@@ -83,14 +83,62 @@ def test_blockwise_in_bfloat16_stays_close_to_the_fp32_reference():
     np.testing.assert_allclose(np.asarray(out, np.float32), reference(q, k, v, seg, seg, pos, pos), atol=3e-2)
 
 
-def test_only_tiles_with_a_visible_key_are_visited():
-    seg, pos = packed_ids([[30, 17, 21], [50]], 75)
-    ids = tuple(A._pad_to(x, 1, 8) for x in (seg, seg, pos, pos))
-    pairs, count = A._live_pairs(ids, 8, 8)
-    mask = np.asarray(A.attention_mask(*ids))  # [B, 80, 80]
-    expected = mask.reshape(2, 10, 8, 10, 8).any(axis=(0, 2, 4))
-    assert int(count) == expected.sum() < expected.size // 2  # causal + segments: well under half the tiles
-    assert sorted(map(tuple, np.asarray(pairs)[: int(count)].tolist())) == sorted(zip(*np.nonzero(expected)))
+@pytest.mark.parametrize("split", [1, 2])
+def test_only_tiles_with_a_visible_key_are_visited(split):
+    # rows with sample boundaries inside tiles, padding, and whole tiles inside one sample (row 1: 50 tokens)
+    seg, pos = packed_ids([[30, 17, 21], [50]], 80)
+    ids = (seg, seg, pos, pos)
+    full, n_full, part, n_part = A._live_pairs(ids, 8, 8, split)
+    visible = np.asarray(A.attention_mask(*ids))  # [B, 80, 80]
+    tiles = visible.reshape(2, 10, 8, 10, 8)
+    expected_full = tiles.all(axis=(0, 2, 4))  # every element visible in every row: no mask needed
+    f = 8 // split
+    sub_live = visible.reshape(2, 10 * split, f, 10 * split, f).any(axis=(0, 2, 4))
+    expected_part = sub_live & ~np.kron(expected_full, np.ones((split, split), bool))
+    assert 0 < int(n_full) == expected_full.sum() and int(n_part) == expected_part.sum() > 0
+    assert sorted(map(tuple, np.asarray(full)[: int(n_full)].tolist())) == sorted(zip(*np.nonzero(expected_full)))
+    assert sorted(map(tuple, np.asarray(part)[: int(n_part)].tolist())) == sorted(zip(*np.nonzero(expected_part)))
+    # every visible element lies in exactly one visited tile, and the visited area is well under half
+    covered = np.kron(expected_full, np.ones((8, 8), int)) + np.kron(expected_part, np.ones((f, f), int))
+    assert covered.max() == 1 and np.all(covered[visible.any(axis=0)] == 1)
+    assert covered.sum() < covered.size // 2
+    if split == 2:  # sub-tiles skip the dead half of diagonal tiles
+        whole = A._live_pairs(ids, 8, 8, 1)
+        assert covered.sum() < 64 * (int(whole[1]) + int(whole[3]))
+
+
+@pytest.mark.parametrize("block, split", [(16, 2), (32, 2), (32, 4)])
+def test_blockwise_with_sub_tiles_matches_reference(block, split, monkeypatch):
+    # partly masked tiles cut into sub-tiles of block/split (MIN_SUB_TILE lowered so small tiles split too);
+    # row 0 puts a sample boundary inside a tile and padding at the end, row 1 is one sample filling the row,
+    # so some tiles are fully visible in both rows (the unmasked loop) and the rest partly masked
+    monkeypatch.setattr(A, "MIN_SUB_TILE", 4)
+    monkeypatch.setattr(A, "PARTIAL_SPLIT", split)
+    seg, pos = packed_ids([[70, 20], [96]], 96)
+    ids = (seg, seg, pos, pos)
+    assert A._split(block, block) == split
+    _, n_full, _, n_part = A._live_pairs(ids, block, block, split)
+    assert int(n_full) > 0 and int(n_part) > 0
+    q, k, v = qkv(2, 96, 96, seed=5)
+    assert_matches(ids, q, k, v, block)
+
+
+def test_each_row_visits_only_its_own_tiles():
+    # row 1's keys 32..63 are padding, which no query of row 1 sees, yet row 0 (one 64-token sample) makes
+    # their tiles live: NaN there must not reach row 1's outputs or any gradient, as it would if the rows
+    # shared one tile list (masked scores are replaced, but 0 * NaN in the tile matmuls is NaN)
+    seg, pos = packed_ids([[64], [20]], 64)
+    ids = (seg, seg, pos, pos)
+    q, k, v = qkv(2, 64, 64, seed=6)
+    poisoned = [x.at[1, 32:].set(jnp.nan) for x in (k, v)]
+    weights = jax.random.normal(jax.random.PRNGKey(9), q.shape) * (seg > 0)[..., None, None]
+    blockwise = lambda *a: A.blockwise_attention(*a, block=8)  # noqa: E731
+    (loss, grads), (clean_loss, clean_grads) = (loss_and_grads(blockwise, q, kk, vv, ids, weights)
+                                                for kk, vv in (poisoned, (k, v)))
+    np.testing.assert_allclose(loss, clean_loss, rtol=1e-6)
+    for g, c in zip(grads, clean_grads):
+        assert np.isfinite(np.asarray(g)).all()
+        np.testing.assert_allclose(np.asarray(g), np.asarray(c), rtol=1e-6, atol=1e-6)
 
 
 def test_attention_dispatch_and_auto():

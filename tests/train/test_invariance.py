@@ -22,7 +22,8 @@ _MODELS = {}
 
 
 def global_gradient(setup, tmp_path, *, devices, mode="token-mean", shape_buckets=4, **data):
-    """(loss, grads, micro-batch count) of the first global batch under one way of splitting it."""
+    """(loss, grads, micro-steps, micro-batches before fit_shapes) of the first global batch under one way of
+    splitting it."""
     overrides = sft_overrides(setup, tmp_path, **{f"data.{k}": v for k, v in data.items()})
     cfg = load_config(None, overrides + [f"trainer.loss_agg_mode={mode}"])
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -32,9 +33,9 @@ def global_gradient(setup, tmp_path, *, devices, mode="token-mean", shape_bucket
     step = TrainStep(model, make_optimizer(cfg.optim, 10), mesh, chunk_size=256)
     g = gather_step(next(batches), batches.empty_micro_batch())
     attach_weights(g.micro_batches, mode, samples=g.samples, targets=g.target_tokens, max_length=cfg.data.max_length)
-    micro = fit_shapes(g.micro_batches, shape_buckets)
+    micro = fit_shapes(g.micro_batches, shape_buckets, rows_per_device=batches.layout.rows_per_device)
     loss, grads = step.gradients(param_arrays(model), [step.device_batch(mb) for mb in micro])
-    return float(loss), {k: np.asarray(v) for k, v in grads.items()}, len(g.micro_batches)
+    return float(loss), {k: np.asarray(v) for k, v in grads.items()}, len(micro), len(g.micro_batches)
 
 
 SPLITS = [
@@ -44,12 +45,13 @@ SPLITS = [
     dict(devices=1, pad_mode="no_padding", micro_batch_size_per_gpu=1),
     dict(devices=2, pad_mode="right", micro_batch_size_per_gpu=1, shape_buckets=1),  # whole rows, every logit
     dict(devices=8, pad_mode="no_padding", use_dynamic_bsz=True, max_token_len_per_gpu=512),
+    dict(devices=1, pad_mode="no_padding", micro_batch_size_per_gpu=3),  # rows of unlike length split apart
 ]
 
 
 def _assert_same(a, b):
-    loss_a, grads_a, _ = a
-    loss_b, grads_b, _ = b
+    loss_a, grads_a = a[:2]
+    loss_b, grads_b = b[:2]
     assert loss_b == pytest.approx(loss_a, rel=1e-5)
     for name in grads_a:
         scale = np.abs(grads_a[name]).max()
@@ -59,6 +61,7 @@ def _assert_same(a, b):
 def test_token_mean_is_invariant_to_the_split(sft_setup, tmp_path):
     results = [global_gradient(sft_setup, tmp_path, **split) for split in SPLITS]
     assert len({r[2] for r in results}) > 1  # the splits really differ in accumulation steps
+    assert results[-1][2] > results[-1][3]  # and fit_shapes ran some micro-batch as one micro-step per row
     for other in results[1:]:
         _assert_same(results[0], other)
 

@@ -88,6 +88,13 @@ def test_the_trainer_records_the_auto_choice(sft_setup, tmp_path, capsys):
     assert info["remat_policy"] == "none" and info["remat_auto"]["policy"] == "none"
     assert info["remat_auto"]["peaks"]["none"] <= info["remat_auto"]["budget_bytes"]
     assert "remat auto -> none" in capsys.readouterr().out
+    # run_info reuses auto's compiled micro-step instead of compiling it again: the same figures as the
+    # trainer's own compile of that program (an explicit policy compiles it)
+    fixed = tmp_path / "fixed"
+    train(load_config(None, sft_overrides(sft_setup, fixed, **{"model.remat_policy": "none",
+                                                               "trainer.total_training_steps": 1})))
+    own = json.loads((fixed / "run_info.json").read_text())["step_memory_per_device"]
+    assert own and info["step_memory_per_device"] == own == info["remat_auto"]["step_memory"]
 
 
 def test_jsft_plan_resolves_auto_against_its_budget(config_only):
