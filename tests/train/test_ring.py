@@ -82,8 +82,11 @@ def test_zigzag_balances_the_live_tiles():
     def per_device(order, s=4, tile=64):
         pos = np.asarray(order, np.int32).reshape(s, -1)
         seg = np.ones_like(pos)
-        return [sum(int(_live_pairs((seg[d:d + 1], seg[j:j + 1], pos[d:d + 1], pos[j:j + 1]), tile, tile)[1])
-                    for j in range(s)) for d in range(s)]
+        def live(d, j):  # fully visible + partly masked tiles (split=1: whole tiles in both lists)
+            _, full, _, part = _live_pairs((seg[d:d + 1], seg[j:j + 1], pos[d:d + 1], pos[j:j + 1]), tile, tile)
+            return int(full) + int(part)
+
+        return [sum(live(d, j) for j in range(s)) for d in range(s)]
 
     plain, zigzag = per_device(np.arange(1024)), per_device(zigzag_order(1024, 4))
     assert sum(plain) == sum(zigzag) == 16 * 17 // 2  # the causal half of 16 x 16 tiles, diagonal included
