@@ -206,13 +206,13 @@ def make_plan(cfg, update: bool = True, budget: Optional[int] = None) -> tuple[P
     model_cfg = model_config(cfg)
     why = []
     mesh = run_mesh(cfg, why.append, model_cfg)  # raises before compiling when the mesh would replicate
-    policy, chosen = remat_choice.explicit_policy(cfg.model), None
-    if policy is None:
-        chosen = remat_choice.choose_for_run(cfg, model_cfg, mesh, budget=budget)
-        policy = chosen.policy
-    plan, about = plan_run(cfg, model_cfg, mesh, policy, update=update)
-    if chosen is not None:
-        about["remat"] = f"auto -> {policy}"
+    policy = remat_choice.explicit_policy(cfg.model)
+    if policy is None:  # auto: the chosen candidate's plan, compiled while choosing
+        chosen = remat_choice.choose_for_run(cfg, model_cfg, mesh, budget=budget, update=update)
+        plan, about = chosen.plan
+        about = {**about, "remat": f"auto -> {chosen.policy}"}
+    else:
+        plan, about = plan_run(cfg, model_cfg, mesh, policy, update=update)
     return plan, {**about, "why": why[0]}
 
 
@@ -221,21 +221,17 @@ def plan_run(cfg, model_cfg, mesh, remat: str, update: bool = True) -> tuple[Pla
     import jax
 
     from jsft.data.pipeline import BatchLayout
-    from jsft.models import lora
+    from jsft.models import lora, sequence_parallel
     from jsft.models.params import abstract_model
+    from jsft.sharding import mesh_sizes_of, sequence_size
+    from jsft.train.feeders import mesh_feeders
     from jsft.train.optim import make_optimizer
-
-    from jsft.models import sequence_parallel
 
     spec = lora.spec_from_run_config(cfg.model)
     seq_choice, _ = sequence_parallel.for_run(cfg, model_cfg)  # ring's KV buffers are then in the compiled step
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model),
                            remat_policy=remat, attention_impl=cfg.model.attention_impl, lora=spec,
                            sequence_parallel=seq_choice)
-    from jsft.sharding import mesh_sizes_of, sequence_size
-
-    from jsft.train.feeders import mesh_feeders
-
     feeders = mesh_feeders(mesh)  # rows per feeder: devices off `sequence`
     layout = BatchLayout.from_config(cfg.data, feeders.row_blocks)
     rows = layout.rows_per_micro_batch * feeders.count

@@ -82,9 +82,10 @@ class RematChoice:
     compile_s: float = 0.0  # start-up cost of choosing
     fits: bool = True  # False: not even `full` fits; the run goes on with full and may run out of memory
     step_memory: dict = field(default_factory=dict)  # the chosen policy's compiled micro-step (run_info reuses it)
+    plan: Optional[tuple] = field(default=None, repr=False)  # the chosen policy's (Plan, about): jsft.plan reuses it
 
     def to_json(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "plan"}
 
     def describe(self) -> str:
         tried = ", ".join(f"{p} {n / 2**20:.0f} MiB" for p, n in self.peaks.items())
@@ -104,9 +105,10 @@ def choose(peak_of: Callable[[str], int], budget_bytes: int, memory_source: str)
     return RematChoice("full", budget_bytes, memory_source, peaks, time.perf_counter() - t0, fits=False)
 
 
-def choose_for_run(cfg, model_cfg, mesh, budget: Optional[int] = None) -> RematChoice:
+def choose_for_run(cfg, model_cfg, mesh, budget: Optional[int] = None, update: bool = True) -> RematChoice:
     """Compile the run's step (jsft.plan) per candidate until one fits `budget` (default: HEADROOM x the
-    device memory, the smallest of all hosts, so that every host takes the same choice)."""
+    device memory, the smallest of all hosts, so that every host takes the same choice). `update`: also
+    compile the optimizer update (once, with the first candidate), as jsft.plan.plan_run."""
     from jsft import distributed
     from jsft.plan import plan_run
 
@@ -117,17 +119,19 @@ def choose_for_run(cfg, model_cfg, mesh, budget: Optional[int] = None) -> RematC
         budget, source = int(HEADROOM * memory), f"{HEADROOM:.0%} of {source}"
     else:
         source = "the given budget"
-    update_temp, step_memory = {}, {}
+    update_temp, plans = {}, {}
 
     def peak_of(policy: str) -> int:
-        plan, _ = plan_run(cfg, model_cfg, mesh, policy, update=not update_temp)
+        plan, about = plan_run(cfg, model_cfg, mesh, policy, update=update and not update_temp)
         update_temp.setdefault("bytes", plan.update_temp)  # compiled with the first candidate only
         plan.update_temp = update_temp["bytes"]
-        step_memory[policy] = plan.step_memory
+        plans[policy] = plan, about
         return plan.peak
 
     choice = choose(peak_of, int(budget), source)
-    choice.step_memory = step_memory[choice.policy]  # the very program the run compiles: no second compile
+    # the very programs the run compiles: run_info and jsft.plan take them from here, no second compile
+    choice.plan = plans[choice.policy]
+    choice.step_memory = choice.plan[0].step_memory
     return choice
 
 
