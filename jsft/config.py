@@ -259,15 +259,21 @@ def _check_sequence(cfg: RunConfig) -> None:
     if alias > 1 and mesh_s > 1 and alias != mesh_s:
         raise ValueError(f"ulysses_sequence_parallel_size={alias} and trainer.mesh.sequence={mesh_s} disagree: set one")
     s = sequence_parallel_size(cfg)
-    row = cfg.data.max_token_len_per_gpu if cfg.data.use_dynamic_bsz else cfg.data.max_length
+    key, row = row_length(cfg)
     if row % s:
-        key = "data.max_token_len_per_gpu" if cfg.data.use_dynamic_bsz else "data.max_length"
         raise ValueError(f"{key}={row} must be a multiple of the sequence-parallel size {s}: each row's tokens "
                          f"are split over {s} devices")
     if cfg.trainer.sequence_parallel == "ring":  # auto -> ring is checked when the heads are known (train/mesh.py)
         from jsft.models.sequence_parallel import check_length  # noqa: PLC0415
 
-        check_length("ring", row, s, "data.max_token_len_per_gpu" if cfg.data.use_dynamic_bsz else "data.max_length")
+        check_length("ring", row, s, key)
+
+
+def row_length(cfg: RunConfig) -> tuple[str, int]:
+    """(key, tokens) of one packed row: data.max_token_len_per_gpu with data.use_dynamic_bsz, else data.max_length."""
+    if cfg.data.use_dynamic_bsz:
+        return "data.max_token_len_per_gpu", cfg.data.max_token_len_per_gpu
+    return "data.max_length", cfg.data.max_length
 
 
 def to_yaml(cfg: RunConfig) -> str:

@@ -47,13 +47,12 @@ def describe(mode: str, choice: str, num_heads: int, num_kv_heads: int, s: int, 
 
 def for_run(cfg, model_cfg) -> tuple[str, str]:
     """(choice, the line printed with the mesh; "" at S=1) for a run config and its model; raises before any work."""
-    from jsft.config import sequence_parallel_size  # noqa: PLC0415 (the run config's S, alias included)
+    from jsft.config import row_length, sequence_parallel_size  # noqa: PLC0415 (the run config's S, alias included)
 
     s, mode = sequence_parallel_size(cfg), cfg.trainer.sequence_parallel
     choice = choose(mode, model_cfg.num_heads, model_cfg.num_kv_heads, s)
-    dynamic = cfg.data.use_dynamic_bsz
-    check_length(choice, cfg.data.max_token_len_per_gpu if dynamic else cfg.data.max_length, s,
-                 "data.max_token_len_per_gpu" if dynamic else "data.max_length")
+    key, row = row_length(cfg)
+    check_length(choice, row, s, key)
     if s == 1:
         return choice, ""
     from jsft.models.attention import resolve_impl  # noqa: PLC0415 (attention imports ulysses, as this module)

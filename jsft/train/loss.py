@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from jsft.sharding import constrain
 
+
 def target_nll(hidden: jax.Array, unembed: jax.Array, target_pos, target_ids, target_weight, chunk_size: int) -> jax.Array:
     """Negative log-likelihood of each listed target, float32 [R, C] (0 in padding slots):
 

@@ -12,7 +12,6 @@ accumulated and optimised; the frozen rest is a plain input of the grad step.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
