@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from jsft.data.config import DataConfig
+from jsft.sharding import AUTO, check_mesh_axes
+
+# The allowed values of the schema's choice keys, defined here once: the modules that implement them
+# (models/attention.py, models/decoder.py, models/sequence_parallel.py, models/lora.py, train/batch.py,
+# train/remat.py) import them from here.
+ATTENTION_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "pallas_gpu", "splash")  # model.attention_impl (or auto)
+REMAT_POLICIES = ("none", "dots_saveable", "full")  # model.remat_policy (or auto), cheapest recompute first
+SEQUENCE_PARALLEL_MODES = ("auto", "ulysses", "ring")  # trainer.sequence_parallel
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# HF module names that can carry a LoRA adapter, in layer order (peft's `all-linear` minus lm_head)
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FROZEN_PARAM_DTYPES = ("float32", "bfloat16", "float16")  # model.frozen_param_dtype (LoRA's frozen base)
 
 # the built-in demo job, run by `python -m jsft.train` when no model is named
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -193,54 +206,117 @@ def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Reject unsupported values early, naming the key and the allowed values."""
-    _choice("data.multiturn_policy", cfg.data.multiturn_policy, ["auto", "split", "single", "error"])
-    _choice("data.train_turns", cfg.data.train_turns, ["all", "last"])
-    _choice("data.truncation", cfg.data.truncation, ["error", "left", "right"])
-    _choice("data.on_bad_row", cfg.data.on_bad_row, ["error", "skip"])
-    _choice("data.pad_mode", cfg.data.pad_mode, ["no_padding", "right"])
-    _choice("model.remat_policy", cfg.model.remat_policy, ["auto", "none", "dots_saveable", "full"])
-    from jsft.train import remat  # noqa: PLC0415
-
-    remat.check_run_config(cfg.model, cfg.trainer)
-    _choice("model.attention_impl", cfg.model.attention_impl, ["auto", "xla", "blockwise", "cudnn", "pallas_gpu", "splash"])
-    _choice("optim.lr_scheduler_type", cfg.optim.lr_scheduler_type, ["constant", "cosine", "wsd"])
-    _choice("trainer.resume_mode", cfg.trainer.resume_mode, ["auto", "disable", "resume_path"])
-    _choice(
-        "trainer.loss_agg_mode",
-        cfg.trainer.loss_agg_mode,
-        ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
-    )
-    for lg in cfg.trainer.logger:
-        _choice("trainer.logger", lg, ["console", "tensorboard", "wandb"])
+    """Reject unsupported values early, naming the key and the allowed values. Only what the config alone
+    decides: checks that need the model or the devices run in the run's set-up (jsft/train/setup.py)."""
+    _check_data(cfg.data)
+    _check_model(cfg.model)
+    _check_optim(cfg.optim)
+    _check_trainer(cfg)
     if cfg.model.path and cfg.model.init:
         raise ValueError("set either model.path (load a checkpoint) or model.init (random init), not both")
-    if cfg.trainer.resume_mode == "resume_path" and not cfg.trainer.resume_from_path:
-        raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
-    if len(cfg.optim.betas) != 2:
-        raise ValueError(f"optim.betas must hold two numbers, got {cfg.optim.betas}")
-    if cfg.data.stop_tokens is not None and not (cfg.data.stop_tokens and all(isinstance(t, str) and t for t in cfg.data.stop_tokens)):
-        raise ValueError(f"data.stop_tokens must be a non-empty list of token texts (or null), got {cfg.data.stop_tokens!r}")
-    if cfg.data.max_length <= 0 or cfg.data.train_batch_size <= 0 or cfg.data.micro_batch_size_per_gpu <= 0:
+    _check_sequence(cfg)
+
+
+def _check_data(d: DataConfig) -> None:
+    _choice("data.multiturn_policy", d.multiturn_policy, ["auto", "split", "single", "error"])
+    _choice("data.train_turns", d.train_turns, ["all", "last"])
+    _choice("data.truncation", d.truncation, ["error", "left", "right"])
+    _choice("data.on_bad_row", d.on_bad_row, ["error", "skip"])
+    _choice("data.pad_mode", d.pad_mode, ["no_padding", "right"])
+    if d.stop_tokens is not None and not (d.stop_tokens and all(isinstance(t, str) and t for t in d.stop_tokens)):
+        raise ValueError(f"data.stop_tokens must be a non-empty list of token texts (or null), got {d.stop_tokens!r}")
+    if d.max_length <= 0 or d.train_batch_size <= 0 or d.micro_batch_size_per_gpu <= 0:
         raise ValueError("data.max_length, data.train_batch_size and data.micro_batch_size_per_gpu must be > 0")
-    if cfg.trainer.shape_buckets < 1 or cfg.trainer.loss_chunk_size < 1:
-        raise ValueError("trainer.shape_buckets and trainer.loss_chunk_size must be >= 1")
+
+
+def _check_model(m: ModelSection) -> None:
+    _choice("model.remat_policy", m.remat_policy, ["auto", *REMAT_POLICIES])
+    if m.enable_gradient_checkpointing is True and m.remat_policy == "none":
+        raise ValueError("model.enable_gradient_checkpointing=true contradicts model.remat_policy=none: "
+                         "drop one of them (or set enable_gradient_checkpointing=false)")
+    _choice("model.attention_impl", m.attention_impl, ["auto", *ATTENTION_IMPLEMENTATIONS])
+    _check_lora(m)
+
+
+def lora_enabled(m: ModelSection) -> bool:
+    """LoRA is on with model.lora_rank > 0 or a starting adapter (model.lora_adapter_path)."""
+    return m.lora_rank > 0 or bool(m.lora_adapter_path)
+
+
+def lora_targets(target_modules: Any) -> tuple[str, ...]:
+    """`all-linear` or a list of HF module names -> the names in layer order; unknown names raise."""
+    if target_modules == "all-linear":
+        return LORA_TARGET_MODULES
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
+    unknown = [n for n in names if n not in LORA_TARGET_MODULES]
+    if unknown:
+        raise ValueError(
+            f"model.target_modules: unknown module(s) {unknown}; allowed: all-linear or a list of "
+            f"{', '.join(LORA_TARGET_MODULES)}"
+        )
+    if not names:
+        raise ValueError("model.lora_rank > 0 but model.target_modules names no module: list some, or all-linear")
+    return tuple(n for n in LORA_TARGET_MODULES if n in names)
+
+
+def _check_lora(m: ModelSection) -> None:
+    """The LoRA keys; the starting adapter's files are read by the set-up (models/lora.py spec_from_run_config)."""
+    if m.lora_rank < 0:
+        raise ValueError(f"model.lora_rank={m.lora_rank} must be >= 0 (0 = full fine-tuning)")
+    if m.frozen_param_dtype and not lora_enabled(m):
+        raise ValueError("model.frozen_param_dtype applies to LoRA only: set model.lora_rank > 0, or remove it")
+    if m.frozen_param_dtype not in (None, *FROZEN_PARAM_DTYPES):
+        raise ValueError(f"model.frozen_param_dtype={m.frozen_param_dtype!r}; allowed: {', '.join(FROZEN_PARAM_DTYPES)}")
+    if not lora_enabled(m):
+        return
+    if m.lora_alpha <= 0:
+        raise ValueError(f"model.lora_alpha={m.lora_alpha} must be > 0")
+    if not m.lora_adapter_path:
+        lora_targets(m.target_modules)
+
+
+def _check_optim(o: OptimConfig) -> None:
+    _choice("optim.lr_scheduler_type", o.lr_scheduler_type, ["constant", "cosine", "wsd"])
+    if len(o.betas) != 2:
+        raise ValueError(f"optim.betas must hold two numbers, got {o.betas}")
+
+
+def _check_trainer(cfg: RunConfig) -> None:
     t = cfg.trainer
+    _choice("trainer.resume_mode", t.resume_mode, ["auto", "disable", "resume_path"])
+    _choice("trainer.loss_agg_mode", t.loss_agg_mode, LOSS_AGG_MODES)
+    for lg in t.logger:
+        _choice("trainer.logger", lg, ["console", "tensorboard", "wandb"])
+    if t.resume_mode == "resume_path" and not t.resume_from_path:
+        raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
+    if t.shape_buckets < 1 or t.loss_chunk_size < 1:
+        raise ValueError("trainer.shape_buckets and trainer.loss_chunk_size must be >= 1")
     if t.val_generations < 0 or t.val_max_new_tokens < 1 or t.val_temperature < 0:
         raise ValueError("need trainer.val_generations >= 0, trainer.val_max_new_tokens >= 1, trainer.val_temperature >= 0")
     if t.val_generations and not (cfg.data.val_files or cfg.demo.enabled):
         raise ValueError("trainer.val_generations generates from held-out rows: set data.val_files")
-    if cfg.trainer.mesh != "auto":
-        from jsft.sharding import check_mesh_axes
+    if t.mesh != AUTO:
+        check_mesh_axes(t.mesh)
+    _choice("trainer.sequence_parallel", t.sequence_parallel, SEQUENCE_PARALLEL_MODES)
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise ValueError(f"trainer.peak_tflops={t.peak_tflops} must be > 0 (or null: look it up)")
+    if t.device_memory is not None:
+        try:
+            parse_bytes(str(t.device_memory))
+        except ValueError as e:
+            raise ValueError(f"trainer.device_memory: {e}") from None
 
-        check_mesh_axes(cfg.trainer.mesh)
-    _choice("trainer.sequence_parallel", cfg.trainer.sequence_parallel, ["auto", "ulysses", "ring"])
-    _check_sequence(cfg)
-    if cfg.trainer.peak_tflops is not None and cfg.trainer.peak_tflops <= 0:
-        raise ValueError(f"trainer.peak_tflops={cfg.trainer.peak_tflops} must be > 0 (or null: look it up)")
-    from jsft.models.lora import check_run_config  # noqa: PLC0415 (jax-importing; only validate needs it)
 
-    check_run_config(cfg.model)
+_UNITS = {"": 1, "b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30,
+          "tib": 2**40, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GB' (1e9), '80GiB' / '80G' (2**30), '512MB', '1e9' -> bytes (trainer.device_memory, --device-memory)."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GB, 80GiB or 512MB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 def sequence_parallel_size(cfg: RunConfig) -> int:
@@ -263,10 +339,15 @@ def _check_sequence(cfg: RunConfig) -> None:
     if row % s:
         raise ValueError(f"{key}={row} must be a multiple of the sequence-parallel size {s}: each row's tokens "
                          f"are split over {s} devices")
-    if cfg.trainer.sequence_parallel == "ring":  # auto -> ring is checked when the heads are known (train/mesh.py)
-        from jsft.models.sequence_parallel import check_length  # noqa: PLC0415
+    if cfg.trainer.sequence_parallel == "ring":  # auto -> ring is checked when the heads are known (train/setup.py)
+        check_ring_length("ring", row, s, key)
 
-        check_length("ring", row, s, key)
+
+def check_ring_length(choice: str, row_length: int, s: int, key: str) -> None:
+    """Ring rows are cut into 2S zigzag chunks: the row length must be a multiple of 2S (before any work)."""
+    if choice == "ring" and s > 1 and row_length % (2 * s):
+        raise ValueError(f"{key}={row_length} must be a multiple of 2 x trainer.mesh.sequence = {2 * s} with ring "
+                         f"attention (each row is cut into 2S chunks for the causal load balance)")
 
 
 def row_length(cfg: RunConfig) -> tuple[str, int]:

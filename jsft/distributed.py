@@ -104,6 +104,11 @@ def initialize() -> None:
     _initialized = True
 
 
+def several_processes() -> bool:
+    """True once jax.distributed joined this process to others."""
+    return _initialized and jax.process_count() > 1
+
+
 def is_main() -> bool:
     return jax.process_index() == 0
 

@@ -31,10 +31,10 @@ import jsft.models as jm
 from jsft import distributed
 from jsft.config import config_from_yaml
 from jsft.models import lora
-from jsft.models.params import abstract_model, flat_params, param_arrays, param_layout, replace_params, sharding_for
-from jsft.sharding import make_mesh
+from jsft.models.hf_export import model_card
+from jsft.models.params import abstract_model, flat_params, param_arrays, replace_params, sharding_for
 from jsft.train import checkpoint as ckpt
-from jsft.train.hf_export import model_card
+from jsft.train.setup import checkpoint_mesh
 
 
 def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype="float32"):
@@ -44,8 +44,8 @@ def load_checkpoint_model(path, step: Optional[int] = None, *, mesh=None, dtype=
     manager, step = ckpt.locate(path, step)
     meta = ckpt.read_meta(manager, step)
     cfg = ckpt.model_config_from_json(meta["model_config"])
-    if isinstance(mesh, str):
-        mesh = make_mesh(mesh, params=param_layout(cfg))
+    if mesh == "auto":
+        mesh = checkpoint_mesh(cfg)
     param_dtype = meta.get("param_dtype", "float32")
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, lora=lora.spec_from_json(meta.get("lora")))
     base_elsewhere = not meta.get("frozen_base_saved", True)

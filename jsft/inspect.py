@@ -23,7 +23,8 @@ import sys
 from jsft.config import load_config
 from jsft.data.dataset import TokenizedDataset, load_dataset
 from jsft.data.summary import format_summary
-from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer
+from jsft.data.tokenizer import describe_stop_tokens
+from jsft.train.setup import run_tokenizer
 
 _GREEN, _RESET = "\x1b[1;32m", "\x1b[0m"
 
@@ -40,8 +41,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template,
-                                   stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
+        tokenizer = run_tokenizer(cfg, args.tokenizer)  # as the trainer's set-up loads it
         dataset = load_dataset(cfg.data, tokenizer, args.data or cfg.data.train_files)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

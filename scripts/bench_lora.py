@@ -28,7 +28,7 @@ import jsft.models as jm  # noqa: E402
 from bench_row import first_row  # noqa: E402
 from jsft.models import lora  # noqa: E402
 from jsft.models.params import abstract_model, param_arrays  # noqa: E402
-from jsft.plan import plan_memory  # noqa: E402
+from jsft.train.planner import plan_memory  # noqa: E402
 from jsft.sharding import make_mesh  # noqa: E402
 from jsft.train.batch import bucketed, shaped  # noqa: E402
 from jsft.train.optim import make_optimizer  # noqa: E402

@@ -47,7 +47,7 @@ def _figures(steps: list[dict], warmup: int) -> dict:
 
 def loss_memory_figures() -> dict:
     """Temp bytes of the chunked CE vs full fp32 logits at Qwen2.5-0.5B's vocabulary and width (jsft.plan)."""
-    from jsft.plan import loss_memory
+    from jsft.train.planner import loss_memory
 
     return loss_memory(vocab=151936, hidden=896, tokens=4096)
 

@@ -42,7 +42,7 @@ import bench_workload as bench  # noqa: E402
 import jsft.models as jm  # noqa: E402
 from jsft.data.pipeline import build_train_batches  # noqa: E402
 from jsft.data.tokenizer import load_tokenizer  # noqa: E402
-from jsft.models import attention  # noqa: E402
+from jsft.models import attention, blockwise  # noqa: E402
 from jsft.models.params import param_arrays  # noqa: E402
 from jsft.sharding import make_mesh  # noqa: E402
 from jsft.train.batch import attach_weights, bucketed, gather_step, prepare_step, shaped  # noqa: E402
@@ -144,7 +144,7 @@ def step_breakdown(paths: dict, cfg, steps: int = 4) -> None:
 
 
 def attention_tiles(model_cfg, segments=(1100, 600, 300), length: int = 2048, rounds: int = 5) -> None:
-    """Tile edge x sub-tile split of partly masked tiles (attention.PARTIAL_SPLIT), interleaved; with the
+    """Tile edge x sub-tile split of partly masked tiles (blockwise.PARTIAL_SPLIT), interleaved; with the
     area each visits (in units of the visible area)."""
     seg = np.zeros((1, length), np.int32)
     pos = np.zeros((1, length), np.int32)
@@ -160,17 +160,17 @@ def attention_tiles(model_cfg, segments=(1100, 600, 300), length: int = 2048, ro
     print(f"attention    grad of one layer's blockwise attention, samples {list(segments)} in {length} columns "
           f"(visible {visible / length**2:.0%} of [T, T]), medians of {rounds} interleaved rounds:")
     fns, area = {}, {}
-    saved = attention.PARTIAL_SPLIT, attention.MIN_SUB_TILE
+    saved = blockwise.PARTIAL_SPLIT, blockwise.MIN_SUB_TILE
     for block, split in [(256, 1), (256, 2), (256, 4), (512, 2), (512, 4), (128, 1), (128, 2)]:
-        attention.PARTIAL_SPLIT, attention.MIN_SUB_TILE = split, 32
+        blockwise.PARTIAL_SPLIT, blockwise.MIN_SUB_TILE = split, 32
         grad = jax.jit(jax.grad(lambda q, k, v: attention.blockwise_attention(  # noqa: B023
             q, k, v, seg, seg, pos, pos, block=block).sum(), argnums=(0, 1, 2)))
         jax.block_until_ready(grad(q, k, v))  # traced under this split
         name = f"{block} / split {split}"
         fns[name] = partial(grad, q, k, v)
-        _, n_full, _, n_part = attention._live_pairs((seg, seg, pos, pos), block, block, split)
+        _, n_full, _, n_part = blockwise._live_pairs((seg, seg, pos, pos), block, block, split)
         area[name] = (int(n_full) * block**2 + int(n_part) * (block // split) ** 2) / visible
-    attention.PARTIAL_SPLIT, attention.MIN_SUB_TILE = saved
+    blockwise.PARTIAL_SPLIT, blockwise.MIN_SUB_TILE = saved
     for name, t in _interleaved(fns, rounds).items():
         print(f"  tiles {name:<14} visits {area[name]:.2f}x the visible area: {t * 1e3:.0f} ms")
 
@@ -186,17 +186,17 @@ def _load_module(path: str, name: str):
 def _variant(name: str, old):
     """Trace-time switch of `blockwise` (read when a jitted function first runs): the current code,
     partly masked tiles whole, or a previous attention.py's blockwise_attention."""
-    saved = attention.blockwise_attention, attention.PARTIAL_SPLIT, attention.ROWS_APART
+    saved = attention.blockwise_attention, blockwise.PARTIAL_SPLIT, blockwise.ROWS_APART
     if name == "before":
         attention.blockwise_attention = old.blockwise_attention
     elif name == "whole tiles":
-        attention.PARTIAL_SPLIT = 1
+        blockwise.PARTIAL_SPLIT = 1
     elif name == "one tile list":
-        attention.ROWS_APART = False
+        blockwise.ROWS_APART = False
     try:
         yield
     finally:
-        attention.blockwise_attention, attention.PARTIAL_SPLIT, attention.ROWS_APART = saved
+        attention.blockwise_attention, blockwise.PARTIAL_SPLIT, blockwise.ROWS_APART = saved
 
 
 def _interleaved(fns: dict, rounds: int) -> dict:

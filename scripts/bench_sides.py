@@ -34,7 +34,7 @@ class JsftSide:
         from jsft.data.tokenizer import load_tokenizer
         from jsft.models.params import param_arrays
         from jsft.sharding import make_mesh
-        from jsft.train import remat
+        from jsft.train import setup
         from jsft.train.batch import largest_micro_batch
         from jsft.train.optim import make_optimizer
         from jsft.train.step import TrainStep
@@ -44,8 +44,8 @@ class JsftSide:
         mesh = make_mesh({"fsdp": -1})
         self.data = build_train_batches(cfg.data, load_tokenizer(paths["tokenizer"]), seed=0, process_index=0,
                                         process_count=1, local_devices=1)
-        model_cfg = jm.ModelConfig.from_pretrained(paths["model"])
-        policy, self.remat_choice = remat.resolve(cfg, model_cfg, mesh, lambda _: None)  # as the trainer does
+        run = setup.resolve(cfg, tokenizer=False)  # the remat policy as the trainer resolves it
+        policy, self.remat_choice = run.remat_policy, run.remat_choice
         self.model = jm.from_pretrained(paths["model"], dtype=cfg.model.dtype, mesh=mesh, remat_policy=policy,
                                         attention_impl=cfg.model.attention_impl)
         self.step_fn = TrainStep(self.model, make_optimizer(cfg.optim, w.warmup_steps + w.steps), mesh,

@@ -39,7 +39,7 @@ def main() -> int:
     from jsft.models import hf_io
     from jsft.models.config import ModelConfig
     from jsft.models.params import abstract_model, flat_params, sharding_for
-    from jsft.plan import PRESETS
+    from jsft.train.planner import PRESETS
     from jsft.sharding import make_mesh, mesh_sizes_of
 
     fields = PRESETS[args.preset] if args.preset else json.loads(args.hf_config)

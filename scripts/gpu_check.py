@@ -106,7 +106,7 @@ def train_step_case(model_fields: dict, impl: str, *, rows: int, length: int, st
     from jsft.config import OptimConfig
     from jsft.models.config import ModelConfig
     from jsft.models.params import abstract_model, param_arrays
-    from jsft.plan import plan_memory
+    from jsft.train.planner import plan_memory
     from jsft.sharding import make_mesh
     from jsft.train.batch import attach_weights, fit_shapes
     from jsft.train.optim import make_optimizer
@@ -192,7 +192,7 @@ def parity_impls(backend: str) -> list[str]:
 def run_check(args) -> dict:
     import jax
 
-    from jsft.plan import PRESETS
+    from jsft.train.planner import PRESETS
 
     backend = jax.default_backend()
     device = jax.devices()[0]

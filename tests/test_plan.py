@@ -5,6 +5,7 @@ import pytest
 import transformers
 
 from jsft import plan
+from jsft.train import planner
 from jsft.config import load_config
 from jsft.models.config import ModelConfig
 
@@ -67,7 +68,7 @@ def test_remat_policies_trade_activation_memory(plans):
 
 
 def test_chunked_cross_entropy_temporaries_stay_far_below_full_logits():
-    m = plan.loss_memory(vocab=32768, hidden=64, tokens=512, chunk_size=4096)
+    m = planner.loss_memory(vocab=32768, hidden=64, tokens=512, chunk_size=4096)
     assert m["chunked_temp_bytes"] * 4 < m["full_temp_bytes"]
 
 

@@ -18,15 +18,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jsft.config import REMAT_POLICIES as POLICY_NAMES
 from jsft.models.attention import attention, resolve_impl
 from jsft.models.config import ModelConfig
 from jsft.sharding import constrain
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+# the jax checkpoint policy of each of the config's remat policies (none: no remat)
+REMAT_POLICIES = dict(zip(POLICY_NAMES, (
+    None, jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.nothing_saveable,
+)))
 
 _normal = jax.nn.initializers.normal(0.02)
 _ones = jax.nn.initializers.ones

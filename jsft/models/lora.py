@@ -19,20 +19,20 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jsft.config import LORA_TARGET_MODULES as TARGET_MODULES  # noqa: F401 (lora's own name for them)
+from jsft.config import lora_enabled as enabled
+from jsft.config import lora_targets as resolve_targets
 from jsft.models import hf_io
 from jsft.models.config import ModelConfig
 from jsft.models.decoder import Decoder
 from jsft.models.params import abstract_model, flat_params, param_arrays, replace_params, sharding_for
 
-# HF module names that can carry an adapter, in layer order (peft's `all-linear` minus lm_head)
-TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM wraps the HF model twice
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _ADAPTER_PREFIXES = ("lora_a/", "lora_b/")
@@ -55,44 +55,6 @@ class LoraSpec:
 
 
 # ---- from the run config ---------------------------------------------------------------------------------------
-
-
-def resolve_targets(target_modules: Any) -> tuple[str, ...]:
-    """`all-linear` or a list of HF module names -> the names in layer order; unknown names raise."""
-    if target_modules == "all-linear":
-        return TARGET_MODULES
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules or [])
-    unknown = [n for n in names if n not in TARGET_MODULES]
-    if unknown:
-        raise ValueError(
-            f"model.target_modules: unknown module(s) {unknown}; allowed: all-linear or a list of "
-            f"{', '.join(TARGET_MODULES)}"
-        )
-    if not names:
-        raise ValueError("model.lora_rank > 0 but model.target_modules names no module: list some, or all-linear")
-    return tuple(n for n in TARGET_MODULES if n in names)
-
-
-def enabled(run_model) -> bool:
-    """LoRA is on with model.lora_rank > 0 or a starting adapter (model.lora_adapter_path)."""
-    return run_model.lora_rank > 0 or bool(run_model.lora_adapter_path)
-
-
-def check_run_config(run_model) -> None:
-    """The cheap checks of the LoRA keys of the run config's model section (jsft.config.validate)."""
-    if run_model.lora_rank < 0:
-        raise ValueError(f"model.lora_rank={run_model.lora_rank} must be >= 0 (0 = full fine-tuning)")
-    if run_model.frozen_param_dtype and not enabled(run_model):
-        raise ValueError("model.frozen_param_dtype applies to LoRA only: set model.lora_rank > 0, or remove it")
-    if run_model.frozen_param_dtype not in (None, "float32", "bfloat16", "float16"):
-        raise ValueError(
-            f"model.frozen_param_dtype={run_model.frozen_param_dtype!r}; allowed: float32, bfloat16, float16"
-        )
-    if not enabled(run_model):
-        return
-    if run_model.lora_alpha <= 0:
-        raise ValueError(f"model.lora_alpha={run_model.lora_alpha} must be > 0")
-    spec_from_run_config(run_model)
 
 
 def spec_from_run_config(run_model) -> Optional[LoraSpec]:
@@ -300,8 +262,3 @@ def spec_to_json(spec: Optional[LoraSpec]) -> Optional[dict]:
 
 def spec_from_json(d: Optional[dict]) -> Optional[LoraSpec]:
     return None if d is None else LoraSpec(**{**d, "targets": tuple(d["targets"])})
-
-
-def num_adapter_params(cfg: ModelConfig, spec: LoraSpec) -> int:
-    """Trainable parameters: r * (in + out) per adapted projection and layer."""
-    return sum(int(np.prod(k.hf_shape)) for k in adapter_keys(cfg, spec)) * cfg.num_layers

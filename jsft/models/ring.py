@@ -3,7 +3,7 @@ without splitting heads (so any head count works, and S may exceed the heads).
 
 Each of the S devices of a sequence group keeps its T/S queries; the KV blocks (keys, values and their
 segment ids and positions) travel around the ring with `ppermute`, one hop per step. At step t device d
-holds the block of device d - t, attends its queries to it (attention.py's block_fwd: only the block's
+holds the block of device d - t, attends its queries to it (blockwise.py's block_fwd: only the block's
 live tiles, so a block the mask hides entirely costs no matmul) and merges the result into its running
 output with an online log-sum-exp:
 
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from jsft.models import attention as A
+from jsft.models import blockwise as A
 from jsft.sharding import ACTIVATION_RULES
 
 AXIS = ACTIVATION_RULES["length"][0]  # the mesh axis a row's tokens are split over

@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
+from jsft.config import SEQUENCE_PARALLEL_MODES as MODES
+from jsft.config import check_ring_length as check_length  # noqa: F401 (the ring length rule, as this module names it)
 from jsft.models import ulysses
-
-MODES = ("auto", "ulysses", "ring")
 
 
 def choose(mode: str, num_heads: int, num_kv_heads: int, s: int) -> str:
@@ -25,13 +25,6 @@ def choose(mode: str, num_heads: int, num_kv_heads: int, s: int) -> str:
     return "ulysses"
 
 
-def check_length(choice: str, row_length: int, s: int, key: str) -> None:
-    """Ring rows are cut into 2S zigzag chunks: the row length must be a multiple of 2S (before any work)."""
-    if choice == "ring" and s > 1 and row_length % (2 * s):
-        raise ValueError(f"{key}={row_length} must be a multiple of 2 x trainer.mesh.sequence = {2 * s} with ring "
-                         f"attention (each row is cut into 2S chunks for the causal load balance)")
-
-
 def describe(mode: str, choice: str, num_heads: int, num_kv_heads: int, s: int, attention_impl: str) -> str:
     """The line printed with the mesh: what runs and why."""
     why = {"auto": (f"auto: S={s} splits {num_heads}/{num_kv_heads} heads" if choice == "ulysses"
@@ -43,19 +36,3 @@ def describe(mode: str, choice: str, num_heads: int, num_kv_heads: int, s: int, 
         if attention_impl != "blockwise":  # the kernels return no log-sum-exp to merge blocks with
             text += f"; each KV block attends with blockwise (attention_impl={attention_impl} serves generation only)"
     return text
-
-
-def for_run(cfg, model_cfg) -> tuple[str, str]:
-    """(choice, the line printed with the mesh; "" at S=1) for a run config and its model; raises before any work."""
-    from jsft.config import row_length, sequence_parallel_size  # noqa: PLC0415 (the run config's S, alias included)
-
-    s, mode = sequence_parallel_size(cfg), cfg.trainer.sequence_parallel
-    choice = choose(mode, model_cfg.num_heads, model_cfg.num_kv_heads, s)
-    key, row = row_length(cfg)
-    check_length(choice, row, s, key)
-    if s == 1:
-        return choice, ""
-    from jsft.models.attention import resolve_impl  # noqa: PLC0415 (attention imports ulysses, as this module)
-
-    impl = resolve_impl(cfg.model.attention_impl, cfg.model.dtype)
-    return choice, describe(mode, choice, model_cfg.num_heads, model_cfg.num_kv_heads, s, impl)

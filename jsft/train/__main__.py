@@ -8,6 +8,10 @@ it trains a small model from scratch to call tools, on CPU in minutes.
 Keys follow veRL's SFT trainer (model.path, data.train_files, data.train_batch_size, optim.lr, trainer.*);
 see docs/training.md. A short summary is printed; the resolved config is saved as
 <trainer.default_local_dir>/config.yaml (--print-config prints it whole).
+
+With several processes (jax.distributed), a process that fails prints its error and exits at once, without
+the shutdown barrier of jax.distributed: the others then fail at their next collective instead of waiting
+for its deadline, so every process stops promptly and the error is in the failing process's output.
 """
 
 from __future__ import annotations
@@ -15,7 +19,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from typing import Optional, Sequence
+
+import jax
+
+from jsft import distributed
+from jsft.config import DEFAULT_CONFIG, RunConfig, load_config, to_yaml
+from jsft.demo.job import build_trainer as build_demo_trainer
+from jsft.train.console import config_summary
+from jsft.train.loop import Trainer, log
 
 # errors a user can fix from the message alone: printed as one line, exit status 2, no traceback
 _USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError)
@@ -33,8 +46,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="dotted overrides of config keys, e.g. optim.lr=1e-5 data.train_files=train.jsonl")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
 
-    from jsft.config import DEFAULT_CONFIG, load_config, to_yaml
-
     names_a_model = any(o.split("=", 1)[0].strip() in ("model.path", "model.init") or o.startswith("model.init.")
                         for o in args.overrides)
     config = args.config or (None if names_a_model else DEFAULT_CONFIG)
@@ -42,27 +53,45 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(config, args.overrides)
     except (ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from jsft import distributed
-    from jsft.train.console import config_summary
-    from jsft.train.loop import Trainer, log
+        return _exit(2)
+    try:
+        return _exit(_train(cfg, args.print_config))
+    except BaseException:
+        if not distributed.several_processes():
+            raise
+        traceback.print_exc()
+        return _exit(1)
 
-    build = Trainer
-    if cfg.demo.enabled:  # the demo job: its data generator and episode hook around the same trainer
-        from jsft.demo.job import build_trainer as build
 
+def _train(cfg: RunConfig, print_config: bool) -> int:
+    # the demo job: its data generator and episode hook around the same trainer
+    build = build_demo_trainer if cfg.demo.enabled else Trainer
     try:
         distributed.initialize()  # before anything touches a jax backend
-        log(to_yaml(cfg) if args.print_config else "config (whole: config.yaml in the run dir, or --print-config):\n"
+        log(to_yaml(cfg) if print_config else "config (whole: config.yaml in the run dir, or --print-config):\n"
             + config_summary(cfg))
         trainer = build(cfg)
     except _USER_ERRORS as e:
         if os.environ.get("JSFT_TRACEBACK"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e}" + _which_process(), file=sys.stderr)
         return 2
     trainer.run()
     return 0
+
+
+def _which_process() -> str:
+    return f" (process {jax.process_index()} of {jax.process_count()})" if distributed.several_processes() else ""
+
+
+def _exit(code: int) -> int:
+    """`code`, or with several processes and a failure: exit now, skipping jax.distributed's shutdown barrier
+    (it would wait for processes that wait in a collective for this one, until its deadline)."""
+    if code and distributed.several_processes():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -34,11 +34,11 @@ from typing import Optional, Sequence
 import numpy as np
 
 from jsft import distributed
+from jsft.config import LOSS_AGG_MODES
 from jsft.data.pipeline import StepBatch
 from jsft.models.ring import zigzag_order
 
 ROW_FIELDS = ("input_ids", "segment_ids", "positions")
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
 @dataclass

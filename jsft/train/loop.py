@@ -1,6 +1,7 @@
 """The training loop. Reads top to bottom as the data flow:
 
-    config -> mesh -> tokenizer + data -> model + optimizer -> (resume) -> steps -> checkpoints -> export
+    config -> set-up (tokenizer, model config, mesh, remat: train/setup.py) -> data -> model + optimizer
+        -> (resume) -> steps -> checkpoints -> export
 
 Every process runs this same code; only process 0 writes logs, metrics and run files.
 """
@@ -24,26 +25,22 @@ from jsft.data import fingerprint
 from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
 from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
-from jsft.data.tokenizer import describe_stop_tokens, load_tokenizer, stop_token_ids, stop_tokens
+from jsft.data.tokenizer import describe_stop_tokens
 from jsft.eval.generation import GenerationValidation
-from jsft.models import lora, sequence_parallel
-from jsft.models.config import ModelConfig
+from jsft.models import lora
+from jsft.models.hf_export import generation_config, model_card
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import sequence_size
 from jsft.train import checkpoint as ckpt
-from jsft.train import remat
 from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.console import fmt, run_info_table, wrap
-from jsft.train.feeders import mesh_feeders
-from jsft.train.hf_export import generation_config, model_card
 from jsft.train.inflight import InFlightStep
-from jsft.train.mesh import run_mesh
 from jsft.train.metrics import MetricsLogger
 from jsft.train.optim import make_optimizer
 from jsft.train.perf import device_peak_flops
 from jsft.train.run_info import run_info
+from jsft.train.setup import RunSetup, resolve
 from jsft.train.step import TrainStep
-
 
 def log(msg: str) -> None:
     if distributed.is_main():
@@ -101,7 +98,11 @@ class Trainer:
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
         distributed.check_shared_directory(self.run_dir, "trainer.default_local_dir")  # before anything writes there
         _check_paths(cfg)
-        self.mesh = run_mesh(cfg, log)  # auto (HSDP) or checked: before any data or weights
+        self.setup: RunSetup = resolve(cfg, log)  # tokenizer, model config, mesh, remat: once, before data and weights
+        self.mesh, self.tokenizer, self.feeders = self.setup.mesh, self.setup.tokenizer, self.setup.feeders
+        self.lora, self.sequence_parallel = self.setup.lora, self.setup.sequence_parallel  # None: full fine-tuning
+        self.remat_choice, self.stop_tokens = self.setup.remat_choice, self.setup.stop_tokens
+        self._compiled_shapes: set = set()  # distinct micro-batch shapes dispatched: one compiled step each
         self._build_data()
         self._build_model()
         # only now, so that a run refused at start-up leaves no run directory behind
@@ -111,10 +112,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template,
-                                        stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
         log(describe_stop_tokens(self.tokenizer))
-        self.feeders = mesh_feeders(self.mesh)  # rows per feeder: devices off `sequence` (jsft/train/feeders.py)
         where = dict(process_index=jax.process_index(), process_count=jax.process_count(),
                      local_devices=self.feeders.row_blocks, feeder=(self.feeders.index, self.feeders.count))
         fingerprint.check_hosts_agree(fingerprint.inputs(cfg.data, self.tokenizer))  # before tokenizing
@@ -133,35 +131,19 @@ class Trainer:
             f"training for {self.total_steps} steps; loss_agg_mode={cfg.trainer.loss_agg_mode}")
 
     def _build_model(self) -> None:
-        cfg = self.cfg
-        self.lora = lora.spec_from_run_config(cfg.model)  # None: full fine-tuning
-        if self.lora and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
-            lora.check_adapter(cfg.model.lora_adapter_path, ModelConfig.from_pretrained(cfg.model.path), self.lora)
-        model_cfg = (ModelConfig.from_pretrained(cfg.model.path) if cfg.model.path
-                     else random_init_config(cfg.model.init, self.tokenizer))
-        remat_policy, self.remat_choice = remat.resolve(cfg, model_cfg, self.mesh, log)  # auto: by compiled memory
-        self.sequence_parallel, _ = sequence_parallel.for_run(cfg, model_cfg)  # ulysses | ring (printed with the mesh)
-        kwargs = dict(
-            dtype=cfg.model.dtype, param_dtype=lora.base_param_dtype(cfg.model), mesh=self.mesh,
-            remat_policy=remat_policy, attention_impl=cfg.model.attention_impl, sequence_parallel=self.sequence_parallel,
-        )
+        cfg, run = self.cfg, self.setup
         if cfg.model.path:
-            self.model = jm.from_pretrained(cfg.model.path, **kwargs)
+            self.model = jm.from_pretrained(cfg.model.path, **run.model_kwargs())
         else:
-            self.model = jm.init_model(model_cfg, seed=cfg.trainer.seed, **kwargs)
+            model_cfg = run.model_config
+            self.model = jm.init_model(model_cfg, seed=cfg.trainer.seed, **run.model_kwargs())
             log(f"random init: {model_cfg.model_type}, {model_cfg.num_layers} layers, hidden {model_cfg.hidden_size}, "
                 f"{model_cfg.num_heads}/{model_cfg.num_kv_heads} heads, vocab {model_cfg.vocab_size}")
-        if len(self.tokenizer) > self.model.config.vocab_size:
-            raise ValueError(
-                f"the tokenizer has {len(self.tokenizer)} tokens but the model's vocab_size is "
-                f"{self.model.config.vocab_size}: they do not belong together"
-            )
         if self.lora:
             self.model = lora.attach(self.model, self.lora, mesh=self.mesh, seed=cfg.trainer.seed,
                                      adapter_path=cfg.model.lora_adapter_path)
             log(f"LoRA {self.lora}: {len(lora.trainable_names(self.model))} adapter tensors trained, the base frozen")
-        self.stop_tokens = stop_tokens(self.tokenizer)
-        self.generation_config = generation_config([cfg.model.path, cfg.data.tokenizer], stop_token_ids(self.tokenizer),
+        self.generation_config = generation_config([cfg.model.path, cfg.data.tokenizer], run.stop_token_ids,
                                                    self.model.config)
         self.optimizer = make_optimizer(cfg.optim, self.total_steps)
         self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size,
@@ -228,6 +210,7 @@ class Trainer:
                          multiple=sequence_size(self.mesh), leaders=self.feeders.leaders,
                          zigzag=self.sequence_parallel == "ring", rows_per_device=self.train_data.layout.rows_per_device)
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
+        self._compiled_shapes.update(tuple(x.shape for x in jax.tree.leaves(b)) for b in device_batches)
         self.params, self.opt_state, loss, stats = self.step_fn.train_step_stats(self.params, self.opt_state, device_batches)
         mean_len = g.tokens / max(g.samples, 1)
         host = {
@@ -237,7 +220,7 @@ class Trainer:
             "train/target_token_ratio": g.target_tokens / max(g.tokens, 1),
             "train/samples": g.samples,
             "train/micro_batches": len(g.micro_batches),
-            "train/compiled_shapes": self.step_fn.compiled_programs(),  # grows when a step compiled a new shape
+            "train/compiled_shapes": len(self._compiled_shapes),  # grows when a step compiled a new shape
             "train/padding_efficiency": g.tokens / max(g.computed_tokens, 1),
         }
         flops = self.model.config.flops_per_token(mean_len) * g.tokens
@@ -325,7 +308,7 @@ class Trainer:
             metrics_logger.close()
             stop.restore()
         if t.export_hf and last.get("step") == self.total_steps:
-            model = self.export_model()
+            model = self.trained_model()
             if self.lora:
                 adapter = lora.save_adapter(model, self.run_dir / "adapter", base_model_name_or_path=cfg.model.path)
                 log(f"exported PEFT adapter to {adapter}")
@@ -355,7 +338,8 @@ class Trainer:
         lines += [f"  {name:<14} {what}" for name, what in items if (d / name).exists()]
         return "\n".join(lines)
 
-    def export_model(self):
+    def trained_model(self):
+        """The model with the current (trained) parameters."""
         return replace_params(self.model, self.params)
 
     def _check_skips(self, n: int) -> None:
@@ -367,16 +351,6 @@ class Trainer:
                 f"{limit}); aborting. Check the data (inspect it with python -m jsft.inspect), lower optim.lr, "
                 "or use model.dtype=float32"
             )
-
-
-def random_init_config(init: dict, tokenizer) -> ModelConfig:
-    """model.init (HF config fields) completed from the tokenizer: vocab rounded up to 64, special ids."""
-    fields = dict(init)
-    fields.setdefault("vocab_size", -(-len(tokenizer) // 64) * 64)
-    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
-        if getattr(tokenizer, name, None) is not None:
-            fields.setdefault(name, getattr(tokenizer, name))
-    return ModelConfig.from_init(fields)
 
 
 def _check_paths(cfg: RunConfig) -> None:

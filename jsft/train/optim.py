@@ -115,8 +115,3 @@ def consecutive_skips(opt_state: Any) -> jax.Array:
 def current_lr(opt_state: Any) -> jax.Array:
     """The lr applied by the last `update` (schedule(0) before the first): train/lr."""
     return _get(opt_state, "hyperparams")["learning_rate"]
-
-
-def optimizer_step(opt_state: Any) -> jax.Array:
-    """Optimizer steps taken (skipped ones included): the schedule's position."""
-    return _get(opt_state, "InjectStatefulHyperparamsState").count

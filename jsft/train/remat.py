@@ -2,12 +2,14 @@
 
 Candidates in order of recompute cost: none (nothing recomputed), dots_saveable (matmul outputs kept,
 the cheap element-wise rest recomputed), full (each decoder layer recomputed in the backward pass). Each is
-compiled from abstract shapes by jsft.plan (the trainer's own micro-step and update, on the run's mesh, for
-its largest micro-batch), cheapest first, stopping at the first whose peak fits HEADROOM x the device's
-memory. The optimizer update does not depend on the policy, so it is compiled once.
+compiled from abstract shapes by the memory planner (jsft/train/planner.py: the trainer's own micro-step and
+update, on the run's mesh, for its largest micro-batch), cheapest first, stopping at the first whose peak
+fits HEADROOM x the device's memory. The optimizer update does not depend on the policy, so it is compiled
+once. This module holds the choice; the run's set-up (jsft/train/setup.py) calls it once.
 
-The device's memory: trainer.device_memory when set; else jax's `bytes_limit` (GPU/TPU: what jax may
-allocate, 75% of a GPU by default); on CPU the host's available RAM split over the local devices.
+The device's memory: trainer.device_memory when set; else jax's `bytes_limit` of this process's first
+device (GPU/TPU: what jax may allocate, 75% of a GPU by default); on CPU the host's available RAM split over
+the local devices.
 veRL's switch keeps its meaning: model.enable_gradient_checkpointing=true means full (or the explicit
 remat_policy), false means none; left unset (null), remat_policy decides.
 """
@@ -19,7 +21,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
-CANDIDATES = ("none", "dots_saveable", "full")  # cheapest recompute first
+from jsft.config import REMAT_POLICIES, parse_bytes
+
+CANDIDATES = REMAT_POLICIES  # cheapest recompute first
 HEADROOM = 0.9  # share of the device memory a plan may fill: XLA's estimate vs. fragmentation and runtime buffers
 
 
@@ -33,33 +37,18 @@ def explicit_policy(model_section) -> Optional[str]:
     return "full" if checkpointing else None
 
 
-def check_run_config(model_section, trainer_section) -> None:
-    """veRL's switch and jsft's policy must not contradict each other; trainer.device_memory must read."""
-    from jsft.plan import parse_bytes
-
-    if model_section.enable_gradient_checkpointing is True and model_section.remat_policy == "none":
-        raise ValueError("model.enable_gradient_checkpointing=true contradicts model.remat_policy=none: "
-                         "drop one of them (or set enable_gradient_checkpointing=false)")
-    if trainer_section.device_memory is not None:
-        try:
-            parse_bytes(str(trainer_section.device_memory))
-        except ValueError as e:
-            raise ValueError(f"trainer.device_memory: {e}") from None
-
-
-def device_memory(setting: Optional[str], devices) -> tuple[int, str]:
-    """(bytes one device may use, where the figure comes from)."""
-    from jsft.plan import parse_bytes
-
+def device_memory(setting: Optional[str], local_devices) -> tuple[int, str]:
+    """(bytes one device may use, where the figure comes from). `local_devices`: this process's devices
+    (jax.local_devices(); jax refuses memory_stats of another process's device)."""
     if setting:
         return parse_bytes(setting), f"trainer.device_memory={setting}"
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    first = local_devices[0]
+    stats = first.memory_stats() if hasattr(first, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
-        return int(stats["bytes_limit"]), f"{devices[0].platform} bytes_limit"
+        return int(stats["bytes_limit"]), f"{first.platform} bytes_limit"
     # CPU: no limit from jax; the RAM available now, shared by this host's (possibly fake) devices
-    available = _available_ram()
-    local = sum(1 for d in devices if d.process_index == devices[0].process_index)
-    return available // local, f"host available RAM / {local} local device(s)"
+    local = len(local_devices)
+    return _available_ram() // local, f"host available RAM / {local} local device(s)"
 
 
 def _available_ram() -> int:
@@ -103,43 +92,3 @@ def choose(peak_of: Callable[[str], int], budget_bytes: int, memory_source: str)
         if peaks[policy] <= budget_bytes:
             return RematChoice(policy, budget_bytes, memory_source, peaks, time.perf_counter() - t0)
     return RematChoice("full", budget_bytes, memory_source, peaks, time.perf_counter() - t0, fits=False)
-
-
-def choose_for_run(cfg, model_cfg, mesh, budget: Optional[int] = None, update: bool = True) -> RematChoice:
-    """Compile the run's step (jsft.plan) per candidate until one fits `budget` (default: HEADROOM x the
-    device memory, the smallest of all hosts, so that every host takes the same choice). `update`: also
-    compile the optimizer update (once, with the first candidate), as jsft.plan.plan_run."""
-    from jsft import distributed
-    from jsft.plan import plan_run
-
-    if budget is None:
-        memory, source = device_memory(cfg.trainer.device_memory, list(mesh.devices.flat))
-        smallest = int(distributed.all_hosts([memory >> 20]).min())  # in MiB: all_hosts carries int32
-        memory = min(memory, (smallest + 1) << 20)  # lowered only where another host has less
-        budget, source = int(HEADROOM * memory), f"{HEADROOM:.0%} of {source}"
-    else:
-        source = "the given budget"
-    update_temp, plans = {}, {}
-
-    def peak_of(policy: str) -> int:
-        plan, about = plan_run(cfg, model_cfg, mesh, policy, update=update and not update_temp)
-        update_temp.setdefault("bytes", plan.update_temp)  # compiled with the first candidate only
-        plan.update_temp = update_temp["bytes"]
-        plans[policy] = plan, about
-        return plan.peak
-
-    choice = choose(peak_of, int(budget), source)
-    # the very programs the run compiles: run_info and jsft.plan take them from here, no second compile
-    choice.plan = plans[choice.policy]
-    choice.step_memory = choice.plan[0].step_memory
-    return choice
-
-
-def resolve(cfg, model_cfg, mesh, log: Callable[[str], None]) -> tuple[str, Optional[RematChoice]]:
-    """(the run's remat policy, the auto choice behind it or None when the config fixed it)."""
-    policy = explicit_policy(cfg.model)
-    if policy is not None:
-        return policy, None
-    choice = choose_for_run(cfg, model_cfg, mesh)
-    log(choice.describe())
-    return choice.policy, choice

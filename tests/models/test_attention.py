@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jsft.models import attention as A
+from jsft.models import blockwise as B
 from jsft.sharding import make_mesh
 
 N, K, H = 4, 2, 16  # GQA: two query heads per kv head
@@ -88,7 +89,7 @@ def test_only_tiles_with_a_visible_key_are_visited(split):
     # rows with sample boundaries inside tiles, padding, and whole tiles inside one sample (row 1: 50 tokens)
     seg, pos = packed_ids([[30, 17, 21], [50]], 80)
     ids = (seg, seg, pos, pos)
-    full, n_full, part, n_part = A._live_pairs(ids, 8, 8, split)
+    full, n_full, part, n_part = B._live_pairs(ids, 8, 8, split)
     visible = np.asarray(A.attention_mask(*ids))  # [B, 80, 80]
     tiles = visible.reshape(2, 10, 8, 10, 8)
     expected_full = tiles.all(axis=(0, 2, 4))  # every element visible in every row: no mask needed
@@ -103,7 +104,7 @@ def test_only_tiles_with_a_visible_key_are_visited(split):
     assert covered.max() == 1 and np.all(covered[visible.any(axis=0)] == 1)
     assert covered.sum() < covered.size // 2
     if split == 2:  # sub-tiles skip the dead half of diagonal tiles
-        whole = A._live_pairs(ids, 8, 8, 1)
+        whole = B._live_pairs(ids, 8, 8, 1)
         assert covered.sum() < 64 * (int(whole[1]) + int(whole[3]))
 
 
@@ -116,8 +117,8 @@ def test_blockwise_with_sub_tiles_matches_reference(block, split, monkeypatch):
     monkeypatch.setattr(A, "PARTIAL_SPLIT", split)
     seg, pos = packed_ids([[70, 20], [96]], 96)
     ids = (seg, seg, pos, pos)
-    assert A._split(block, block) == split
-    _, n_full, _, n_part = A._live_pairs(ids, block, block, split)
+    assert B._split(block, block) == split
+    _, n_full, _, n_part = B._live_pairs(ids, block, block, split)
     assert int(n_full) > 0 and int(n_part) > 0
     q, k, v = qkv(2, 96, 96, seed=5)
     assert_matches(ids, q, k, v, block)

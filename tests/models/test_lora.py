@@ -77,7 +77,7 @@ def test_fresh_adapters_init_as_peft_and_shard_like_the_base(tiny_hf):
     assert params["lora_a/down_proj"].sharding.spec == P(None, "fsdp", None)  # mlp
     assert params["lora_b/down_proj"].sharding.spec == P(None, None, "fsdp")  # embed
     assert lora.trainable_names(model) == sorted(n for n in params if lora.is_adapter(n))
-    assert sum(params[n].size for n in lora.trainable_names(model)) == lora.num_adapter_params(model.config, spec)
+    assert sum(params[n].size for n in lora.trainable_names(model)) == sum(int(np.prod(k.hf_shape)) for k in lora.adapter_keys(model.config, spec)) * model.config.num_layers
 
 
 def _random_adapters(model, seed=0):

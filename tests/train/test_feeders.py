@@ -10,7 +10,7 @@ import pytest
 
 from jsft.config import load_config
 from jsft.sharding import MESH_AXES, make_mesh
-from jsft.train import mesh as run_mesh_module
+from jsft.train import setup as run_mesh_module
 from jsft.train.feeders import Feeders, mesh_feeders, row_feeders
 
 

@@ -2,6 +2,7 @@
 and transformers; only the adapters move and hold optimizer state; resume is exact; the export CLI."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -139,11 +140,12 @@ def test_lora_config_errors_name_the_key(sft_setup, tmp_path):
         cfg(**{"model.lora_rank": -1})
     with pytest.raises(ValueError, match="frozen_param_dtype applies to LoRA only"):
         cfg(**{"model.frozen_param_dtype": "bfloat16"})
+    # the starting adapter's files are read by the run's set-up (spec_from_run_config), before any weight
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
-        cfg(**{"model.lora_adapter_path": str(tmp_path)})
+        lora.spec_from_run_config(cfg(**{"model.lora_adapter_path": str(tmp_path)}).model)
     _peft_adapter(sft_setup["model"], tmp_path / "r8")
     with pytest.raises(ValueError, match="model.lora_rank=4 but the adapter .* has r=8"):
-        cfg(**{"model.lora_adapter_path": str(tmp_path / "r8"), "model.lora_rank": 4})
+        lora.spec_from_run_config(cfg(**{"model.lora_adapter_path": str(tmp_path / "r8"), "model.lora_rank": 4}).model)
 
 
 def test_plan_shows_adapter_sized_gradients_and_optimizer_state(tmp_path):
@@ -159,7 +161,7 @@ def test_plan_shows_adapter_sized_gradients_and_optimizer_state(tmp_path):
     result, about = plan.make_plan(cfg)
     model_cfg = ModelConfig.from_pretrained(str(tmp_path))
     spec = lora.spec_from_run_config(cfg.model)
-    n = lora.num_adapter_params(model_cfg, spec)
+    n = sum(math.prod(k.hf_shape) for k in lora.adapter_keys(model_cfg, spec)) * model_cfg.num_layers
     assert result.trainable_count == n == 4 * 8 * ((64 + 64) + (64 + 32) + (128 + 64))
     assert n * 4 / 8 <= result.grad_accumulator <= n * 4  # fp32 adapters, sharded where the table can
     assert 2 * result.grad_accumulator <= result.opt_state < 2 * result.grad_accumulator + 1024  # Adam's moments

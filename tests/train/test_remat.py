@@ -6,10 +6,9 @@ import pytest
 import transformers
 
 from jsft.config import load_config
-from jsft.models.config import ModelConfig
 from jsft.train import remat
 from jsft.train.loop import train
-from jsft.train.mesh import run_mesh
+from jsft.train.setup import resolve
 
 from jsft_testing import sft_overrides
 
@@ -66,8 +65,7 @@ def test_the_budget_decides_between_the_compiled_peaks(config_only):
     def choose(memory):
         cfg = cfg_with(**{"model.path": config_only, "model.dtype": "float32", "data.max_length": 256,
                           "data.micro_batch_size_per_gpu": 1, "trainer.device_memory": memory})
-        model_cfg = ModelConfig.from_pretrained(config_only)
-        return remat.choose_for_run(cfg, model_cfg, run_mesh(cfg, model_cfg=model_cfg))
+        return resolve(cfg, tokenizer=False).remat_choice  # the set-up compiles the candidates (planner.choose_remat)
 
     tiny = choose("1KiB")
     assert tiny.policy == "full" and not tiny.fits and list(tiny.peaks) == list(remat.CANDIDATES)

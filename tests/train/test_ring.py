@@ -77,7 +77,7 @@ def test_zigzag_balances_the_live_tiles():
     """One causal row of 1024 tokens at S=4, 64-token tiles: the live (query tile, key tile) pairs each
     device visits over the ring. Contiguous: device 3 does 5.8x device 0's work (and the ring waits for it);
     zigzag: all equal, 34 = 136 / 4."""
-    from jsft.models.attention import _live_pairs
+    from jsft.models.blockwise import _live_pairs
 
     def per_device(order, s=4, tile=64):
         pos = np.asarray(order, np.int32).reshape(s, -1)
@@ -118,7 +118,7 @@ def test_run_mesh_prints_the_choice_and_checks_auto_ring_lengths():
     """auto -> ring is known once the heads are: the 2S length check runs at start, before any data."""
     from jsft.config import load_config
     from jsft.models.sequence_parallel import describe
-    from jsft.train.mesh import run_mesh
+    from jsft.train.setup import run_mesh
 
     init = "model.init={model_type: qwen2, vocab_size: 64, hidden_size: 48, num_attention_heads: 6, num_key_value_heads: 2}"
     lines = []

@@ -1,0 +1,192 @@
+"""The run's set-up: what a run config implies, resolved once, before any data is read or weight exists.
+
+    cfg -> tokenizer (+ stop tokens) -> model config -> LoRA spec -> sequence-parallel choice -> mesh
+        -> feeders + batch layout -> device memory -> remat policy (auto: compiled by the planner)
+
+`resolve` returns a frozen `RunSetup` that the trainer (jsft/train/loop.py), `python -m jsft.plan`,
+`python -m jsft.export` and `python -m jsft.inspect` read; nothing downstream resolves any of it again.
+The mesh decisions live here (which mesh, checked against the parameter shapes and the heads, and which
+processes feed which rows); jsft/sharding.py holds the axis table and builds a mesh of given sizes.
+
+    trainer.mesh: auto            -> the largest fsdp that divides the devices and shards every large tensor,
+                                     the rest on data (HSDP), printed with the reason
+    trainer.mesh: {data: 3, fsdp: 8} -> used as given; a large tensor it cannot shard stops the run here
+    trainer.mesh.sequence=4          -> (or ulysses_sequence_parallel_size=4) each row's tokens over 4 devices,
+                                     data/fsdp as above over the rest; Ulysses, or ring where 4 cannot split the heads;
+                                     a group may span processes (jsft/train/feeders.py says who feeds which rows)
+
+A new mesh axis (e.g. `expert`) is added to jsft/sharding.py's table and chosen here, next to `sequence`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import jax
+from jax.sharding import Mesh
+
+from jsft.config import RunConfig, row_length, sequence_parallel_size
+from jsft.data.pipeline import BatchLayout
+from jsft.data.tokenizer import load_tokenizer, stop_token_ids, stop_tokens
+from jsft.models import lora, sequence_parallel
+from jsft.models.attention import resolve_impl
+from jsft.models.config import ModelConfig
+from jsft.models.params import param_layout
+from jsft.sharding import AUTO, make_mesh
+from jsft.train import planner, remat
+from jsft.train.feeders import Feeders, mesh_feeders
+
+Log = Optional[Callable[[str], None]]
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """Everything the run config implies that a run needs before data and weights."""
+
+    cfg: RunConfig
+    model_config: ModelConfig
+    tokenizer: Any  # None where the caller needs none (jsft.plan of a model.path or a model.init with vocab_size)
+    stop_tokens: tuple[str, ...]  # texts generation stops on (data.stop_tokens, generation_config.json or EOS)
+    stop_token_ids: tuple[int, ...]
+    lora: Optional[lora.LoraSpec]  # None: full fine-tuning
+    sequence_parallel: str  # ulysses | ring: attention over rows split on the `sequence` axis
+    mesh: Mesh  # {data, fsdp, sequence} over all devices
+    feeders: Feeders  # which processes feed which micro-batch rows
+    layout: BatchLayout  # a feeder's micro-batch: rows and row length
+    device_memory: tuple[int, str]  # bytes of one of this process's devices, and where the figure comes from
+    remat_policy: str  # none | dots_saveable | full (auto resolved)
+    remat_choice: Optional[remat.RematChoice]  # model.remat_policy=auto's compiled figures; None when fixed
+
+    @property
+    def param_dtype(self) -> str:
+        """The dtype the (frozen) base parameters are stored in."""
+        return lora.base_param_dtype(self.cfg.model)
+
+    def model_kwargs(self) -> dict:
+        """What jsft.models.from_pretrained / init_model take from the run."""
+        m = self.cfg.model
+        return dict(dtype=m.dtype, param_dtype=self.param_dtype, mesh=self.mesh, remat_policy=self.remat_policy,
+                    attention_impl=m.attention_impl, sequence_parallel=self.sequence_parallel)
+
+
+def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: Optional[int] = None,
+            update: bool = True) -> RunSetup:
+    """The run's set-up, each part once. `tokenizer=False` (jsft.plan) loads one only where model.init needs
+    its vocab size. `budget` / `update`: model.remat_policy=auto's budget (default: the device memory) and
+    whether it also compiles the optimizer update (planner.choose_remat)."""
+    tok = run_tokenizer(cfg) if tokenizer else None
+    model_cfg = model_config(cfg, tok)
+    if tok is not None and len(tok) > model_cfg.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {model_cfg.vocab_size}: "
+                         "they do not belong together")
+    spec = lora.spec_from_run_config(cfg.model)  # reads a starting adapter's adapter_config.json
+    if spec and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
+        lora.check_adapter(cfg.model.lora_adapter_path, model_cfg, spec)
+    seq_choice, seq_line = sequence_parallel_choice(cfg, model_cfg)
+    mesh = run_mesh(cfg, log, model_cfg, seq_line)
+    feeders = mesh_feeders(mesh)
+    policy = remat.explicit_policy(cfg.model)
+    run = RunSetup(
+        cfg=cfg, model_config=model_cfg, tokenizer=tok,
+        stop_tokens=stop_tokens(tok) if tok is not None else (),
+        stop_token_ids=tuple(stop_token_ids(tok)) if tok is not None else (),
+        lora=spec, sequence_parallel=seq_choice, mesh=mesh, feeders=feeders,
+        layout=BatchLayout.from_config(cfg.data, feeders.row_blocks),
+        # this process's devices: jax refuses memory_stats of another process's (jax.devices()[0] on process 1)
+        device_memory=remat.device_memory(cfg.trainer.device_memory, jax.local_devices()),
+        remat_policy=policy or "auto", remat_choice=None,
+    )
+    if policy is not None:
+        return run
+    choice = planner.choose_remat(run, budget, update)  # compiles the step per candidate
+    if log is not None:
+        log(choice.describe())
+    return dataclasses.replace(run, remat_policy=choice.policy, remat_choice=choice)
+
+
+def run_tokenizer(cfg: RunConfig, path: Optional[str] = None):
+    """The run's tokenizer: `path`, else data.tokenizer, else model.path; the chat template and stop tokens
+    as the config says."""
+    return load_tokenizer(path or cfg.data.tokenizer or cfg.model.path, cfg.data.chat_template,
+                          stop_tokens=cfg.data.stop_tokens, model_path=cfg.model.path)
+
+
+def model_config(cfg: RunConfig, tokenizer=None) -> ModelConfig:
+    """The decoder's config of a run: model.path's config.json (no weights read) or model.init, completed
+    from the tokenizer (loaded from data.tokenizer when model.init has no vocab_size and none is given)."""
+    if cfg.model.path:
+        return ModelConfig.from_pretrained(cfg.model.path)
+    if not cfg.model.init:
+        raise ValueError("nothing to plan: set model.path (a checkpoint directory), model.init or --preset")
+    init = dict(cfg.model.init)
+    if tokenizer is None and "vocab_size" in init:
+        return ModelConfig.from_init(init)
+    if tokenizer is None:
+        if not cfg.data.tokenizer:
+            raise ValueError("model.init has no vocab_size: set it, or data.tokenizer to take it from")
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    return random_init_config(init, tokenizer)
+
+
+def random_init_config(init: dict, tokenizer) -> ModelConfig:
+    """model.init (HF config fields) completed from the tokenizer: vocab rounded up to 64, special ids."""
+    fields = dict(init)
+    fields.setdefault("vocab_size", -(-len(tokenizer) // 64) * 64)
+    for name in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(tokenizer, name, None) is not None:
+            fields.setdefault(name, getattr(tokenizer, name))
+    return ModelConfig.from_init(fields)
+
+
+def sequence_parallel_choice(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[str, str]:
+    """(ulysses | ring, the line printed with the mesh; "" at S=1) for a run and its model; raises before any
+    work (explicit Ulysses on heads it cannot split, ring rows that do not cut into 2S chunks)."""
+    s, mode = sequence_parallel_size(cfg), cfg.trainer.sequence_parallel
+    choice = sequence_parallel.choose(mode, model_cfg.num_heads, model_cfg.num_kv_heads, s)
+    key, row = row_length(cfg)
+    sequence_parallel.check_length(choice, row, s, key)
+    if s == 1:
+        return choice, ""
+    impl = resolve_impl(cfg.model.attention_impl, cfg.model.dtype)
+    return choice, sequence_parallel.describe(mode, choice, model_cfg.num_heads, model_cfg.num_kv_heads, s, impl)
+
+
+def run_mesh(cfg: RunConfig, log: Log = None, model_cfg: Optional[ModelConfig] = None,
+             seq_line: Optional[str] = None) -> Mesh:
+    """trainer.mesh over all devices, chosen (auto) or checked for the run's parameter shapes and heads.
+    `log` receives the mesh line (with the sequence-parallel choice when S > 1)."""
+    model_cfg = model_cfg or model_config(cfg)
+    if seq_line is None:
+        _, seq_line = sequence_parallel_choice(cfg, model_cfg)
+    s = sequence_parallel_size(cfg)
+    log = log if log is None or s == 1 else (lambda line, log=log: log(f"{line}; {seq_line}"))
+    axes = cfg.trainer.mesh
+    if s > 1:  # the alias key, or trainer.mesh.sequence on top of auto / an explicit {data, fsdp}
+        axes = {**(axes if axes != AUTO else {}), "sequence": s}
+    mesh = make_mesh(axes, jax.devices(), params=param_layout(model_cfg), log=log)
+    try:  # processes that share rows (a sequence group spanning them) must share all of them
+        mesh_feeders(mesh)
+    except ValueError as e:
+        raise ValueError(f"trainer.mesh.sequence={s}: {e}; use trainer.mesh.sequence in "
+                         f"{_feedable_sizes(cfg.trainer.sequence_parallel, model_cfg)} (data/fsdp auto), which these processes can feed") from None
+    return mesh
+
+
+def checkpoint_mesh(model_cfg: ModelConfig) -> Mesh:
+    """The mesh a saved model is restored onto (jsft.export): auto for its parameter shapes, as training."""
+    return make_mesh(AUTO, params=param_layout(model_cfg))
+
+
+def _feedable_sizes(mode: str, model_cfg: ModelConfig) -> list[int]:
+    """The sequence sizes (data/fsdp auto) that `mode` supports for these heads and whose rows the processes can feed."""
+    out = []
+    for s in (s for s in range(1, jax.device_count() + 1) if jax.device_count() % s == 0):
+        try:
+            sequence_parallel.choose(mode, model_cfg.num_heads, model_cfg.num_kv_heads, s)
+            mesh_feeders(make_mesh({"sequence": s}, jax.devices(), params=param_layout(model_cfg)))
+        except ValueError:
+            continue
+        out.append(s)
+    return out
