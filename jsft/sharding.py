@@ -15,12 +15,15 @@ picks the largest F that divides the devices (over S) and shards every large ten
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+logger = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "sequence")
 AUTO = "auto"  # trainer.mesh value: choose {data, fsdp} from the parameter shapes (auto_mesh_shape)
@@ -289,16 +292,41 @@ def data_parallel_size(mesh: Mesh) -> int:
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]], via: Optional[Sequence[Optional[str]]] = None):
-    """Pin an activation's sharding at a block boundary when a mesh is active (`jax.set_mesh`) and the
-    batch divides the data-parallel devices; a no-op otherwise (single device, eager tests, generation's
-    single rows). `via`: a layout to pass through first (where it divides), which steers the backward's
-    resharding (see the embedding lookup in decoder.py)."""
+    """Pin an activation's sharding at a block boundary when a mesh is active (`jax.set_mesh`); a no-op
+    without one (single device, eager tests). A dimension its mesh axes do not divide (generation's single
+    rows, a decode step's one token on a sequence-split mesh) cannot be constrained: logged once per shape
+    and left to XLA, and an error for a tensor of MAX_UNCONSTRAINED_ELEMENTS or more, whose layout decides
+    the run's memory (a training micro-batch always divides: jsft/train/batch.py). `via`: a layout to pass
+    through first (where it divides), which steers the backward's resharding (the embedding lookup, decoder.py)."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not _divides(x, activation_spec(logical_axes), mesh):
+    if mesh.empty:
+        return x
+    spec = activation_spec(logical_axes)
+    if not _divides(x, spec, mesh):
+        _cannot_constrain(x, logical_axes, mesh)
         return x
     if via is not None and _divides(x, activation_spec(via), mesh):
         x = jax.lax.with_sharding_constraint(x, activation_spec(via))
-    return jax.lax.with_sharding_constraint(x, activation_spec(logical_axes))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+# an activation this large whose layout cannot be pinned is an error, not a note: replicated, it would
+# take a full copy on every device (1 GiB in fp32)
+MAX_UNCONSTRAINED_ELEMENTS = 1 << 28
+_reported: set = set()
+
+
+def _cannot_constrain(x, logical_axes, mesh) -> None:
+    sizes = {a: int(mesh.shape[a]) for a in mesh.axis_names}
+    what = (f"activation {list(x.shape)} {tuple(logical_axes)} cannot be split as "
+            f"{activation_spec(logical_axes)} over mesh {sizes}: a dimension is not a multiple of its devices")
+    if math.prod(x.shape) >= MAX_UNCONSTRAINED_ELEMENTS:
+        raise ValueError(what + "; make the batch rows a multiple of the data-parallel devices "
+                                "and the row length a multiple of trainer.mesh.sequence")
+    key = (tuple(x.shape), tuple(logical_axes), tuple(sorted(sizes.items())))
+    if key not in _reported:
+        _reported.add(key)
+        logger.info("%s; its layout is left to XLA", what)
 
 
 def _divides(x, spec: P, mesh) -> bool:

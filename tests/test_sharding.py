@@ -3,17 +3,19 @@ specs from the layout: no array, any device count)."""
 
 import math
 
+import jax
 import pytest
 
 from jsft import plan, sharding
 from jsft.config import load_config
 from jsft.models.params import param_layout
-from jsft.sharding import MAX_REPLICATED_ELEMENTS, auto_mesh_shape, check_layout, param_spec
+from jsft.sharding import MAX_REPLICATED_ELEMENTS, auto_mesh_shape, check_layout, make_mesh, param_spec
+from jsft.train.setup import model_config
 
 
 def layout_of(preset):
     cfg = load_config(None, [f"model.init={plan._yaml_inline(plan.PRESETS[preset])}"])
-    return param_layout(plan.model_config(cfg))
+    return param_layout(model_config(cfg))
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +91,27 @@ def test_mesh_values_are_checked():
                         ["trainer.mesh={" + ", ".join(f"{k}: {v}" for k, v in bad.items()) + "}"])
     assert load_config(None, []).trainer.mesh == "auto"
     assert sharding.mesh_sizes({"data": 3, "fsdp": -1}, 24) == {"data": 3, "fsdp": 8}
+
+
+def test_a_constraint_that_cannot_apply_is_reported_once_and_refused_when_large(caplog):
+    """Rows that do not divide the 8 data-parallel devices cannot be pinned: a small activation is logged once
+    and left to XLA; a large one (its replicated copy would decide the run's memory) raises."""
+    import logging
+
+    import jax.numpy as jnp
+
+    from jsft import sharding
+
+    mesh = make_mesh({"data": 1, "fsdp": -1})
+
+    def pinned(shape):
+        with jax.set_mesh(mesh):
+            return jax.eval_shape(lambda x: sharding.constrain(x, ("batch", None)), jax.ShapeDtypeStruct(shape, jnp.float32))
+
+    with caplog.at_level(logging.INFO, logger="jsft.sharding"):
+        pinned((3, 5))
+        pinned((3, 5))
+    assert sum("cannot be split" in r.message for r in caplog.records) == 1
+    pinned((8, 5))  # divides: constrained, nothing to say
+    with pytest.raises(ValueError, match=r"activation \[3, 134217728\] .* cannot be split"):
+        pinned((3, 1 << 27))

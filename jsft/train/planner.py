@@ -160,7 +160,7 @@ def plan_run(run, remat_policy: str, update: bool = True) -> tuple[Plan, dict]:
     """The Plan of a resolved run (jsft.train.setup.RunSetup) with this remat policy, and its description."""
     cfg, model_cfg = run.cfg, run.model_config
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=run.param_dtype, remat_policy=remat_policy,
-                           attention_impl=cfg.model.attention_impl, lora=run.lora,
+                           attention_impl=run.attention_impl, lora=run.lora,
                            sequence_parallel=run.sequence_parallel)  # ring's KV buffers are in the compiled step
     rows = run.layout.rows_per_micro_batch * run.feeders.count
     plan = plan_memory(model, make_optimizer(cfg.optim, 1), run.mesh, rows=rows, row_length=run.layout.row_length,

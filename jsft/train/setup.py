@@ -51,6 +51,7 @@ class RunSetup:
     stop_tokens: tuple[str, ...]  # texts generation stops on (data.stop_tokens, generation_config.json or EOS)
     stop_token_ids: tuple[int, ...]
     lora: Optional[lora.LoraSpec]  # None: full fine-tuning
+    attention_impl: str  # model.attention_impl resolved for this backend (auto -> pallas_gpu / splash / blockwise)
     sequence_parallel: str  # ulysses | ring: attention over rows split on the `sequence` axis
     mesh: Mesh  # {data, fsdp, sequence} over all devices
     feeders: Feeders  # which processes feed which micro-batch rows
@@ -68,7 +69,7 @@ class RunSetup:
         """What jsft.models.from_pretrained / init_model take from the run."""
         m = self.cfg.model
         return dict(dtype=m.dtype, param_dtype=self.param_dtype, mesh=self.mesh, remat_policy=self.remat_policy,
-                    attention_impl=m.attention_impl, sequence_parallel=self.sequence_parallel)
+                    attention_impl=self.attention_impl, sequence_parallel=self.sequence_parallel)
 
 
 def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: Optional[int] = None,
@@ -84,7 +85,8 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     spec = lora.spec_from_run_config(cfg.model)  # reads a starting adapter's adapter_config.json
     if spec and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
         lora.check_adapter(cfg.model.lora_adapter_path, model_cfg, spec)
-    seq_choice, seq_line = sequence_parallel_choice(cfg, model_cfg)
+    impl = resolve_impl(cfg.model.attention_impl, cfg.model.dtype)  # raises for a kernel this backend lacks
+    seq_choice, seq_line = sequence_parallel_choice(cfg, model_cfg, impl)
     mesh = run_mesh(cfg, log, model_cfg, seq_line)
     feeders = mesh_feeders(mesh)
     policy = remat.explicit_policy(cfg.model)
@@ -92,7 +94,7 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
         cfg=cfg, model_config=model_cfg, tokenizer=tok,
         stop_tokens=stop_tokens(tok) if tok is not None else (),
         stop_token_ids=tuple(stop_token_ids(tok)) if tok is not None else (),
-        lora=spec, sequence_parallel=seq_choice, mesh=mesh, feeders=feeders,
+        lora=spec, attention_impl=impl, sequence_parallel=seq_choice, mesh=mesh, feeders=feeders,
         layout=BatchLayout.from_config(cfg.data, feeders.row_blocks),
         # this process's devices: jax refuses memory_stats of another process's (jax.devices()[0] on process 1)
         device_memory=remat.device_memory(cfg.trainer.device_memory, jax.local_devices()),
@@ -140,7 +142,7 @@ def random_init_config(init: dict, tokenizer) -> ModelConfig:
     return ModelConfig.from_init(fields)
 
 
-def sequence_parallel_choice(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[str, str]:
+def sequence_parallel_choice(cfg: RunConfig, model_cfg: ModelConfig, attention_impl: Optional[str] = None) -> tuple[str, str]:
     """(ulysses | ring, the line printed with the mesh; "" at S=1) for a run and its model; raises before any
     work (explicit Ulysses on heads it cannot split, ring rows that do not cut into 2S chunks)."""
     s, mode = sequence_parallel_size(cfg), cfg.trainer.sequence_parallel
@@ -149,7 +151,7 @@ def sequence_parallel_choice(cfg: RunConfig, model_cfg: ModelConfig) -> tuple[st
     sequence_parallel.check_length(choice, row, s, key)
     if s == 1:
         return choice, ""
-    impl = resolve_impl(cfg.model.attention_impl, cfg.model.dtype)
+    impl = attention_impl or resolve_impl(cfg.model.attention_impl, cfg.model.dtype)
     return choice, sequence_parallel.describe(mode, choice, model_cfg.num_heads, model_cfg.num_kv_heads, s, impl)
 
 
