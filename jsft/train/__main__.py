@@ -60,6 +60,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if not distributed.several_processes():
             raise
         traceback.print_exc()
+        print(f"process {jax.process_index()} of {jax.process_count()} stopped; where another process failed first, "
+              "its output says why", file=sys.stderr)
         return _exit(1)
 
 

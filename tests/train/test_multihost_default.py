@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SHRUNK = ["trainer.total_training_steps=2", "trainer.test_freq=2", "demo.num_train=32", "demo.num_val=2",
-          "demo.max_new_tokens=8"]
+          "demo.max_new_tokens=8", "trainer.val_max_new_tokens=8"]
 
 
 def _free_port():
@@ -36,12 +36,15 @@ def _start(args_of_process, timeout=900):
 
 
 def test_the_default_job_runs_on_two_processes(tmp_path):
+    """With remat chosen by memory too (model.remat_policy=auto): each process reads its own devices' memory
+    (process 1 once read jax.devices()[0], process 0's device, and died at start)."""
     run = tmp_path / "run"
-    args = [f"trainer.default_local_dir={run}", *SHRUNK]
+    args = [f"trainer.default_local_dir={run}", *SHRUNK, "model.enable_gradient_checkpointing=null"]
     (rc0, out0, _), (rc1, out1, _) = _start([args, args])
     assert rc0 == 0, out0[-4000:]
     assert rc1 == 0, out1[-4000:]
     assert "jax.distributed from jax_env: 2 processes" in out0
+    assert "remat auto -> " in out0 and "step 2/2" in out0
     assert (run / "hf" / "config.json").is_file() and (run / "checkpoints" / "2").is_dir()
     assert (run / "samples" / "step_2.jsonl").stat().st_size > 0
 
