@@ -73,6 +73,7 @@ class JsftSide:
         for batch in batches:
             for mb in self._prepare(batch).micro_batches:
                 shapes.setdefault(tuple(mb[k].shape for k in ("input_ids", "target_pos")), mb)
+        self.seen_shapes = set(shapes)  # counted here, not through jax's private jit cache size
         t = time.perf_counter()
         loss, _ = self.step_fn.gradients(self.params, [self.step_fn.device_batch(mb) for mb in shapes.values()])
         float(loss)
@@ -88,10 +89,11 @@ class JsftSide:
         t = time.perf_counter()
         g = self._prepare(next(self.data))
         batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
-        compiled = self.step_fn.compiled_programs()
         self.params, self.opt_state, loss, _ = self.step_fn.train_step(self.params, self.opt_state, batches)
         loss = float(loss)  # waits for the step
-        new_shapes = self.step_fn.compiled_programs() - compiled
+        shapes = {tuple(mb[k].shape for k in ("input_ids", "target_pos")) for mb in g.micro_batches}
+        new_shapes = len(shapes - self.seen_shapes)  # a shape not compiled ahead: this step compiled it
+        self.seen_shapes |= shapes
         lengths = [n for mb in g.micro_batches for n in _segment_lengths(mb["segment_ids"])]
         flops = sample_flops(self.model.config, lengths)
         c = self.model.config  # the unembedding is needed at target tokens only (6 FLOPs per weight)

@@ -113,8 +113,8 @@ def test_blockwise_with_sub_tiles_matches_reference(block, split, monkeypatch):
     # partly masked tiles cut into sub-tiles of block/split (MIN_SUB_TILE lowered so small tiles split too);
     # row 0 puts a sample boundary inside a tile and padding at the end, row 1 is one sample filling the row,
     # so some tiles are fully visible in both rows (the unmasked loop) and the rest partly masked
-    monkeypatch.setattr(A, "MIN_SUB_TILE", 4)
-    monkeypatch.setattr(A, "PARTIAL_SPLIT", split)
+    monkeypatch.setattr(B, "MIN_SUB_TILE", 4)
+    monkeypatch.setattr(B, "PARTIAL_SPLIT", split)
     seg, pos = packed_ids([[70, 20], [96]], 96)
     ids = (seg, seg, pos, pos)
     assert B._split(block, block) == split
