@@ -269,7 +269,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def row_sharding(mesh: Mesh) -> NamedSharding:
     """A training micro-batch field [rows, length or target slots]: rows over the data-parallel devices,
-    the second axis over `sequence` (so its size must be a multiple of S: jsft/train/batch.py)."""
+    the second axis over `sequence` (so its size must be a multiple of S: jsft/data/batch.py)."""
     return NamedSharding(mesh, activation_spec(("batch", "length")))
 
 
