@@ -128,8 +128,8 @@ def train_step_case(model_fields: dict, impl: str, *, rows: int, length: int, st
     rng = np.random.default_rng(0)
     micro = Rows(input_ids=rng.integers(0, cfg.vocab_size, seg.shape).astype(np.int32),
                  loss_mask=((seg > 0) & (rng.random(seg.shape) < 0.6)).astype(np.int32), segment_ids=seg, positions=pos)
-    counts = Counts(samples=sum(len(np.unique(r[r > 0])) for r in seg), target_tokens=int(micro.loss_mask.sum()),
-                    tokens=int((seg > 0).sum()))
+    samples = sum(len(np.unique(r[r > 0])) for r in seg)
+    counts = Counts(samples=samples, target_tokens=int(micro.loss_mask.sum()), tokens=int((seg > 0).sum()))
     batches = [step.device_batch(mb) for mb in fit_shapes([weigh(micro, counts, "token-mean", length)], 1)]
 
     t = time.perf_counter()

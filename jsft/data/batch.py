@@ -229,6 +229,8 @@ def host_batch(samples: list[tuple[np.ndarray, np.ndarray]], layout: BatchLayout
 
 @dataclass(frozen=True, eq=False)
 class Gathered:
+    """A step's host rows after the counts exchange, before weights and shapes."""
+
     micro_batches: tuple[Rows, ...]  # this host's, padded with empty ones to the most any host has
     counts: Counts
     feeders: int
