@@ -97,7 +97,7 @@ class TrainerConfig:
     loss_agg_mode: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     loss_chunk_size: int = 4096  # vocabulary columns per chunk of the cross-entropy (never full fp32 logits)
     # micro-batch row lengths and per-row target capacities are rounded up to multiples of 1/shape_buckets
-    # of the row (jsft/train/batch.py): fewer padded tokens and logits only at targets, for at most
+    # of the row (jsft/data/batch.py): fewer padded tokens and logits only at targets, for at most
     # shape_buckets^2 compiled shapes; 1 = one fixed shape (whole rows, a logit at every position)
     shape_buckets: int = 4
     # JAX's persistent compilation cache (a directory; None = off): restarts and resumes skip recompiling

@@ -272,7 +272,7 @@ def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
 
 def row_sharding(mesh: Mesh) -> NamedSharding:
     """A training micro-batch field [rows, length or target slots]: rows over the data-parallel devices,
-    the second axis over `sequence` (so its size must be a multiple of S: jsft/train/batch.py)."""
+    the second axis over `sequence` (so its size must be a multiple of S: jsft/data/batch.py)."""
     return NamedSharding(mesh, activation_spec(("batch", "length")))
 
 
@@ -296,7 +296,7 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]], via: Optional
     without one (single device, eager tests). A dimension its mesh axes do not divide (generation's single
     rows, a decode step's one token on a sequence-split mesh) cannot be constrained: logged once per shape
     and left to XLA, and an error for a tensor of MAX_UNCONSTRAINED_ELEMENTS or more, whose layout decides
-    the run's memory (a training micro-batch always divides: jsft/train/batch.py). `via`: a layout to pass
+    the run's memory (a training micro-batch always divides: jsft/data/batch.py). `via`: a layout to pass
     through first (where it divides), which steers the backward's resharding (the embedding lookup, decoder.py)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:

@@ -26,11 +26,11 @@ import jax  # noqa: E402
 import bench_workload as bench  # noqa: E402
 import jsft.models as jm  # noqa: E402
 from bench_row import first_row  # noqa: E402
+from jsft.data.batch import bucketed, shaped  # noqa: E402
 from jsft.models import lora  # noqa: E402
 from jsft.models.params import abstract_model, param_arrays  # noqa: E402
 from jsft.train.planner import plan_memory  # noqa: E402
 from jsft.sharding import make_mesh  # noqa: E402
-from jsft.train.batch import bucketed, shaped  # noqa: E402
 from jsft.train.optim import make_optimizer  # noqa: E402
 from jsft.train.step import TrainStep  # noqa: E402
 
@@ -49,8 +49,8 @@ def main() -> None:
     workdir, paths = bench.workdir_workload(args.workdir, "jsft-bench-lora-", w)
     cfg = bench.jsft_config(paths, w, workdir)
     row = first_row(paths, cfg)
-    length = row["input_ids"].shape[1]
-    batch_np = shaped(row, length, bucketed(int((row["loss_weight"] != 0).sum()), length, cfg.trainer.shape_buckets))
+    length = row.input_ids.shape[1]
+    batch_np = shaped(row, length, bucketed(int((row.loss_weight != 0).sum()), length, cfg.trainer.shape_buckets))
     mesh = make_mesh({"fsdp": -1})
     spec = lora.LoraSpec(rank=args.rank, alpha=2.0 * args.rank, targets=lora.TARGET_MODULES)
     base = jm.from_pretrained(paths["model"], dtype="float32", mesh=mesh, remat_policy="none")
@@ -63,7 +63,7 @@ def main() -> None:
         batch = step.device_batch(batch_np)
 
         def one(step=step, state=state, batch=batch):
-            state["params"], state["opt"], loss, _ = step.train_step(state["params"], state["opt"], [batch])
+            state["params"], state["opt"], loss, _ = step.train_step_stats(state["params"], state["opt"], [batch])
             return loss
 
         t = time.perf_counter()

@@ -7,7 +7,7 @@ Builds (or reuses, in D) the workload of scripts/bench.py; one CPU device.
   row      the first packed row of the first step: the grad micro-step (median of 5) with logits at the
            targets (the default), at every position (trainer.shape_buckets=1), with the reference `xla`
            attention.
-  step     one optimizer step of jsft's defaults split into host work (next batch, prepare_step,
+  step     one optimizer step of jsft's defaults split into host work (next batch, batch.prepare_step,
            device_batch), the micro-steps and the optimizer update, over a few steps.
   tiles    the grad of one layer's `blockwise` attention under tile edges x sub-tile splits, interleaved.
   ab       blockwise as it is against a previous attention.py (`git show REV:jsft/models/attention.py >
@@ -40,12 +40,12 @@ import numpy as np  # noqa: E402
 
 import bench_workload as bench  # noqa: E402
 import jsft.models as jm  # noqa: E402
+from jsft.data.batch import BatchSpec, MicroBatch, WeightedRows, bucketed, fit_shapes, gather, prepare_step, shaped, weigh  # noqa: E402,E501
 from jsft.data.pipeline import build_train_batches  # noqa: E402
 from jsft.data.tokenizer import load_tokenizer  # noqa: E402
 from jsft.models import attention, blockwise  # noqa: E402
 from jsft.models.params import param_arrays  # noqa: E402
 from jsft.sharding import make_mesh  # noqa: E402
-from jsft.train.batch import attach_weights, bucketed, gather_step, prepare_step, shaped  # noqa: E402
 from jsft.train.optim import make_optimizer  # noqa: E402
 from jsft.train.perf import measured_matmul_flops  # noqa: E402
 from jsft.train.step import TrainStep  # noqa: E402
@@ -61,19 +61,25 @@ def median_time(fn, repeats: int = 5) -> float:
     return statistics.median(times)
 
 
-def first_row(paths: dict, cfg) -> dict:
+def first_row(paths: dict, cfg) -> WeightedRows:
     data = build_train_batches(cfg.data, load_tokenizer(paths["tokenizer"]), seed=0, process_index=0,
                                process_count=1, local_devices=1)
-    g = gather_step(next(data), data.empty_micro_batch())
-    attach_weights(g.micro_batches, cfg.trainer.loss_agg_mode, samples=g.samples, targets=g.target_tokens,
-                   max_length=cfg.data.max_length)
-    return g.micro_batches[0]
+    g = gather(next(data), data.layout)
+    return weigh(g.micro_batches[0], g.counts, cfg.trainer.loss_agg_mode, cfg.data.max_length)
 
 
-def step_variants(paths: dict, cfg, row: dict, peak: float) -> None:
-    length = row["input_ids"].shape[1]
-    lengths = [int(n) for n in np.bincount(row["segment_ids"][0])[1:] if n]
-    targets = int((row["loss_weight"] != 0).sum())
+def rows_together(batch, data, cfg) -> list[MicroBatch]:
+    """The step's micro-batches of one HostBatch with a micro-batch's rows kept together (fit_shapes'
+    rows_per_device=1, as before row splits)."""
+    g = gather(batch, data.layout)
+    weighted = [weigh(r, g.counts, cfg.trainer.loss_agg_mode, cfg.data.max_length) for r in g.micro_batches]
+    return fit_shapes(weighted, cfg.trainer.shape_buckets)
+
+
+def step_variants(paths: dict, cfg, row: WeightedRows, peak: float) -> None:
+    length = row.input_ids.shape[1]
+    lengths = [int(n) for n in np.bincount(row.segment_ids[0])[1:] if n]
+    targets = int((row.loss_weight != 0).sum())
     capacity = bucketed(targets, length, cfg.trainer.shape_buckets)
     mesh = make_mesh({"fsdp": -1})
     model_cfg = jm.ModelConfig.from_pretrained(paths["model"])
@@ -105,18 +111,17 @@ def step_breakdown(paths: dict, cfg, steps: int = 4) -> None:
     params = param_arrays(model)
     opt_state = step.init_opt_state(params)
     update = step.lower_update(params, opt_state).compile()
-    prepare = partial(prepare_step, mode=cfg.trainer.loss_agg_mode, max_length=cfg.data.max_length,
-                      buckets=cfg.trainer.shape_buckets)
+    spec = BatchSpec(data.layout, cfg.data.max_length, cfg.trainer.loss_agg_mode, cfg.trainer.shape_buckets)
     print(f"step         one optimizer step of the defaults ({cfg.data.micro_batch_size_per_gpu} rows per "
           f"micro-batch), its steps run twice, the first pass compiles (not shown):")
     rows = []
     batches_of_steps = [next(data) for _ in range(steps)]
     for s, batch in enumerate(batches_of_steps + batches_of_steps):  # the first pass compiles every shape
         t0 = time.perf_counter()
-        g = prepare(batch, data.empty_micro_batch(), rows_per_device=data.layout.rows_per_device)
+        g = prepare_step(batch, spec)
         batches = jax.block_until_ready([step.device_batch(mb) for mb in g.micro_batches])
         host = time.perf_counter() - t0
-        together = [step.device_batch(mb) for mb in prepare(batch, data.empty_micro_batch()).micro_batches]
+        together = [step.device_batch(mb) for mb in rows_together(batch, data, cfg)]
         jax.block_until_ready(step.gradients(params, together))
         train, frozen = step.split(params)
         t = time.perf_counter()
@@ -133,7 +138,7 @@ def step_breakdown(paths: dict, cfg, steps: int = 4) -> None:
             continue  # compiles
         total = host + micro + upd
         rows.append((host, micro, upd, total, kept))
-        shape = lambda bs: " ".join(f"{b['input_ids'].shape[0]}x{b['input_ids'].shape[1]}" for b in bs)  # noqa: E731
+        shape = lambda bs: " ".join(f"{b.input_ids.shape[0]}x{b.input_ids.shape[1]}" for b in bs)  # noqa: E731
         print(f"  step {s - steps + 1}: host {host * 1e3:.0f} ms, {len(batches)} micro-steps {micro:.2f} s ({shape(batches)}), "
               f"update {upd * 1e3:.0f} ms; total {total:.2f} s. Rows kept together: {len(together)} micro-steps "
               f"{kept:.2f} s ({shape(together)})")
@@ -216,11 +221,10 @@ def attention_ab(paths: dict, cfg, baseline: str | None, rounds: int = 5) -> Non
     names = (["before"] if old else []) + ["whole tiles", "one tile list", "current"]
     data = build_train_batches(cfg.data, load_tokenizer(paths["tokenizer"]), seed=0, process_index=0,
                                process_count=1, local_devices=1)
-    mb = prepare_step(next(data), data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode,
-                      max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets).micro_batches[0]
+    mb = rows_together(next(data), data, cfg)[0]
     model_cfg = jm.ModelConfig.from_pretrained(paths["model"])
-    rows, length = mb["input_ids"].shape
-    seg, pos = mb["segment_ids"], mb["positions"]
+    rows, length = mb.input_ids.shape
+    seg, pos = mb.segment_ids, mb.positions
     lengths = [[int(n) for n in np.bincount(r)[1:] if n] for r in seg]
     n, kh, h = model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.head_dim
     keys = jax.random.split(jax.random.key(0), 3)
@@ -280,7 +284,7 @@ def padding(paths: dict, cfg, w, rounds: int = 5) -> None:
     data = build_train_batches(cfg.data, load_tokenizer(paths["tokenizer"]), seed=0, process_index=0,
                                process_count=1, local_devices=1)
     batches = [next(data) for _ in range(w.warmup_steps + w.steps)]
-    steps = [[int(n) for mb in b.micro_batches for r in mb["segment_ids"] for n in np.bincount(r)[1:] if n]
+    steps = [[int(n) for mb in b.micro_batches for r in mb.segment_ids for n in np.bincount(r)[1:] if n]
              for b in batches]
     row = cfg.data.max_length
     print(f"padding      real / computed tokens over {len(steps)} steps of {len(steps[0])} samples, rows of {row}:")
@@ -292,21 +296,20 @@ def padding(paths: dict, cfg, w, rounds: int = 5) -> None:
         eff, micro = _efficiency(steps, row, False, 2, b, split=True)
         print(f"  first-fit, 2 rows split into 1-row micro-batches where fewer columns, {b} buckets: {eff:.1%} "
               f"({micro:.2f} micro-steps per step)")
-    mb = prepare_step(batches[0], data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode, max_length=row,
-                      buckets=cfg.trainer.shape_buckets).micro_batches[0]
+    mb = rows_together(batches[0], data, cfg)[0]
     mesh = make_mesh({"fsdp": -1})
     model = jm.from_pretrained(paths["model"], dtype="float32", mesh=mesh, remat_policy="none",
                                attention_impl="blockwise")
     step = TrainStep(model, make_optimizer(cfg.optim, 10), mesh, chunk_size=cfg.trainer.loss_chunk_size)
     params = param_arrays(model)
     whole = [step.device_batch(mb)]
-    apart = [step.device_batch({k: x[r : r + 1] for k, x in mb.items()}) for r in range(len(mb["input_ids"]))]
+    apart = [step.device_batch(jax.tree.map(lambda x: x[r : r + 1], mb)) for r in range(len(mb.input_ids))]  # noqa: B023
     fns = {"one micro-batch": partial(step.gradients, params, whole),
            "one per row": partial(step.gradients, params, apart)}
     for fn in fns.values():
         jax.block_until_ready(fn())
     med = _interleaved(fns, rounds)
-    print(f"  the first micro-batch {mb['input_ids'].shape} as one micro-step {med['one micro-batch']:.2f} s, "
+    print(f"  the first micro-batch {mb.input_ids.shape} as one micro-step {med['one micro-batch']:.2f} s, "
           f"one per row {med['one per row']:.2f} s (medians of {rounds} interleaved rounds)")
 
 

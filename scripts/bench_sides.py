@@ -30,12 +30,12 @@ class JsftSide:
 
     def __init__(self, paths: dict, w: Workload, workdir: Path, settings: str):
         import jsft.models as jm
+        from jsft.data.batch import BatchSpec, largest_micro_batch
         from jsft.data.pipeline import build_train_batches
         from jsft.data.tokenizer import load_tokenizer
         from jsft.models.params import param_arrays
         from jsft.sharding import make_mesh
         from jsft.train import setup
-        from jsft.train.batch import largest_micro_batch
         from jsft.train.optim import make_optimizer
         from jsft.train.step import TrainStep
 
@@ -52,19 +52,18 @@ class JsftSide:
                                  chunk_size=cfg.trainer.loss_chunk_size)
         self.params = param_arrays(self.model)
         self.opt_state = self.step_fn.init_opt_state(self.params)
-        self.example = self.step_fn.device_batch(largest_micro_batch(self.data.empty_micro_batch()))
+        layout = self.data.layout
+        self.spec = BatchSpec(layout, cfg.data.max_length, cfg.trainer.loss_agg_mode, cfg.trainer.shape_buckets)
+        self.example = self.step_fn.device_batch(largest_micro_batch(layout.rows_per_micro_batch, layout.row_length))
         self.memory = self.step_fn.memory_analysis(self.params, self.opt_state, self.example)
         rerun = build_train_batches(cfg.data, load_tokenizer(paths["tokenizer"]), seed=0, process_index=0,
                                     process_count=1, local_devices=1)
         self.compile_s, self.shapes = self._compile_shapes([next(rerun) for _ in range(w.warmup_steps + w.steps)])
 
     def _prepare(self, batch):
-        from jsft.train.batch import prepare_step
+        from jsft.data.batch import prepare_step
 
-        c = self.cfg
-        return prepare_step(batch, self.data.empty_micro_batch(), mode=c.trainer.loss_agg_mode,
-                            max_length=c.data.max_length, buckets=c.trainer.shape_buckets,
-                            rows_per_device=self.data.layout.rows_per_device)
+        return prepare_step(batch, self.spec)
 
     def _compile_shapes(self, batches) -> tuple[float, int]:
         """Compile (and run once) every micro-batch shape the run's steps will use, so that the measured
@@ -72,7 +71,7 @@ class JsftSide:
         shapes = {}
         for batch in batches:
             for mb in self._prepare(batch).micro_batches:
-                shapes.setdefault(tuple(mb[k].shape for k in ("input_ids", "target_pos")), mb)
+                shapes.setdefault((mb.input_ids.shape, mb.target_pos.shape), mb)
         self.seen_shapes = set(shapes)  # counted here, not through jax's private jit cache size
         t = time.perf_counter()
         loss, _ = self.step_fn.gradients(self.params, [self.step_fn.device_batch(mb) for mb in shapes.values()])
@@ -89,16 +88,16 @@ class JsftSide:
         t = time.perf_counter()
         g = self._prepare(next(self.data))
         batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
-        self.params, self.opt_state, loss, _ = self.step_fn.train_step(self.params, self.opt_state, batches)
+        self.params, self.opt_state, loss, _ = self.step_fn.train_step_stats(self.params, self.opt_state, batches)
         loss = float(loss)  # waits for the step
-        shapes = {tuple(mb[k].shape for k in ("input_ids", "target_pos")) for mb in g.micro_batches}
+        shapes = {(mb.input_ids.shape, mb.target_pos.shape) for mb in g.micro_batches}
         new_shapes = len(shapes - self.seen_shapes)  # a shape not compiled ahead: this step compiled it
         self.seen_shapes |= shapes
-        lengths = [n for mb in g.micro_batches for n in _segment_lengths(mb["segment_ids"])]
+        lengths = [n for mb in g.micro_batches for n in _segment_lengths(mb.segment_ids)]
         flops = sample_flops(self.model.config, lengths)
         c = self.model.config  # the unembedding is needed at target tokens only (6 FLOPs per weight)
-        needed = flops - 6 * c.vocab_size * c.hidden_size * (g.tokens - g.target_tokens)
-        return {"time": time.perf_counter() - t, "real": g.tokens, "computed": g.computed_tokens,
+        needed = flops - 6 * c.vocab_size * c.hidden_size * (g.counts.tokens - g.counts.target_tokens)
+        return {"time": time.perf_counter() - t, "real": g.counts.tokens, "computed": g.computed_tokens,
                 "flops": flops, "needed_flops": needed, "loss": loss, "compiled": new_shapes}
 
     def summary(self) -> dict:
@@ -112,7 +111,7 @@ class JsftSide:
             "param_bytes": tree_bytes(self.params)[1],
             "opt_state_bytes": tree_bytes(self.opt_state)[1],
             "step_memory": self.memory,
-            "micro_batch_shape": list(self.example["input_ids"].shape),
+            "micro_batch_shape": list(self.example.input_ids.shape),
             "attention_impl": self.model.attention_impl,
             "settings": self.settings,
             "remat_policy": self.model.remat_policy,

@@ -104,11 +104,11 @@ def train_step_case(model_fields: dict, impl: str, *, rows: int, length: int, st
 
     import jsft.models as jm
     from jsft.config import OptimConfig
+    from jsft.data.batch import Counts, Rows, fit_shapes, weigh
     from jsft.models.config import ModelConfig
     from jsft.models.params import abstract_model, param_arrays
     from jsft.train.planner import plan_memory
     from jsft.sharding import make_mesh
-    from jsft.train.batch import attach_weights, fit_shapes
     from jsft.train.optim import make_optimizer
     from jsft.train.perf import device_peak_flops
     from jsft.train.step import TrainStep
@@ -126,20 +126,20 @@ def train_step_case(model_fields: dict, impl: str, *, rows: int, length: int, st
 
     seg, pos = packed_rows(rows, length, sample_lengths, seed=0)
     rng = np.random.default_rng(0)
-    micro = {"input_ids": rng.integers(0, cfg.vocab_size, seg.shape).astype(np.int32), "segment_ids": seg,
-             "positions": pos, "loss_mask": (seg > 0) & (rng.random(seg.shape) < 0.6)}
-    samples, targets = sum(len(np.unique(r[r > 0])) for r in seg), int(micro["loss_mask"].sum())
-    attach_weights([micro], "token-mean", samples=samples, targets=targets, max_length=length)
-    batches = [step.device_batch(mb) for mb in fit_shapes([micro], 1)]
+    micro = Rows(input_ids=rng.integers(0, cfg.vocab_size, seg.shape).astype(np.int32),
+                 loss_mask=((seg > 0) & (rng.random(seg.shape) < 0.6)).astype(np.int32), segment_ids=seg, positions=pos)
+    samples = sum(len(np.unique(r[r > 0])) for r in seg)
+    counts = Counts(samples=samples, target_tokens=int(micro.loss_mask.sum()), tokens=int((seg > 0).sum()))
+    batches = [step.device_batch(mb) for mb in fit_shapes([weigh(micro, counts, "token-mean", length)], 1)]
 
     t = time.perf_counter()
-    params, opt_state, loss, _ = step.train_step(params, opt_state, batches)
+    params, opt_state, loss, _ = step.train_step_stats(params, opt_state, batches)
     first_loss = float(loss)
     compile_s = time.perf_counter() - t
     times = []
     for _ in range(steps):
         t = time.perf_counter()
-        params, opt_state, loss, _ = step.train_step(params, opt_state, batches)
+        params, opt_state, loss, _ = step.train_step_stats(params, opt_state, batches)
         float(loss)
         times.append(time.perf_counter() - t)
     dt = sorted(times)[len(times) // 2]

@@ -27,10 +27,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jsft.config import OptimConfig  # noqa: E402
+from jsft.data.batch import WeightedRows, shaped, zigzag_rows  # noqa: E402
 from jsft.models.config import ModelConfig  # noqa: E402
 from jsft.models.params import init_model, param_arrays  # noqa: E402
 from jsft.sharding import make_mesh  # noqa: E402
-from jsft.train.batch import causal_targets, zigzag_rows  # noqa: E402
 from jsft.train.optim import make_optimizer  # noqa: E402
 from jsft.train.step import TrainStep  # noqa: E402
 
@@ -42,14 +42,14 @@ def model_config(layers: int = 2, hidden: int = 128, heads: int = 8, kv_heads: i
     ))
 
 
-def long_rows(rows: int, length: int, seed: int = 0) -> dict:
+def long_rows(rows: int, length: int, seed: int = 0):
     """`rows` rows, each ONE sample of `length` tokens with the second half as targets (a long conversation)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, 512, (rows, length)).astype(np.int32)
     weight = np.zeros((rows, length), np.float32)
     weight[:, length // 2:] = 1.0 / (rows * (length - length // 2))
-    rows_ = {"input_ids": ids, "segment_ids": np.ones_like(ids), "positions": np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()}
-    return {**rows_, **causal_targets(weight, ids, length)}
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()
+    return shaped(WeightedRows(ids, np.ones_like(ids), positions, weight), length, length)
 
 
 def step_for(s: int, length: int, cfg: ModelConfig, mode: str = "ulysses"):

@@ -88,16 +88,16 @@ def losses(run_dir) -> dict:
 
 
 def step_samples(step_batches):
-    """(input_ids, loss_mask) of every sample in packed/padded rows of StepBatches, recovered by segment id."""
+    """(input_ids, loss_mask) of every sample in packed/padded rows of HostBatches, recovered by segment id."""
     import numpy as np
 
     for batch in step_batches:
         for mb in batch.micro_batches:
-            for r in range(len(mb["input_ids"])):
-                for s in np.unique(mb["segment_ids"][r]):
+            for r in range(len(mb.input_ids)):
+                for s in np.unique(mb.segment_ids[r]):
                     if s > 0:
-                        sel = mb["segment_ids"][r] == s
-                        yield mb["input_ids"][r][sel], mb["loss_mask"][r][sel]
+                        sel = mb.segment_ids[r] == s
+                        yield mb.input_ids[r][sel], mb.loss_mask[r][sel]
 
 
 def torch_sft_losses(model, trainable, cfg, steps: int) -> list[float]:

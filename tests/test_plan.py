@@ -86,9 +86,9 @@ def test_plan_matches_the_trainers_compiled_step(tmp_path):
     """The plan compiles the trainer's own step, traced under the mesh like the trainer: its micro-step
     temporaries equal those of a TrainStep on real weights (replicated activations would be ~8x more)."""
     import jsft.models as jm
+    from jsft.data.batch import largest_micro_batch
     from jsft.models.params import param_arrays
     from jsft.sharding import make_mesh
-    from jsft.train.batch import largest_micro_batch
     from jsft.train.optim import make_optimizer
     from jsft.train.step import TrainStep
 
@@ -99,8 +99,7 @@ def test_plan_matches_the_trainers_compiled_step(tmp_path):
     model = jm.from_pretrained(str(tmp_path), dtype="float32", mesh=mesh, remat_policy="none")
     step = TrainStep(model, make_optimizer(cfg.optim, 1), mesh, chunk_size=cfg.trainer.loss_chunk_size)
     params = param_arrays(model)
-    rows = {k: jax.numpy.zeros((8, 256), jax.numpy.int32) for k in ("input_ids", "segment_ids", "positions")}
-    example = step.device_batch(largest_micro_batch({k: v.__array__() for k, v in rows.items()}))
+    example = step.device_batch(largest_micro_batch(8, 256))
     measured = step.memory_analysis(params, step.init_opt_state(params), example)["temp_bytes"]
     assert planned.step_temp == pytest.approx(measured, rel=0.05), (planned.step_temp, measured)
 

@@ -7,6 +7,8 @@ cached sample table -> per-step, per-host packed micro-batches. See docs/data.md
     tokenizer.py     tokenizer, chat template, end-of-turn detection
     chat.py          conversation -> samples (the masking semantics)
     dataset.py       all rows -> tokenized sample table (grain workers, on-disk cache, bad rows, truncation)
-    pipeline.py      sample table -> StepBatch per optimizer step (grain shuffle, host share, packing)
+    pipeline.py      sample table -> the samples of each optimizer step, per feeder (grain shuffle, resume)
+    batch.py         the batch's one owner: samples -> packed rows -> micro-batches -> counts, loss weights,
+                     the causal shift, shapes, zigzag -> typed MicroBatch for the step (numpy)
     summary.py       the data summary printed by inspect and the trainer
 """

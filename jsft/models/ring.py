@@ -16,8 +16,8 @@ dq accumulates locally, dk/dv in buffers that travel with their KV block and mak
 Masking is only by segment ids and positions (attention.py), so the exactness does not depend on which
 tokens a device holds. Load balance does: with a contiguous split, device S-1's queries see every block
 and device 0's only its own. The zigzag layout (MaxText, torchtitan) cuts each row into 2S chunks and gives
-device d chunks d and 2S-1-d; `zigzag_order` is that permutation, which the host applies to every
-per-token field of a micro-batch (jsft/train/batch.py), so the loss (a sum over target slots) is unchanged.
+device d chunks d and 2S-1-d: the host lays every row out so (jsft/data/batch.py::zigzag_order), after the
+causal shift, so the loss (a sum over target slots) is unchanged and this module needs no order of its own.
 
 Dimension letters as attention.py: B batch, T tokens per device, N query heads, K kv heads, G = N/K, H head dim.
 """
@@ -28,22 +28,12 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from jsft.models import blockwise as A
 from jsft.sharding import ACTIVATION_RULES
 
 AXIS = ACTIVATION_RULES["length"][0]  # the mesh axis a row's tokens are split over
-
-
-def zigzag_order(length: int, s: int) -> np.ndarray:
-    """The zigzag permutation of a row of `length` tokens (a multiple of 2S): new index i holds old token
-    order[i], so device d (the d-th run of length/S) holds chunks d and 2S-1-d of length / (2S) tokens."""
-    if length % (2 * s):
-        raise ValueError(f"a row of {length} tokens does not cut into 2 x {s} equal chunks (zigzag, ring attention)")
-    chunks = np.arange(length).reshape(2 * s, -1)
-    return np.concatenate([np.concatenate([chunks[d], chunks[2 * s - 1 - d]]) for d in range(s)])
 
 
 def _send(x, s: int):
@@ -111,7 +101,8 @@ _ring.defvjp(_ring_fwd, _ring_bwd)
 
 def ring_attention(q, k, v, segment_ids, positions, block=A.BLOCK):
     """Self-attention of q [B,T,N,H], k/v [B,T,K,H] split over (batch, sequence), with the row's segment ids
-    and positions [B, T] split alike (in any token order: see zigzag_order). Returns [B,T,N,H], split like q."""
+    and positions [B, T] split alike, in any token order (the trainer's is jsft/data/batch.py::zigzag_order).
+    Returns [B,T,N,H], split like q."""
     s = jax.sharding.get_abstract_mesh().shape[AXIS]
     rows = ACTIVATION_RULES["batch"]
     tokens, ids = P(rows, AXIS, None, None), P(rows, AXIS)

@@ -1,7 +1,7 @@
 """An optimizer step that has been dispatched but not read yet: the loop's async pipeline.
 
-JAX dispatches asynchronously: `TrainStep.train_step` returns as soon as the device has its programs, with
-the loss, gradient norm and new optimizer state as arrays that are still being computed. The loop dispatches
+JAX dispatches asynchronously: `TrainStep.train_step_stats` returns as soon as the device has its programs,
+with the loss, gradient norm and new optimizer state as arrays that are still being computed. The loop dispatches
 step N, and only then reads step N-1 (already finished, so reading costs nothing), logs it, and prepares
 batch N+1 on the host while the device works on step N. The device waits for the host only when the host's
 work per step (metrics, logging, stop checks, packing and transfer of the next batch) outlasts the step.

@@ -22,7 +22,8 @@ import jsft.models as jm
 from jsft import distributed
 from jsft.config import RunConfig, to_yaml
 from jsft.data import fingerprint
-from jsft.data.pipeline import StepBatch, build_eval_batches, build_train_batches
+from jsft.data.batch import BatchSpec, HostBatch, eval_steps, prepare_step
+from jsft.data.pipeline import build_eval_batches, build_train_batches
 from jsft.data.sources import resolve_files
 from jsft.data.summary import format_summary
 from jsft.data.tokenizer import describe_stop_tokens
@@ -32,7 +33,6 @@ from jsft.models.hf_export import generation_config, model_card
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import sequence_size
 from jsft.train import checkpoint as ckpt
-from jsft.train.batch import attach_weights, fit_shapes, gather_step, prepare_step
 from jsft.train.console import fmt, run_info_table, wrap
 from jsft.train.inflight import InFlightStep
 from jsft.train.metrics import MetricsLogger
@@ -201,46 +201,42 @@ class Trainer:
 
     # ---- steps -------------------------------------------------------------------------------------------------
 
-    def _train_step(self, step: int, batch: StepBatch) -> InFlightStep:
-        """Prepare and dispatch one optimizer step; returns without waiting for the device (see inflight.py)."""
+    def batch_spec(self) -> BatchSpec:
+        """How this run's host rows become the step's micro-batches (jsft/data/batch.py), training and
+        validation alike."""
         cfg = self.cfg
+        return BatchSpec(self.train_data.layout, cfg.data.max_length, cfg.trainer.loss_agg_mode,
+                         cfg.trainer.shape_buckets, sequence_size(self.mesh), self.sequence_parallel == "ring",
+                         self.feeders.leaders)
+
+    def _train_step(self, step: int, batch: HostBatch) -> InFlightStep:
+        """Prepare and dispatch one optimizer step; returns without waiting for the device (see inflight.py)."""
         t0 = time.perf_counter()
-        g = prepare_step(batch, self.train_data.empty_micro_batch(), mode=cfg.trainer.loss_agg_mode,
-                         max_length=cfg.data.max_length, buckets=cfg.trainer.shape_buckets,
-                         multiple=sequence_size(self.mesh), leaders=self.feeders.leaders,
-                         zigzag=self.sequence_parallel == "ring", rows_per_device=self.train_data.layout.rows_per_device)
+        g = prepare_step(batch, self.batch_spec())
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
         self._compiled_shapes.update(tuple(x.shape for x in jax.tree.leaves(b)) for b in device_batches)
         self.params, self.opt_state, loss, stats = self.step_fn.train_step_stats(self.params, self.opt_state, device_batches)
-        mean_len = g.tokens / max(g.samples, 1)
+        c = g.counts
         host = {
             "epoch": batch.epoch,
-            "train/target_tokens": g.target_tokens,
-            "train/global_tokens": g.tokens,
-            "train/target_token_ratio": g.target_tokens / max(g.tokens, 1),
-            "train/samples": g.samples,
+            "train/target_tokens": c.target_tokens,
+            "train/global_tokens": c.tokens,
+            "train/target_token_ratio": c.target_tokens / max(c.tokens, 1),
+            "train/samples": c.samples,
             "train/micro_batches": len(g.micro_batches),
             "train/compiled_shapes": len(self._compiled_shapes),  # grows when a step compiled a new shape
-            "train/padding_efficiency": g.tokens / max(g.computed_tokens, 1),
+            "train/padding_efficiency": c.tokens / max(g.computed_tokens, 1),
         }
-        flops = self.model.config.flops_per_token(mean_len) * g.tokens
-        return InFlightStep.dispatched(step, t0, loss, stats, host, g.tokens, flops)
+        flops = self.model.config.flops_per_token(c.tokens / max(c.samples, 1)) * c.tokens
+        return InFlightStep.dispatched(step, t0, loss, stats, host, c.tokens, flops)
 
     def validate(self, step: int) -> dict:
         """val/loss over the whole validation set, normalised like training (global counts of the set), then
         validation by generation (trainer.val_generations) and the extra hooks."""
-        cfg = self.cfg
-        chunks = [gather_step(b, self.val_data.empty_micro_batch(), self.feeders.leaders) for b in self.val_data]
-        samples = sum(c.samples for c in chunks)
-        targets = sum(c.target_tokens for c in chunks)
-        total = 0.0
-        for c in chunks:
-            attach_weights(c.micro_batches, cfg.trainer.loss_agg_mode, samples=samples, targets=targets,
-                           max_length=cfg.data.max_length)
-            micro = fit_shapes(c.micro_batches, cfg.trainer.shape_buckets, sequence_size(self.mesh),
-                               zigzag=self.sequence_parallel == "ring")
-            total += float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in micro]))
-        metrics = {"val/loss": total, "val/target_tokens": targets}
+        counts, chunks = eval_steps(self.val_data, self.batch_spec())
+        total = sum(float(self.step_fn.eval_loss(self.params, [self.step_fn.device_batch(mb) for mb in micro]))
+                    for micro in chunks)
+        metrics = {"val/loss": total, "val/target_tokens": counts.target_tokens}
         if self.generation_validation is not None:
             metrics.update(self.generation_validation(self.params, step))
         for hook in self.validation_hooks:

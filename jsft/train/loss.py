@@ -3,7 +3,7 @@
 The trainer's loss for one optimizer step is `sum(weight * nll)` over every target slot of every
 micro-batch, device and host. All normalisation lives in the weights, and the causal shift in the target
 slots (hidden state t-1 predicts token t); both are computed on the host, from GLOBAL counts, in
-jsft/train/batch.py (`loss_weights`, `causal_targets`). This module only scores those slots:
+jsft/data/batch.py (`loss_weights`, `causal_targets`). This module only scores those slots:
 `target_nll` gathers the hidden states at `target_pos` and computes logits there alone, chunk by chunk
 over the vocabulary, never materialising [tokens, vocab] fp32 logits.
 """
@@ -15,6 +15,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 
+from jsft.data.batch import MicroBatch
 from jsft.sharding import constrain
 
 
@@ -38,10 +39,10 @@ def target_nll(hidden: jax.Array, unembed: jax.Array, target_pos, target_ids, ta
     return nll.reshape(r, c)
 
 
-def weighted_nll(hidden, unembed, batch: dict, chunk_size: int) -> jax.Array:
+def weighted_nll(hidden, unembed, batch: MicroBatch, chunk_size: int) -> jax.Array:
     """sum(target_weight * nll) of one micro-batch; the weights carry the global normalisation."""
-    nll = target_nll(hidden, unembed, batch["target_pos"], batch["target_ids"], batch["target_weight"], chunk_size)
-    return jnp.sum(nll * batch["target_weight"])
+    nll = target_nll(hidden, unembed, batch.target_pos, batch.target_ids, batch.target_weight, chunk_size)
+    return jnp.sum(nll * batch.target_weight)
 
 
 # Chunks run over the VOCABULARY, not over tokens, because of FSDP: every token chunk would need the

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from jsft import distributed
+from jsft.data.batch import largest_micro_batch
 from jsft.models.params import abstract_model, flat_params
 from jsft.sharding import mesh_sizes_of, sequence_size
 from jsft.train import remat
 from jsft.train.loss import target_nll
 from jsft.train.optim import make_optimizer
-from jsft.train.step import BATCH_FIELDS, TrainStep
+from jsft.train.step import TrainStep
 
 _LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=8192)
@@ -132,21 +133,19 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
     params, frozen = step.split({n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in flat_params(model).items()})
     acc = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, jnp.float32), params)
     opt_state = jax.eval_shape(optimizer.init, params)
-    # The largest micro-batch: whole rows, a target slot per token (as batch.largest_micro_batch).
-    dtypes = {"target_weight": jnp.float32}
-    batch = {k: jax.ShapeDtypeStruct((rows, row_length), dtypes.get(k, jnp.int32)) for k in BATCH_FIELDS}
+    # The largest micro-batch: whole rows, a target slot per token.
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), largest_micro_batch(rows, row_length))
     # TrainStep's programs carry the in/out shardings and donation the trainer runs with, and are lowered
     # under the mesh as the trainer traces them (else activations would not stay split by rows).
     grad_step = step.lower_grad({**params, **frozen}, batch).compile().memory_analysis()
     update_temp = step.lower_update(params, opt_state).compile().memory_analysis().temp_size_in_bytes if update else 0
-    batch_shardings = {k: step.batch_sharding for k in batch}
     return Plan(
         params=_per_device_bytes(params, step.param_shardings) + _per_device_bytes(frozen, step.frozen_shardings),
         frozen_params=_per_device_bytes(frozen, step.frozen_shardings),
         trainable_count=sum(math.prod(x.shape) for x in params.values()),
         opt_state=_per_device_bytes(opt_state, step.opt_shardings),
         grad_accumulator=_per_device_bytes(acc, step.param_shardings),
-        batch=_per_device_bytes(batch, batch_shardings),
+        batch=_per_device_bytes(batch, jax.tree.map(lambda _: step.row_sharding, batch)),
         step_temp=int(grad_step.temp_size_in_bytes),
         update_temp=int(update_temp),
         opt_offloaded=offload_opt_state,

@@ -8,7 +8,7 @@ import numpy as np
 
 from jsft.models.params import array_bytes
 from jsft.sharding import mesh_sizes_of
-from jsft.train.batch import largest_micro_batch
+from jsft.data.batch import largest_micro_batch
 
 
 def tree_bytes(tree) -> tuple[int, int]:
@@ -29,7 +29,8 @@ def run_info(trainer, peak_flops: float) -> dict:
     param_total, param_device = tree_bytes(trainer.params)
     trainable, frozen = trainer.step_fn.split(trainer.params)  # LoRA: the adapters, and the frozen base
     opt_total, opt_device = tree_bytes(trainer.opt_state)
-    example = trainer.step_fn.device_batch(largest_micro_batch(trainer.train_data.empty_micro_batch()))
+    layout = trainer.train_data.layout
+    example = trainer.step_fn.device_batch(largest_micro_batch(layout.rows_per_micro_batch, layout.row_length))
     return {
         "mesh": mesh_sizes_of(trainer.mesh),
         "devices": jax.device_count(),
@@ -49,7 +50,7 @@ def run_info(trainer, peak_flops: float) -> dict:
         "peak_flops": peak_flops,
         "compute_dtype": str(jnp.dtype(cfg.model.dtype)),
         "param_dtype": str(jnp.dtype(cfg.model.param_dtype)),
-        "micro_batch_shape": list(example["input_ids"].shape),  # the largest; shape_buckets may cut it
+        "micro_batch_shape": list(example.input_ids.shape),  # the largest; shape_buckets may cut it
         "shape_buckets": cfg.trainer.shape_buckets,
         "step_memory_per_device": step_memory(trainer, example),
         "total_steps": trainer.total_steps,

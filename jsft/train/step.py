@@ -18,6 +18,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jsft.data.batch import MicroBatch
 from jsft.models.decoder import Decoder
 from jsft.models.lora import trainable_names
 from jsft.models.params import param_arrays, param_shardings, replace_params
@@ -28,7 +29,9 @@ from jsft.train.optim import consecutive_skips, current_lr, skipped_steps
 
 HOST_MEMORY = "pinned_host"
 
-BATCH_FIELDS = ("input_ids", "segment_ids", "positions", "target_pos", "target_ids", "target_weight")
+# The host builds MicroBatches of numpy arrays (jsft/data/batch.py, no jax there); here, where they cross to
+# the devices, the type becomes a pytree, so the compiled steps take and trace it whole.
+jax.tree_util.register_dataclass(MicroBatch)
 
 
 def check_memory_kind(mesh: Mesh, kind: str) -> None:
@@ -69,7 +72,7 @@ class TrainStep:
         if offload_opt_state:
             check_memory_kind(mesh, HOST_MEMORY)
             self.opt_shardings = jax.tree.map(lambda s: s.with_memory_kind(HOST_MEMORY), self.opt_device_shardings)
-        self.batch_sharding = row_sharding(mesh)  # rows over data x fsdp, tokens / target slots over sequence
+        self.row_sharding = row_sharding(mesh)  # rows over data x fsdp, tokens / target slots over sequence
         self.feeders = mesh_feeders(mesh)  # who passes which rows to device_batch
         self._init_opt = jax.jit(optimizer.init, out_shardings=self.opt_shardings)
         self._zeros = jax.jit(
@@ -77,7 +80,7 @@ class TrainStep:
         )
         self._grad = jax.jit(
             self._grad_step,
-            in_shardings=(self.param_shardings, self.frozen_shardings, self.param_shardings, self.batch_sharding),
+            in_shardings=(self.param_shardings, self.frozen_shardings, self.param_shardings, self.row_sharding),
             out_shardings=(self.param_shardings, replicated),
             donate_argnums=(2,),
         )
@@ -88,16 +91,16 @@ class TrainStep:
             donate_argnums=(0, 1),
         )
         self._eval = jax.jit(
-            self._weighted_loss, in_shardings=({**self.param_shardings, **self.frozen_shardings}, self.batch_sharding),
+            self._weighted_loss, in_shardings=({**self.param_shardings, **self.frozen_shardings}, self.row_sharding),
             out_shardings=replicated,
         )
 
     # ---- traced functions ---------------------------------------------------------------------------------------
 
-    def _weighted_loss(self, params, batch) -> jax.Array:
+    def _weighted_loss(self, params, batch: MicroBatch) -> jax.Array:
         """sum(target_weight * nll) over the micro-batch; the weights carry the global normalisation."""
         model = replace_params(self.template, params)
-        hidden = model.hidden_states(batch["input_ids"], batch["positions"], batch["segment_ids"])
+        hidden = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
         return weighted_nll(hidden, model.unembed(), batch, self.chunk_size)
 
     def _grad_step(self, params, frozen, acc, batch):
@@ -129,16 +132,17 @@ class TrainStep:
     def init_opt_state(self, params):
         return self._init_opt(self.split(params)[0])
 
-    def device_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Host-local rows -> global arrays sharded over the batch axes. Each feeder passes its own rows,
-        whole: the global shape says so, and each device takes its token slice (jsft/train/feeders.py)."""
+    def device_batch(self, local: MicroBatch) -> MicroBatch:
+        """The host -> device boundary: a host-local MicroBatch (numpy) -> the same fields as global arrays
+        sharded over the batch axes. Each feeder passes its own rows, whole: the global shape says so, and
+        each device takes its token slice (jsft/train/feeders.py)."""
         def put(x):
             x = np.asarray(x)
-            return jax.make_array_from_process_local_data(self.batch_sharding, x, (x.shape[0] * self.feeders.count, *x.shape[1:]))
+            return jax.make_array_from_process_local_data(self.row_sharding, x, (x.shape[0] * self.feeders.count, *x.shape[1:]))
 
-        return {k: put(local[k]) for k in BATCH_FIELDS}
+        return jax.tree.map(put, local)
 
-    def gradients(self, params, micro_batches: list[dict[str, jax.Array]]):
+    def gradients(self, params, micro_batches: list[MicroBatch]):
         """(loss, summed float32 gradients of the trainable parameters) of one global batch given as device
         micro-batches."""
         params, frozen = self.split(params)
@@ -150,12 +154,7 @@ class TrainStep:
                 loss = loss + micro_loss
         return loss, acc
 
-    def train_step(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
-        """One optimizer step; returns (params, opt_state, loss, grad_norm)."""
-        params, opt_state, loss, stats = self.train_step_stats(params, opt_state, micro_batches)
-        return params, opt_state, loss, stats["grad_norm"]
-
-    def train_step_stats(self, params, opt_state, micro_batches: list[dict[str, jax.Array]]):
+    def train_step_stats(self, params, opt_state, micro_batches: list[MicroBatch]):
         """One optimizer step, dispatched without waiting; returns (params, opt_state, loss, stats) with
         stats {grad_norm, lr, skipped_steps, consecutive_skips}: arrays of their own, still readable after
         params and opt_state have been donated to the next step."""
@@ -165,13 +164,9 @@ class TrainStep:
             train, opt_state, stats = self._apply(train, opt_state, grads)
         return {**frozen, **train}, opt_state, loss, stats
 
-    def eval_loss(self, params, micro_batches: list[dict[str, jax.Array]]) -> jax.Array:
+    def eval_loss(self, params, micro_batches: list[MicroBatch]) -> jax.Array:
         with jax.set_mesh(self.mesh):
             return sum((self._eval(params, b) for b in micro_batches), jnp.zeros((), jnp.float32))
-
-    def compiled_programs(self) -> int:
-        """How many micro-batch shapes the grad step has compiled so far (one program per shape)."""
-        return self._grad._cache_size()
 
     def lower_grad(self, params, example_batch):
         """The grad micro-step lowered for this batch shape (jax.stages.Lowered: .as_text(), .compile()).

@@ -1,4 +1,5 @@
-"""Batches: global-batch semantics, packing, micro-batch shapes, host shares, resume, eval."""
+"""Batches: global-batch semantics, packing, micro-batch shapes, host shares, resume, eval; validation and
+training batches of the same rows are the same micro-batches; the typed micro-batch is a jax pytree."""
 
 import json
 import re
@@ -8,7 +9,8 @@ import pytest
 
 from jsft.data.config import DataConfig
 from jsft.data.dataset import DataStats, TokenizedDataset
-from jsft.data.pipeline import FIELDS, EvalBatches, TrainBatches, build_train_batches
+from jsft.data.batch import gather
+from jsft.data.pipeline import EvalBatches, TrainBatches, build_train_batches
 from jsft.data.sources import RowLocations
 
 from .helpers import chat, config, target_spans, write_jsonl
@@ -42,16 +44,21 @@ def unpack(step) -> dict[int, tuple[list[int], list[int]]]:
     """sample number -> (ids, mask), read back from the packed rows through segment_ids/positions."""
     out = {}
     for mb in step.micro_batches:
-        for row in range(mb["input_ids"].shape[0]):
-            seg = mb["segment_ids"][row]
+        for row in range(mb.input_ids.shape[0]):
+            seg = mb.segment_ids[row]
             for s in range(1, seg.max() + 1):
                 where = np.flatnonzero(seg == s)
                 assert np.array_equal(where, np.arange(where[0], where[-1] + 1)), "a sample is split"
-                assert np.array_equal(mb["positions"][row][where], np.arange(len(where)))
-                ids = mb["input_ids"][row][where]
-                out[int(ids[0]) // 1000 - 1] = (ids.tolist(), mb["loss_mask"][row][where].tolist())
-            assert not mb["input_ids"][row][seg == 0].any() and not mb["loss_mask"][row][seg == 0].any()
+                assert np.array_equal(mb.positions[row][where], np.arange(len(where)))
+                ids = mb.input_ids[row][where]
+                out[int(ids[0]) // 1000 - 1] = (ids.tolist(), mb.loss_mask[row][where].tolist())
+            assert not mb.input_ids[row][seg == 0].any() and not mb.loss_mask[row][seg == 0].any()
     return out
+
+
+def masked(step) -> int:
+    """loss_mask ones in a step's rows."""
+    return sum(int(mb.loss_mask.sum()) for mb in step.micro_batches)
 
 
 def batches(ds, seed=0, process_index=0, process_count=1, local_devices=2, **data_options):
@@ -67,14 +74,15 @@ def test_packing_keeps_every_token_and_target():
     for _ in range(train.steps_per_epoch):
         step = train.__next__()
         got = unpack(step)
-        assert step.num_samples == 8 == len(got)
-        assert step.num_target_tokens == sum(sum(m) for _, m in got.values())
-        assert step.num_tokens == sum(len(i) for i, _ in got.values())
+        counts = gather(step, train.layout).counts  # every sample ends in a target: all 8 count
+        assert counts.samples == 8 == len(got)
+        assert masked(step) == sum(sum(m) for _, m in got.values())
+        assert counts.tokens == sum(len(i) for i, _ in got.values())
         for i, (ids, mask) in got.items():
             want_ids, want_mask = ds.sample(i)
             assert ids == want_ids.tolist() and mask == want_mask.tolist()
         for mb in step.micro_batches:
-            assert all(mb[k].shape == (4, 32) and mb[k].dtype == np.int32 for k in FIELDS)
+            assert all(x.shape == (4, 32) and x.dtype == np.int32 for x in vars(mb).values())
         seen.update(got)
     # One epoch: steps_per_epoch * batch_size distinct samples, the incomplete last batch dropped.
     assert train.steps_per_epoch == 50 // 8 and len(seen) == 48
@@ -90,14 +98,14 @@ def test_micro_batch_count_follows_the_data():
 def test_right_padding_and_dynamic_batch_size():
     ds = synthetic(LENGTHS)
     step = next(batches(ds, pad_mode="right"))
-    rows = np.concatenate([mb["segment_ids"] for mb in step.micro_batches])
+    rows = np.concatenate([mb.segment_ids for mb in step.micro_batches])
     assert (rows.max(axis=1) <= 1).all() and (rows.max(axis=1) == 1).sum() == 8
     assert len(step.micro_batches) == 2 and len(unpack(step)) == 8
 
     dyn = batches(ds, use_dynamic_bsz=True, max_token_len_per_gpu=64)
     step = next(dyn)
-    assert all(mb["input_ids"].shape == (2, 64) for mb in step.micro_batches)
-    assert len(unpack(step)) == 8 and dyn.empty_micro_batch()["input_ids"].shape == (2, 64)
+    assert all(mb.input_ids.shape == (2, 64) for mb in step.micro_batches)
+    assert len(unpack(step)) == 8 and dyn.layout.empty().input_ids.shape == (2, 64)
     with pytest.raises(ValueError, match="max_token_len_per_gpu=16 must be >= data.max_length=32"):
         batches(ds, use_dynamic_bsz=True, max_token_len_per_gpu=16)
     with pytest.raises(ValueError, match="pad_mode=no_padding"):
@@ -113,8 +121,8 @@ def test_host_shares_are_disjoint_and_make_the_global_batch():
         shares = [next(h) for h in hosts]
         a, b = (unpack(s) for s in shares)
         assert not a.keys() & b.keys() and {**a, **b} == whole
-        assert [s.num_samples for s in shares] == [5, 4]
-        assert sum(s.num_target_tokens for s in shares) == sum(sum(m) for _, m in whole.values())
+        assert [len(a), len(b)] == [5, 4]
+        assert sum(masked(s) for s in shares) == sum(sum(m) for _, m in whole.values())
 
 
 def test_epochs_reshuffle_deterministically():
@@ -142,9 +150,9 @@ def test_resume_mid_epoch_gives_the_identical_remaining_stream():
     resumed = batches(ds, process_index=1, process_count=2)
     resumed.set_state(state)
     for a, b in zip(rest, [next(resumed) for _ in range(6)]):
-        assert (a.epoch, a.num_samples, a.num_tokens, len(a.micro_batches)) == (b.epoch, b.num_samples, b.num_tokens, len(b.micro_batches))
+        assert (a.epoch, len(a.micro_batches)) == (b.epoch, len(b.micro_batches))
         for x, y in zip(a.micro_batches, b.micro_batches):
-            assert all(np.array_equal(x[k], y[k]) for k in FIELDS)
+            assert all(np.array_equal(getattr(x, k), getattr(y, k)) for k in vars(x))
     with pytest.raises(ValueError, match="the data changed"):
         batches(synthetic(LENGTHS[:-1])).set_state(state)
 
@@ -176,6 +184,6 @@ def test_build_train_batches_end_to_end(tmp_path, qwen):
     train = build_train_batches(cfg, qwen, seed=0, process_index=0, process_count=1, local_devices=2)
     assert train.steps_per_epoch == 2
     step = next(train)
-    spans = [s for mb in step.micro_batches for row, ids in enumerate(mb["input_ids"]) for s in target_spans(qwen, ids, mb["loss_mask"][row])]
+    spans = [s for mb in step.micro_batches for row, ids in enumerate(mb.input_ids) for s in target_spans(qwen, ids, mb.loss_mask[row])]
     assert spans and all(re.fullmatch(r"\d+ answer \d<\|im_end\|>", s) for s in spans)
-    assert step.num_samples == 4 and train.empty_micro_batch()["input_ids"].shape == (2, 256)
+    assert gather(step, train.layout).counts.samples == 4 and train.layout.empty().input_ids.shape == (2, 256)

@@ -21,9 +21,9 @@ TINY = dict(model_type="qwen2", vocab_size=768, hidden_size=48, intermediate_siz
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
 
 
-def random_batch(rows: int, length: int = 32, seed: int = 0) -> dict:
+def random_batch(rows: int, length: int = 32, seed: int = 0):
     """Two packed samples per row, targets on the second half of each (weights: a token mean)."""
-    from jsft.train.batch import shaped
+    from jsft.data.batch import WeightedRows, shaped
 
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, TINY["vocab_size"], (rows, length)).astype(np.int32)
@@ -31,8 +31,7 @@ def random_batch(rows: int, length: int = 32, seed: int = 0) -> dict:
     seg = np.concatenate([np.ones((rows, half)), np.full((rows, half), 2)], axis=1).astype(np.int32)
     pos = np.concatenate([np.arange(half), np.arange(half)])[None].repeat(rows, 0).astype(np.int32)
     weight = ((pos >= half // 2) & (pos > 0)).astype(np.float32)
-    return shaped({"input_ids": ids, "segment_ids": seg, "positions": pos,
-                   "loss_weight": weight / weight.sum()}, length, length)
+    return shaped(WeightedRows(ids, seg, pos, weight / weight.sum()), length, length)
 
 
 def mesh_gradients(meshes: list[dict]) -> list[dict]:

@@ -9,11 +9,10 @@ import torch
 
 import jsft.models as jm
 from jsft.config import OptimConfig
+from jsft.data.batch import Counts, Rows, batch_counts, bucketed, shaped, weigh
 from jsft.models.hf_io import hf_tensors
 from jsft.models.params import param_arrays
 from jsft.sharding import make_mesh
-from jsft.train.batch import bucketed, shaped
-from jsft.train.batch import batch_counts, loss_weights
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
 
@@ -41,7 +40,7 @@ def _packed(samples):
         mb["input_ids"][0, start:end], mb["loss_mask"][0, start:end] = ids, mask
         mb["segment_ids"][0, start:end], mb["positions"][0, start:end] = s, np.arange(len(ids))
         start = end
-    return mb
+    return Rows(**mb)
 
 
 def _torch_loss_and_grads(model, samples):
@@ -68,15 +67,14 @@ def test_tied_llama3_micro_batch_matches_torch_autograd(tmp_path):
     model = jm.from_pretrained(str(tmp_path), dtype="float32", mesh=mesh)
     step = TrainStep(model, make_optimizer(OptimConfig(), 1), mesh, chunk_size=100)  # 100 does not divide 768
     mb = _packed(samples)
-    num_samples, num_targets = batch_counts(mb["loss_mask"], mb["segment_ids"])
-    mb["loss_weight"] = loss_weights(mb["loss_mask"], mb["segment_ids"], "token-mean", num_samples=num_samples,
-                                     num_target_tokens=num_targets, max_length=ROW)
+    num_samples, num_targets = batch_counts(mb.loss_mask, mb.segment_ids)
     used = sum(LENGTHS)
+    weighted = weigh(mb, Counts(num_samples, num_targets, used), "token-mean", ROW)
     length = bucketed(used, ROW, 4)  # 96 -> cut to 72 columns
     capacity = bucketed(num_targets, length, 4)
     assert length < ROW and capacity < length  # the bucketed shape really is smaller than the row
     with jax.default_matmul_precision("highest"):
-        loss, grads = step.gradients(param_arrays(model), [step.device_batch(shaped(mb, length, capacity))])
+        loss, grads = step.gradients(param_arrays(model), [step.device_batch(shaped(weighted, length, capacity))])
     assert float(loss) == pytest.approx(expected_loss, rel=1e-5)
     got = dict(hf_tensors(model.config, grads, np.float32))
     assert set(got) == set(expected)  # tied: one embedding tensor carries both gradients

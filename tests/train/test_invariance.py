@@ -8,11 +8,11 @@ import pytest
 
 import jsft.models as jm
 from jsft.config import load_config
+from jsft.data.batch import BatchSpec, prepare_step
 from jsft.data.pipeline import build_train_batches
 from jsft.data.tokenizer import load_tokenizer
 from jsft.models.params import param_arrays
 from jsft.sharding import make_mesh
-from jsft.train.batch import attach_weights, fit_shapes, gather_step
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
 
@@ -31,11 +31,10 @@ def global_gradient(setup, tmp_path, *, devices, mode="token-mean", shape_bucket
     mesh = make_mesh({"fsdp": -1}, devices=jax.devices()[:devices])
     model = jm.from_pretrained(cfg.model.path, dtype="float32", mesh=mesh)
     step = TrainStep(model, make_optimizer(cfg.optim, 10), mesh, chunk_size=256)
-    g = gather_step(next(batches), batches.empty_micro_batch())
-    attach_weights(g.micro_batches, mode, samples=g.samples, targets=g.target_tokens, max_length=cfg.data.max_length)
-    micro = fit_shapes(g.micro_batches, shape_buckets, rows_per_device=batches.layout.rows_per_device)
+    host = next(batches)
+    micro = prepare_step(host, BatchSpec(batches.layout, cfg.data.max_length, mode, shape_buckets)).micro_batches
     loss, grads = step.gradients(param_arrays(model), [step.device_batch(mb) for mb in micro])
-    return float(loss), {k: np.asarray(v) for k, v in grads.items()}, len(micro), len(g.micro_batches)
+    return float(loss), {k: np.asarray(v) for k, v in grads.items()}, len(micro), len(host.micro_batches)
 
 
 SPLITS = [

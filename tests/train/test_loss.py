@@ -12,7 +12,7 @@ import torch
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jsft.train.batch import LOSS_AGG_MODES, batch_counts, causal_targets, loss_weights, target_mask
+from jsft.data.batch import LOSS_AGG_MODES, batch_counts, causal_targets, loss_weights, target_mask
 from jsft.train.loss import target_nll
 
 
@@ -21,11 +21,11 @@ def token_nll(hidden, unembed, input_ids, segment_ids, chunk_size):
     trainer does: every token that continues its sample is a target (causal_targets), logits at the
     listed positions only (target_nll), scattered back to the targets' positions for comparison."""
     weights = target_mask(np.ones(segment_ids.shape), np.asarray(segment_ids)).astype(np.float32)
-    slots = causal_targets(weights, np.asarray(input_ids), capacity=segment_ids.shape[1])
-    nll = target_nll(hidden, unembed, slots["target_pos"], slots["target_ids"], slots["target_weight"], chunk_size)
+    pos, ids, weight = causal_targets(weights, np.asarray(input_ids), capacity=segment_ids.shape[1])
+    nll = target_nll(hidden, unembed, pos, ids, weight, chunk_size)
     rows = np.arange(nll.shape[0])[:, None]
-    nll = jnp.where(slots["target_weight"] != 0, nll, 0.0)
-    return jnp.zeros(input_ids.shape, jnp.float32).at[rows, slots["target_pos"] + 1].add(nll)
+    nll = jnp.where(weight != 0, nll, 0.0)
+    return jnp.zeros(input_ids.shape, jnp.float32).at[rows, pos + 1].add(nll)
 
 
 @pytest.fixture(autouse=True)
@@ -216,10 +216,10 @@ def test_causal_targets_list_each_target_with_its_predicting_position():
     seg = np.array([[1, 1, 1, 2, 2, 0]])
     w = loss_weights(np.array([[0, 1, 1, 1, 1, 0]]), seg, "token-mean", num_samples=2, num_target_tokens=3,
                      max_length=6)
-    slots = causal_targets(w, ids, capacity=4)
-    np.testing.assert_array_equal(slots["target_pos"], [[0, 1, 3, 0]])
-    np.testing.assert_array_equal(slots["target_ids"], [[11, 12, 21, 0]])
-    np.testing.assert_allclose(slots["target_weight"], [[1 / 3, 1 / 3, 1 / 3, 0]])
+    target_pos, target_ids, target_weight = causal_targets(w, ids, capacity=4)
+    np.testing.assert_array_equal(target_pos, [[0, 1, 3, 0]])
+    np.testing.assert_array_equal(target_ids, [[11, 12, 21, 0]])
+    np.testing.assert_allclose(target_weight, [[1 / 3, 1 / 3, 1 / 3, 0]])
     with pytest.raises(ValueError, match="capacity 2"):
         causal_targets(w, ids, capacity=2)
     with pytest.raises(ValueError, match="position 0"):
@@ -231,9 +231,9 @@ def test_padding_slots_change_neither_loss_nor_gradients():
     weights = target_mask(np.ones(seg.shape), np.asarray(seg)).astype(np.float32) * 0.1
 
     def loss(h, u, capacity):
-        slots = causal_targets(weights, np.asarray(ids), capacity)
-        nll = target_nll(h, u, slots["target_pos"], slots["target_ids"], slots["target_weight"], 8)
-        return jnp.sum(nll * slots["target_weight"])
+        pos, labels, weight = causal_targets(weights, np.asarray(ids), capacity)
+        nll = target_nll(h, u, pos, labels, weight, 8)
+        return jnp.sum(nll * weight)
 
     tight = int((weights != 0).sum(axis=1).max())
     grad = jax.value_and_grad(loss, argnums=(0, 1))

@@ -7,10 +7,10 @@ import pytest
 
 import jsft.models as jm
 from jsft.config import OptimConfig, load_config
+from jsft.data.batch import WeightedRows, shaped
 from jsft.models.params import param_arrays
 from jsft.plan import Plan
 from jsft.sharding import make_mesh
-from jsft.train.batch import shaped
 from jsft.train.loop import train
 from jsft.train.optim import make_optimizer
 from jsft.train.step import HOST_MEMORY, TrainStep, check_memory_kind
@@ -22,12 +22,12 @@ def _micro_batch(seed, rows=8, length=32, vocab=100):
     rng = np.random.default_rng(seed)
     weights = np.zeros((rows, length), np.float32)
     weights[:, length // 2 :] = 1.0 / (rows * length / 2)
-    return shaped({
-        "input_ids": rng.integers(0, vocab, (rows, length)).astype(np.int32),
-        "segment_ids": np.ones((rows, length), np.int32),
-        "positions": np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
-        "loss_weight": weights,
-    }, length, length // 2)
+    return shaped(WeightedRows(
+        input_ids=rng.integers(0, vocab, (rows, length)).astype(np.int32),
+        segment_ids=np.ones((rows, length), np.int32),
+        positions=np.tile(np.arange(length, dtype=np.int32), (rows, 1)),
+        loss_weight=weights,
+    ), length, length // 2)
 
 
 def _three_steps(path, offload):
@@ -37,7 +37,7 @@ def _three_steps(path, offload):
     params = param_arrays(model)
     opt_state = step.init_opt_state(params)
     for seed in range(3):
-        params, opt_state, loss, _ = step.train_step(params, opt_state, [step.device_batch(_micro_batch(seed))])
+        params, opt_state, loss, _ = step.train_step_stats(params, opt_state, [step.device_batch(_micro_batch(seed))])
     return params, opt_state, float(loss)
 
 

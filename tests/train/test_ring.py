@@ -7,23 +7,20 @@ import numpy as np
 import pytest
 
 from jsft.config import OptimConfig
+from jsft.data.batch import WeightedRows, fit_shapes, zigzag_order
 from jsft.models.params import init_model, param_arrays
-from jsft.models.ring import zigzag_order
 from jsft.models.sequence_parallel import choose
 from jsft.sharding import make_mesh
-from jsft.train.batch import fit_shapes, loss_weights
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
-from test_sequence_parallel import T, _assert_same, _config, _rows
+from test_sequence_parallel import _assert_same, _config, _rows, _weighted
 
 HEADS = dict(heads=6, kv_heads=2)  # Ulysses splits these at S=2 only
 
 
 def _micro_batch(s, zigzag):
     rows = _rows(np.random.default_rng(0))
-    w = loss_weights(rows["loss_mask"], rows["segment_ids"], "token-mean", num_samples=9,
-                     num_target_tokens=int(rows["loss_mask"].sum()), max_length=T)
-    return rows, fit_shapes([{**rows, "loss_weight": w}], 4, multiple=s, zigzag=zigzag)[0]
+    return rows, fit_shapes([_weighted(rows)], 4, multiple=s, zigzag=zigzag)[0]
 
 
 def _loss_and_grads(cfg, s, *, zigzag=True, dtype="float32"):
@@ -59,18 +56,17 @@ def test_zigzag_layout_keeps_every_target():
     assert zigzag_order(8, 2).tolist() == [0, 1, 6, 7, 2, 3, 4, 5]
     rows, mb = _micro_batch(4, zigzag=True)
     _, plain = _micro_batch(4, zigzag=False)
-    length = mb["input_ids"].shape[1]
-    assert length % 8 == 0 and mb["target_pos"].shape == plain["target_pos"].shape
+    length = mb.input_ids.shape[1]
+    assert length % 8 == 0 and mb.target_pos.shape == plain.target_pos.shape
     order = zigzag_order(length, 4)
     for k in ("input_ids", "segment_ids", "positions"):
-        np.testing.assert_array_equal(mb[k], plain[k][:, order])
-    np.testing.assert_array_equal(order[mb["target_pos"]], plain["target_pos"])  # same predicting tokens
-    np.testing.assert_array_equal(mb["target_ids"], plain["target_ids"])
-    np.testing.assert_array_equal(mb["target_weight"], plain["target_weight"])
+        np.testing.assert_array_equal(getattr(mb, k), getattr(plain, k)[:, order])
+    np.testing.assert_array_equal(order[mb.target_pos], plain.target_pos)  # same predicting tokens
+    np.testing.assert_array_equal(mb.target_ids, plain.target_ids)
+    np.testing.assert_array_equal(mb.target_weight, plain.target_weight)
     with pytest.raises(ValueError, match="multiple of 8"):
-        fit_shapes([{**rows, "input_ids": rows["input_ids"][:, :60], "segment_ids": rows["segment_ids"][:, :60],
-                     "positions": rows["positions"][:, :60], "loss_weight": np.zeros((8, 60), np.float32)}],
-                   4, multiple=4, zigzag=True)
+        fit_shapes([WeightedRows(rows.input_ids[:, :60], rows.segment_ids[:, :60], rows.positions[:, :60],
+                                 np.zeros((8, 60), np.float32))], 4, multiple=4, zigzag=True)
 
 
 def test_zigzag_balances_the_live_tiles():

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 from jsft.config import OptimConfig
+from jsft.data.batch import Rows, WeightedRows, fit_shapes, loss_weights
 from jsft.models.config import ModelConfig
 from jsft.models.params import init_model, param_arrays
 from jsft.models.ulysses import check_heads, kv_repeats
 from jsft.sharding import make_mesh, param_spec
-from jsft.train.batch import fit_shapes, loss_weights
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
 
@@ -39,13 +39,17 @@ def _rows(rng):
             pos[r, start:start + n] = np.arange(n)
             mask[r, start + n // 3:start + n] = 1
             start += n
-    return {"input_ids": ids, "segment_ids": seg, "positions": pos, "loss_mask": mask}
+    return Rows(input_ids=ids, loss_mask=mask, segment_ids=seg, positions=pos)
+
+
+def _weighted(rows):
+    w = loss_weights(rows.loss_mask, rows.segment_ids, "token-mean", num_samples=9,
+                     num_target_tokens=int(rows.loss_mask.sum()), max_length=T)
+    return WeightedRows(rows.input_ids, rows.segment_ids, rows.positions, w)
 
 
 def _micro_batch(rows, s, buckets=4):
-    w = loss_weights(rows["loss_mask"], rows["segment_ids"], "token-mean", num_samples=9,
-                     num_target_tokens=int(rows["loss_mask"].sum()), max_length=T)
-    return fit_shapes([{**rows, "loss_weight": w}], buckets, multiple=s)[0]
+    return fit_shapes([_weighted(rows)], buckets, multiple=s)[0]
 
 
 def _loss_and_grads(cfg, s, *, dtype="float32", impl="blockwise", remat="none", axes=None):
@@ -94,7 +98,7 @@ def test_rows_are_split_over_the_sequence_axis_and_parameters_over_all_devices()
     model = init_model(cfg, seed=0, mesh=mesh)
     step = TrainStep(model, make_optimizer(OptimConfig(), 10), mesh, chunk_size=32)
     mb = step.device_batch(_micro_batch(_rows(np.random.default_rng(0)), 4))
-    assert mb["input_ids"].sharding.shard_shape(mb["input_ids"].shape) == (4, mb["input_ids"].shape[1] // 4)
+    assert mb.input_ids.sharding.shard_shape(mb.input_ids.shape) == (4, mb.input_ids.shape[1] // 4)
     embed = param_arrays(model)["embed"]  # [96, 64]: 8 shards, not 2 shards x 4 copies
     assert embed.sharding.shard_shape(embed.shape)[1] * 8 == 64 or embed.sharding.shard_shape(embed.shape)[0] * 8 == 96
     assert param_spec(("vocab", "embed"), (96, 64), mesh) == jax.sharding.PartitionSpec(None, ("fsdp", "sequence"))
@@ -104,9 +108,9 @@ def test_shapes_are_multiples_of_the_sequence_size():
     rows = _rows(np.random.default_rng(0))
     for s in (1, 2, 4, 8):
         mb = _micro_batch(rows, s, buckets=5)  # bucket step 13 tokens, rounded up to a multiple of s
-        assert mb["input_ids"].shape[1] % s == 0 and mb["target_pos"].shape[1] % s == 0
+        assert mb.input_ids.shape[1] % s == 0 and mb.target_pos.shape[1] % s == 0
     with pytest.raises(ValueError, match="multiple of 3"):
-        fit_shapes([{**rows, "loss_weight": np.zeros((8, T), np.float32)}], 4, multiple=3)
+        fit_shapes([_weighted(rows)], 4, multiple=3)
 
 
 def test_heads_that_do_not_split_fail_with_sizes_that_work():
@@ -172,15 +176,15 @@ def test_a_tiny_model_trains_on_one_long_row_with_sequence_4():
     ids = np.tile(motif, LONG // 64)[None].astype(np.int32)
     mask = np.zeros_like(ids)
     mask[:, LONG // 2:] = 1
-    rows = {"input_ids": ids, "segment_ids": np.ones_like(ids), "positions": np.arange(LONG, dtype=np.int32)[None], "loss_mask": mask}
-    w = loss_weights(mask, rows["segment_ids"], "token-mean", num_samples=1, num_target_tokens=int(mask.sum()), max_length=LONG)
-    batch = step.device_batch(fit_shapes([{**rows, "loss_weight": w}], 1, multiple=4)[0])
-    assert batch["input_ids"].sharding.shard_shape(batch["input_ids"].shape) == (1, LONG // 4)
+    seg, pos = np.ones_like(ids), np.arange(LONG, dtype=np.int32)[None]
+    w = loss_weights(mask, seg, "token-mean", num_samples=1, num_target_tokens=int(mask.sum()), max_length=LONG)
+    batch = step.device_batch(fit_shapes([WeightedRows(ids, seg, pos, w)], 1, multiple=4)[0])
+    assert batch.input_ids.sharding.shard_shape(batch.input_ids.shape) == (1, LONG // 4)
     params = param_arrays(model)
     opt_state = step.init_opt_state(params)
     losses = []
     for _ in range(3):
-        params, opt_state, loss, _ = step.train_step(params, opt_state, [batch])
+        params, opt_state, loss, _ = step.train_step_stats(params, opt_state, [batch])
         losses.append(float(loss))
     assert np.isfinite(losses).all() and losses[-1] < losses[0] - 0.1, losses
 
@@ -194,7 +198,7 @@ def test_packed_kernels_under_ulysses(impl, s):
     from jsft.models import attention as A
 
     rows = _rows(np.random.default_rng(1))
-    seg, pos = jnp.asarray(rows["segment_ids"]), jnp.asarray(rows["positions"])
+    seg, pos = jnp.asarray(rows.segment_ids), jnp.asarray(rows.positions)
     h = 128 if impl == "splash" else 16
     keys = jax.random.split(jax.random.PRNGKey(3), 3)
     q, k, v = (jax.random.normal(key, (8, T, n, h)) for key, n in zip(keys, (4, 2, 2)))
