@@ -213,21 +213,11 @@ def test_packed_kernels_under_ulysses(impl, s):
 
 def _two_processes(overrides: list[str]) -> list[str]:
     """`python -m jsft.train` as 2 processes x 4 CPU devices; their outputs (both must exit 0)."""
-    import os
-    import subprocess
     import sys
 
-    from test_multihost import _free_port
+    from multiprocess import run_processes
 
-    port, procs = _free_port(), []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "jsft.train", *overrides], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    outputs = run_processes([[sys.executable, "-m", "jsft.train", *overrides]] * 2)
     assert "2 process(es)" in outputs[0]
     return outputs
 
