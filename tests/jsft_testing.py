@@ -98,9 +98,9 @@ def tokenized_samples(data_cfg, files=None):
 
 
 def step_sample_order(num_samples: int, batch_size: int, seed: int, shuffle: bool, steps: int) -> list[list[int]]:
-    """Sample indices of each optimizer step in the order jsft/data/pipeline.py documents: epoch e visits the samples
-    in the order of grain's index shuffle seeded with seed + e, cut into batches of batch_size, the last
-    incomplete one dropped."""
+    """Sample indices of each optimizer step in the order jsft/data/pipeline.py documents: epoch e visits the
+    samples in the order of grain's index shuffle seeded with seed + e, cut into batches of batch_size, the
+    last incomplete one dropped."""
     import grain
 
     order, epoch = [], 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,8 +43,13 @@ def start_processes(commands: Sequence[Sequence[str]], envs: Sequence[dict], dev
     base.update({"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
                  "JAX_PLATFORMS": "cpu",
                  "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
-    return [subprocess.Popen(list(cmd), env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for cmd, env in zip(commands, envs, strict=True)]
+    procs = []
+    for cmd, env in zip(commands, envs, strict=True):
+        # output to a file, not a pipe: a pipe nobody drains while we wait on another process blocks its writer
+        log = tempfile.TemporaryFile("w+")
+        procs.append(subprocess.Popen(list(cmd), env={**base, **env}, stdout=log, stderr=subprocess.STDOUT, text=True))
+        procs[-1].log = log
+    return procs
 
 
 def wait_all(procs: Sequence[subprocess.Popen], timeout: float, stop_on_failure: bool = True
@@ -60,11 +66,19 @@ def wait_all(procs: Sequence[subprocess.Popen], timeout: float, stop_on_failure:
     for p, alive in zip(procs, running):
         if alive:
             p.kill()
-    return [(None if alive else p.returncode, p.communicate()[0]) for p, alive in zip(procs, running)]
+    return [(None if alive else p.wait(), _output(p)) for p, alive in zip(procs, running)]
+
+
+def _output(proc: subprocess.Popen) -> str:
+    proc.wait()
+    with proc.log as log:
+        log.seek(0)
+        return log.read()
 
 
 def describe(results: Sequence[tuple[Optional[int], str]], tail: int = 3000) -> str:
-    return "\n".join(f"--- process {i}: {'still running, killed' if rc is None else f'exit {rc}'}, last output:\n{out[-tail:]}"
+    state = lambda rc: "still running, killed" if rc is None else f"exit {rc}"  # noqa: E731
+    return "\n".join(f"--- process {i}: {state(rc)}, last output:\n{out[-tail:]}"
                      for i, (rc, out) in enumerate(results))
 
 

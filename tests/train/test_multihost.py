@@ -20,7 +20,8 @@ def test_two_processes_follow_the_single_process_curve(sft_setup, tmp_path):
     train(load_config(None, sft_overrides(sft_setup, single, **EXTRA)))
 
     multi = tmp_path / "multi"
-    cmd = [sys.executable, "-m", "jsft.train", *sft_overrides(sft_setup, multi, **EXTRA, **{"optim.offload_state": True})]
+    cmd = [sys.executable, "-m", "jsft.train",
+           *sft_overrides(sft_setup, multi, **EXTRA, **{"optim.offload_state": True})]
     outputs = run_processes([cmd, cmd])
     assert "2 process(es)" in outputs[0]
 
