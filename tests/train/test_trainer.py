@@ -11,7 +11,7 @@ from jsft.config import load_config
 from jsft.train.__main__ import main
 from jsft.train.loop import train
 
-from jsft_testing import masked_token_mean_nll, sft_overrides, tokenized_samples, torch_sft_losses
+from jsft_testing import masked_token_mean_nll, sft_overrides, tokenized_samples, torch_sft_losses, verl_lr_lambda
 
 STEPS = 12
 PARITY = {
@@ -53,6 +53,8 @@ def test_loss_curve_matches_a_torch_loop(sft_setup, tmp_path):
     shapes = [m["train/compiled_shapes"] for m in metrics]  # bucketed shapes: a few, compiled once each
     assert shapes == sorted(shapes) and 1 <= shapes[-1] <= cfg.trainer.shape_buckets ** 2
     assert metrics[0]["train/lr"] == 0.0 and metrics[2]["train/lr"] == pytest.approx(2e-3)  # warmup of 2 steps
+    factor = verl_lr_lambda(cfg.optim, STEPS)  # the reference's schedule, step by step
+    assert [m["train/lr"] for m in metrics] == pytest.approx([2e-3 * factor(s) for s in range(STEPS)], rel=1e-5)
     expected, torch_model = torch_losses(sft_setup, cfg)
     np.testing.assert_allclose([m["train/loss"] for m in metrics], expected, rtol=1e-3)
     assert expected[-1] < expected[0] * 0.8  # it learns
