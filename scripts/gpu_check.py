@@ -57,14 +57,11 @@ def packed_rows(rows: int, length: int, lengths: tuple[int, int], seed: int):
 # ---- 1. attention parity ---------------------------------------------------------------------------------------
 
 
-def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_dim: int) -> dict:
-    """Max |kernel - reference| of outputs (real tokens) and of q/k/v gradients, each over the reference's
-    largest magnitude; bf16 inputs, fp32 reference on the same values."""
+def attention_inputs(*, length: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """Two packed bf16 rows (several samples, a padded tail, GQA) and the weights of the scalar whose gradient
+    the check compares: q, k, v, weights, segment_ids, positions."""
     import jax
     import jax.numpy as jnp
-    import numpy as np
-
-    from jsft.models import attention as A
 
     seg, pos = packed_rows(2, length, (length // 8, length // 2), seed=1)
     seg[1, -length // 5:] = 0  # a padded tail
@@ -75,22 +72,48 @@ def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_
     k = jax.random.normal(keys[1], (2, length, kv_heads, head_dim)).astype(jnp.bfloat16)
     v = jax.random.normal(keys[2], (2, length, kv_heads, head_dim)).astype(jnp.bfloat16)
     weights = jax.random.normal(keys[3], q.shape) * (seg > 0)[..., None, None]
+    return dict(q=q, k=k, v=v, weights=weights, segment_ids=seg, positions=pos)
+
+
+def attention_run(impl: str, inputs: dict, dtype=None):
+    """(output, (dq, dk, dv)) of `impl` on `inputs` (cast to `dtype` when given), the gradients those of
+    sum(output * weights)."""
+    import jax
+    import jax.numpy as jnp
+
+    from jsft.models import attention as A
+
+    seg, pos = inputs["segment_ids"], inputs["positions"]
     ids = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
+    q, k, v = (inputs[n] if dtype is None else inputs[n].astype(dtype) for n in "qkv")
+    f = lambda q, k, v: A.attention(q, k, v, impl=impl, **ids)  # noqa: E731
+    loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * inputs["weights"])  # noqa: E731
+    return jax.jit(f)(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    def run(impl, q, k, v):
-        f = lambda q, k, v: A.attention(q, k, v, impl=impl, **ids)  # noqa: E731
-        loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * weights)  # noqa: E731
-        return jax.jit(f)(q, k, v), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
 
-    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+def parity_errors(out, grads, ref_out, ref_grads, segment_ids) -> dict:
+    """Max |kernel - reference| of the outputs (real tokens) and of dq, dk, dv, each over the reference's
+    largest magnitude."""
+    import numpy as np
+
+    f32 = lambda x: np.asarray(x, np.float32)  # noqa: E731
+    valid = np.asarray(segment_ids) > 0
+    rel = lambda a, b, m=None: float(np.abs(f32(a) - f32(b))[m].max() / np.abs(f32(b)).max())  # noqa: E731
+    return {"out": rel(out, ref_out, valid), **{f"d{n}": rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
+
+
+def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+    """`parity_errors` of `impl` on bf16 inputs against the fp32 reference `xla` on the same values."""
+    import jax
+    import jax.numpy as jnp
+
+    inputs = attention_inputs(length=length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
     t = time.perf_counter()
-    out, grads = run(impl, q, k, v)
+    out, grads = attention_run(impl, inputs)
     jax.block_until_ready(grads)
     seconds = time.perf_counter() - t
-    ref_out, ref_grads = run("xla", f32(q), f32(k), f32(v))
-    valid = np.asarray(seg > 0)
-    rel = lambda a, b, m=None: float(np.abs(np.asarray(f32(a)) - np.asarray(b))[m].max() / np.abs(np.asarray(b)).max())  # noqa: E731
-    errors = {"out": rel(out, ref_out, valid), **{f"d{n}": rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
+    ref_out, ref_grads = attention_run("xla", inputs, dtype=jnp.float32)
+    errors = parity_errors(out, grads, ref_out, ref_grads, inputs["segment_ids"])
     return {"impl": impl, "length": length, "errors": errors, "ok": max(errors.values()) < 3e-2,
             "first_call_s": round(seconds, 2)}
 

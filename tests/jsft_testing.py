@@ -87,52 +87,92 @@ def losses(run_dir) -> dict:
     return {m["step"]: m["train/loss"] for m in map(json.loads, open(Path(run_dir) / "metrics.jsonl"))}
 
 
-def step_samples(step_batches):
-    """(input_ids, loss_mask) of every sample in packed/padded rows of HostBatches, recovered by segment id."""
-    import numpy as np
+def tokenized_samples(data_cfg, files=None):
+    """jsft's tokenized samples of `files` (default data.train_files): [(input_ids, loss_mask)], loss_mask[t] = 1
+    where token t is a target. The only thing the torch references take from jsft besides the weights."""
+    from jsft.data.dataset import load_dataset
+    from jsft.data.tokenizer import load_tokenizer
 
-    for batch in step_batches:
-        for mb in batch.micro_batches:
-            for r in range(len(mb.input_ids)):
-                for s in np.unique(mb.segment_ids[r]):
-                    if s > 0:
-                        sel = mb.segment_ids[r] == s
-                        yield mb.input_ids[r][sel], mb.loss_mask[r][sel]
+    dataset = load_dataset(data_cfg, load_tokenizer(data_cfg.tokenizer), files, progress=False)
+    return [dataset.sample(i) for i in range(len(dataset))]
+
+
+def step_sample_order(num_samples: int, batch_size: int, seed: int, shuffle: bool, steps: int) -> list[list[int]]:
+    """Sample indices of each optimizer step in the order jsft/data/pipeline.py documents: epoch e visits the
+    samples in the order of grain's index shuffle seeded with seed + e, cut into batches of batch_size, the
+    last incomplete one dropped."""
+    import grain
+
+    order, epoch = [], 0
+    while len(order) < steps:
+        indices = grain.MapDataset.range(num_samples)
+        if shuffle:
+            indices = indices.shuffle(seed=seed + epoch)
+        indices = [int(i) for i in indices]
+        order += [indices[b:b + batch_size] for b in range(0, num_samples - batch_size + 1, batch_size)]
+        epoch += 1
+    return order[:steps]
+
+
+def verl_lr_lambda(optim_cfg, total_steps: int):
+    """veRL's schedule as a multiplier of optim.lr per 0-based step: linear warmup from 0 over
+    optim.lr_warmup_steps (or int(lr_warmup_steps_ratio * total_steps)), then constant, or cosine down to
+    min_lr_ratio at total_steps."""
+    import math
+
+    if optim_cfg.lr_warmup_steps >= 0:
+        warmup = optim_cfg.lr_warmup_steps
+    else:
+        warmup = int(optim_cfg.lr_warmup_steps_ratio * total_steps)
+    floor = optim_cfg.min_lr_ratio
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / warmup
+        if optim_cfg.lr_scheduler_type == "constant":
+            return 1.0
+        assert optim_cfg.lr_scheduler_type == "cosine", optim_cfg.lr_scheduler_type
+        progress = min(step - warmup, total_steps - warmup) / max(1, total_steps - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def masked_token_mean_nll(model, samples) -> "torch.Tensor":
+    """Token-mean cross-entropy over `samples`, each right-padded in one batch with an attention mask; the
+    logits at t predict token t + 1, counted where loss_mask[t + 1] = 1."""
+    import torch
+
+    width = max(len(ids) for ids, _ in samples)
+    ids = torch.zeros(len(samples), width, dtype=torch.long)
+    attn = torch.zeros(len(samples), width, dtype=torch.long)
+    mask = torch.zeros(len(samples), width)
+    for i, (x, m) in enumerate(samples):
+        ids[i, : len(x)], attn[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1, torch.tensor(m, dtype=torch.float32)
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+    return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
 
 
 def torch_sft_losses(model, trainable, cfg, steps: int) -> list[float]:
-    """The veRL-style torch reference: per step, token-mean CE over the global batch's samples (each padded
-    in one batch with an attention mask; logits at t predict token t+1), torch AdamW over `trainable`,
-    clipping and the same lr schedule as jsft's."""
+    """The veRL-style torch reference, built from jsft's tokenized samples only: per step, the global batch's
+    samples in the order the pipeline documents (step_sample_order), the token-mean CE over all of them
+    (masked_token_mean_nll), torch AdamW over `trainable` with clipping and veRL's lr schedule (LambdaLR)."""
     import torch
 
-    from jsft.data.pipeline import build_train_batches
-    from jsft.data.tokenizer import load_tokenizer
-    from jsft.train.optim import make_schedule
-
     trainable = list(trainable)
-    opt = torch.optim.AdamW(trainable, lr=0.0, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+    opt = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
                             weight_decay=cfg.optim.weight_decay)
-    schedule = make_schedule(cfg.optim, steps)
-    batches = build_train_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), seed=cfg.data.seed,
-                                  process_index=0, process_count=1, local_devices=8)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, verl_lr_lambda(cfg.optim, steps))
+    samples = tokenized_samples(cfg.data)
+    order = step_sample_order(len(samples), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle, steps)
     out = []
-    for step in range(steps):
-        samples = list(step_samples([next(batches)]))
-        width = max(len(ids) for ids, _ in samples)
-        ids = torch.zeros(len(samples), width, dtype=torch.long)
-        attn = torch.zeros(len(samples), width, dtype=torch.long)
-        mask = torch.zeros(len(samples), width)
-        for i, (x, m) in enumerate(samples):
-            ids[i, : len(x)], attn[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1, torch.tensor(m, dtype=torch.float32)
-        logits = model(input_ids=ids, attention_mask=attn).logits
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+    for indices in order:
+        loss = masked_token_mean_nll(model, [samples[i] for i in indices])
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
-        for group in opt.param_groups:
-            group["lr"] = float(schedule(step))
         opt.step()
+        schedule.step()
         out.append(loss.item())
     return out

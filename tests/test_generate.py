@@ -1,9 +1,6 @@
 """The KV-cache sampler against transformers' generate and against full forward passes, sharded and not."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +15,8 @@ import jsft.models as jm
 from jsft.generate import Generator, _generate_jit, _run, cut_at_eos, decode_step, generate, left_pad, prefill
 from jsft.models.params import param_arrays
 from jsft.sharding import make_mesh
+
+from multiprocess import run_processes
 
 # different lengths; one is longer than MIN_BUCKET, so the batch pads to 32
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 39)), [100, 3, 4]]
@@ -146,21 +145,9 @@ def test_two_processes_generate_what_one_process_generates(tiny_hf, tmp_path):
     path, _ = _sharpened(tiny_hf, "qwen2")
     plain = generate(jm.from_pretrained(path, dtype="float32"), PROMPTS, max_new_tokens=MAX_NEW, eos_ids={0})
     assert len({tuple(t) for t in plain}) == len(PROMPTS)  # distinct continuations: a meaningful comparison
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     worker = Path(__file__).with_name("generate_worker.py")
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen(
-            [sys.executable, str(worker), path, str(tmp_path / "out.json"), json.dumps(PROMPTS), str(MAX_NEW)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    for p in procs:
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, out[-4000:]
+    cmd = [sys.executable, str(worker), path, str(tmp_path / "out.json"), json.dumps(PROMPTS), str(MAX_NEW)]
+    run_processes([cmd, cmd])
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["devices"] == 8
     assert result["tokens"] == [list(map(int, t)) for t in plain]

@@ -3,15 +3,32 @@
 import pathlib
 
 import pytest
+import yaml
 
 from jsft.config import load_config
 
 CONFIGS = sorted((pathlib.Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
 
+def _leaves(tree, prefix=""):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and prefix + key not in ("trainer.mesh", "model.init"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield prefix + key, value
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_load(path):
-    load_config(path)
+def test_shipped_configs_load_with_every_value_they_set(path):
+    """Each value the YAML file writes (read here with a plain YAML parser) is the loaded config's value."""
+    cfg = load_config(path)
+    leaves = dict(_leaves(yaml.safe_load(path.read_text())))
+    assert len(leaves) >= 10
+    for key, value in leaves.items():
+        got = cfg
+        for part in key.split("."):
+            got = getattr(got, part)
+        assert (list(got) if isinstance(value, list) else got) == value, (key, got, value)
 
 
 def test_yaml_then_overrides(tmp_path):

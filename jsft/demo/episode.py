@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
 from jsft.demo.dataset import ValPrompt, assistant_tool_calls, tool_message
-from jsft.demo.protocol import OPEN, answer_matches, call_units, checked_calls, exact_answer_rate, ratio
+from jsft.demo.protocol import FORMAT, answer_matches, checked_calls, exact_answer_rate
 from jsft.demo.tools import run_tool
+from jsft.eval.tool_calls import call_units, tool_call_parse_rate
 
 Generate = Callable[[list[list[int]]], Sequence[Sequence[int]]]
 MAX_TURNS = 4  # the demo's tasks need at most 3 generations; the cap stops a model that keeps calling
@@ -64,10 +65,10 @@ def run_episodes(generate: Generate, tokenizer, prompts: Sequence[ValPrompt], ma
 def episode_metrics(episodes: Sequence[Episode]) -> dict[str, float]:
     """`tool_call_parse_rate` over every generation (a call is expected where the reference made one) and
     `exact_answer_rate` over episodes."""
-    units = [call_units(text, e.tools, expected)
+    units = [call_units(checked_calls(text, e.tools), expected)
              for e in episodes for text, expected in zip(e.generations, e.expects_call())]
     return {
-        "tool_call_parse_rate": ratio(units),
+        "tool_call_parse_rate": tool_call_parse_rate(units),
         "exact_answer_rate": exact_answer_rate([e.final_answer for e in episodes], [e.expected for e in episodes]),
     }
 
@@ -97,7 +98,7 @@ def _advance(episode: Episode, text: str) -> None:
     if errors := [call.error for call in calls if call.error]:
         episode.error, episode.done = errors[0], True
         return
-    content = text[:text.index(OPEN)].strip()
+    content = FORMAT.content(text).strip()
     episode.messages.append(assistant_tool_calls([(c.name, c.arguments) for c in calls], content))
     episode.messages.extend(tool_message(c.name, run_tool(c.name, c.arguments)) for c in calls)
 

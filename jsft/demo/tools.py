@@ -63,7 +63,7 @@ TOOLS = [
 
 
 def run_tool(name: str, arguments: dict) -> Any:
-    """Execute one call whose arguments already fit the tool's schema (see `protocol.check_call`)."""
+    """Execute one call whose arguments already fit the tool's schema (see `protocol.checked_calls`)."""
     if name == "calculator":
         return OPS[arguments["op"]](arguments["a"], arguments["b"])
     if name == "lookup":

@@ -10,9 +10,9 @@ run's mesh and returns every row to every process, so every host computes the sa
 writes the samples).
 
 Metrics (each a mean over the prompts it applies to; NaN when it applies to none):
-- val/tool_call_parse_rate  calls that parse in the template's format, name a tool of the row's `tools`
-                            and fit its JSON schema / units; every call found is a unit, and a generation
-                            without calls where the reference calls a tool is one failed unit
+- val/tool_call_parse_rate  jsft/eval/tool_calls.py's definition: calls that parse in the template's format,
+                            name a tool of the row's `tools` and fit its JSON schema / units; a call is
+                            expected where the reference turn calls tools
 - val/tool_name_match       prompts whose reference calls tools: the generated call names equal the
                             reference's, in order
 - val/exact_match           the generation, stop token included, equals the reference turn
@@ -37,7 +37,8 @@ from jsft.data.chat import ChatOptions, ChatRenderer
 from jsft.data.conversation import parse_row
 from jsft.data.sources import BadRow, RowSource, resolve_files
 from jsft.data.tokenizer import stop_token_ids
-from jsft.eval.tool_calls import FormatError, ToolCallFormat, check_calls, derive_format
+from jsft.eval.tool_calls import (FormatError, ToolCallFormat, call_units, check_calls, derive_format,
+                                  tool_call_parse_rate)
 from jsft.generate import Generator
 from jsft.sharding import data_parallel_size
 
@@ -93,9 +94,10 @@ def score(text: str, stop: Optional[str], length: int, prompt: HeldOutPrompt,
     (None: the budget ran out first), `length` its tokens. `fmt` may be None where no row involves tools."""
     calls = check_calls(fmt.parse(text), prompt.tools) if fmt is not None else []
     names = [c.name for c in calls if c.name is not None]
+    good, units = call_units(calls, expects_call=bool(prompt.reference_calls))
     return {
-        "good_calls": sum(c.error is None for c in calls),
-        "call_units": len(calls) or int(bool(prompt.reference_calls)),
+        "good_calls": good,
+        "call_units": units,
         "tool_name_match": (names == prompt.reference_calls) if prompt.reference_calls else None,
         "exact_match": stop is not None and text + stop == prompt.reference,
         "stopped": stop is not None,
@@ -106,10 +108,9 @@ def score(text: str, stop: Optional[str], length: int, prompt: HeldOutPrompt,
 
 def aggregate(scores: Sequence[dict]) -> dict[str, float]:
     """The val/* metrics of the module docstring from per-sample scores."""
-    units = sum(s["call_units"] for s in scores)
     names = [s["tool_name_match"] for s in scores if s["tool_name_match"] is not None]
     return {
-        "val/tool_call_parse_rate": sum(s["good_calls"] for s in scores) / units if units else math.nan,
+        "val/tool_call_parse_rate": tool_call_parse_rate((s["good_calls"], s["call_units"]) for s in scores),
         "val/tool_name_match": _mean(names),
         "val/exact_match": _mean([s["exact_match"] for s in scores]),
         "val/stop_rate": _mean([s["stopped"] for s in scores]),

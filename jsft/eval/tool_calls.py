@@ -14,6 +14,12 @@ shape, between the name and the arguments; a probe with two calls gives the text
 any run of whitespace standing for any other, so `{"name": ...}` spacing and newlines do not matter,
 but the markers do. Limitation: a format the template does not render (harmony's other header order, a
 call written inside content) is not recognised.
+
+`tool_call_parse_rate` (the one definition, used by validation by generation and the demo's episodes) =
+well-formed calls / units over generations: every call found is a unit (parsing stops at the first malformed
+one, which is a failed unit); a generation without calls where a call is expected is one failed unit, where
+an answer is expected it counts nothing. A call is well formed when it parses in the template's format,
+names a tool of the row's `tools` and its arguments fit that tool's JSON schema (`check_calls`).
 """
 
 from __future__ import annotations
@@ -21,7 +27,8 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, replace
-from typing import Optional, Sequence
+import math
+from typing import Iterable, Optional, Sequence
 
 from jsft.eval.schema import schema_error
 
@@ -69,12 +76,21 @@ class ToolCallFormat:
                 break
         return calls
 
+    def content(self, text: str) -> str:
+        """The text of a generation before its first call (all of it when it has none)."""
+        span = self._open_span(text)
+        return text if span is None else text[:span[0]]
+
     def _start(self, text: str) -> Optional[int]:
+        span = self._open_span(text)
+        return None if span is None else span[1]
+
+    def _open_span(self, text: str) -> Optional[tuple[int, int]]:
         if self.open.split():
             return _find(text, self.open)
         start = len(text) - len(text.lstrip())
         # a bare JSON call (Llama 3.1): the turn is a call when it starts with an object
-        return start if self.name_key is not None and text[start:start + 1] == "{" else None
+        return (start, start) if self.name_key is not None and text[start:start + 1] == "{" else None
 
     def _parse_one(self, text: str, pos: int) -> tuple[ToolCall, int]:
         if self.name_key is None:
@@ -137,6 +153,20 @@ def check_calls(calls: Sequence[ToolCall], tools: Optional[Sequence[dict]]) -> l
                 call = replace(call, error=f"{call.name}: {error}")
         out.append(call)
     return out
+
+
+def call_units(calls: Sequence[ToolCall], expects_call: bool) -> tuple[int, int]:
+    """(well-formed calls, units) of one generation's checked calls, as `tool_call_parse_rate` counts them."""
+    return sum(call.error is None for call in calls), len(calls) or int(expects_call)
+
+
+def tool_call_parse_rate(units: Iterable[tuple[int, int]]) -> float:
+    """Well-formed calls / units over generations (`call_units` of each, module docstring); NaN when there is
+    nothing to count."""
+    good = total = 0
+    for g, u in units:
+        good, total = good + g, total + u
+    return good / total if total else math.nan
 
 
 # ---- derivation from the template --------------------------------------------------------------------------------
@@ -232,14 +262,14 @@ def _match(text: str, pos: int, literal: str) -> Optional[int]:
     return pos
 
 
-def _find(text: str, literal: str) -> Optional[int]:
-    """The end of the first match of `literal` in `text` (whitespace-tolerant, see `_match`), or None."""
+def _find(text: str, literal: str) -> Optional[tuple[int, int]]:
+    """(start, end) of the first match of `literal` in `text` (whitespace-tolerant, see `_match`), or None."""
     first = literal.split()[0]
     at = text.find(first)
     while at >= 0:
         end = _match(text, at, literal)
         if end is not None:
-            return end
+            return at, end
         at = text.find(first, at + 1)
     return None
 

@@ -47,10 +47,20 @@ def test_a_differing_part_is_named_with_every_host_value(monkeypatch):
     assert next(replies, None) is None  # one exchange of hashes, then only the differing part's text
 
 
-def test_agreeing_hosts_pass(monkeypatch):
-    parts = {"train files": "t.jsonl (100 bytes)"}
-    monkeypatch.setattr(distributed, "all_hosts", lambda v: np.stack([np.asarray(v, np.int32)] * 3))
-    fingerprint.check_hosts_agree(parts)
+def test_agreeing_hosts_pass_after_one_exchange_of_hashes(monkeypatch):
+    """Three hosts with the same parts, one of them holding them in another order: no error, and only the
+    fixed-size hash vector (the part count, one hash per part) crosses hosts, no text."""
+    parts = {"train files": "t.jsonl (100 bytes)", "data.max_length": "256", "tokenizer": "x"}
+    reordered = fingerprint._vector(dict(reversed(parts.items())))
+    sent = []
+
+    def all_hosts(v):
+        sent.append(list(v))
+        return np.stack([np.asarray(v, np.int32), np.asarray(reordered, np.int32), np.asarray(v, np.int32)])
+
+    monkeypatch.setattr(distributed, "all_hosts", all_hosts)
+    assert fingerprint.check_hosts_agree(parts) is None
+    assert len(sent) == 1 and len(sent[0]) == 1 + len(parts) and sent[0][0] == len(parts)
 
 
 def test_a_missing_file_is_a_part_not_an_error(tmp_path, tokenizer):

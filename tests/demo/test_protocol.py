@@ -2,8 +2,16 @@ import math
 
 import pytest
 
-from jsft.demo.protocol import exact_answer_rate, parse_tool_calls, tool_call_parse_rate
+from jsft.demo.protocol import FORMAT, checked_calls, exact_answer_rate
 from jsft.demo.tools import TOOLS
+from jsft.eval.tool_calls import call_units, derive_format, tool_call_parse_rate
+
+
+def rate(generations, expects_call=None):
+    """The demo's tool_call_parse_rate of `generations` (by default every one should call)."""
+    expects_call = [True] * len(generations) if expects_call is None else expects_call
+    return tool_call_parse_rate(call_units(checked_calls(text, TOOLS), expected)
+                                for text, expected in zip(generations, expects_call, strict=True))
 
 
 def block(body):
@@ -26,37 +34,42 @@ BAD = {
 }
 
 
+def test_the_demo_format_is_what_the_trainer_derives_from_the_demo_template(demo_tokenizer):
+    assert derive_format(demo_tokenizer, [demo_tokenizer.eos_token]) == FORMAT
+
+
 def test_parse_reads_name_and_arguments_of_each_block():
-    calls = parse_tool_calls("Let me check.\n" + GOOD + "\n" + GOOD_LOOKUP)
-    assert [(c.name, c.arguments, c.error) for c in calls] == [
+    text = "Let me check.\n" + GOOD + "\n" + GOOD_LOOKUP
+    assert [(c.name, c.arguments, c.error) for c in checked_calls(text, TOOLS)] == [
         ("calculator", {"op": "add", "a": 2, "b": 3}, None),
         ("lookup", {"country": "Avalor", "field": "capital"}, None),
     ]
+    assert FORMAT.content(text) == "Let me check.\n" and FORMAT.content("The answer is 5.") == "The answer is 5."
 
 
 def test_parse_reports_tag_errors():
-    assert [c.error for c in parse_tool_calls("<tool_call>{}<tool_call>{}")] == [
-        "<tool_call> opened again before </tool_call>", "<tool_call> never closed"]
-    assert parse_tool_calls("The answer is 5.") == []
+    reopened = checked_calls("<tool_call>{}<tool_call>{}", TOOLS)
+    assert len(reopened) == 1 and "expected a JSON object" in reopened[0].error
+    (unclosed,) = checked_calls(GOOD.replace("</tool_call>", "") + GOOD, TOOLS)  # opened again before closed
+    assert unclosed.name == "calculator" and "to end the calls" in unclosed.error
+    assert checked_calls("The answer is 5.", TOOLS) == []
 
 
 def test_good_generations_score_one():
-    assert tool_call_parse_rate([GOOD, GOOD_LOOKUP, GOOD + "\n" + GOOD_LOOKUP], TOOLS) == 1.0
+    assert rate([GOOD, GOOD_LOOKUP, GOOD + "\n" + GOOD_LOOKUP]) == 1.0
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_each_bad_call_fails(case):
-    assert tool_call_parse_rate([BAD[case]], TOOLS) == 0.0
+    assert rate([BAD[case]]) == 0.0
 
 
 def test_rate_counts_calls_and_a_missing_call_as_one_failure():
     generations = [GOOD + "\n" + BAD["unknown tool"], "The answer is 5.", GOOD]
-    assert tool_call_parse_rate(generations, TOOLS) == pytest.approx(2 / 4)
+    assert rate(generations) == pytest.approx(2 / 4)
     # Where an answer is expected, a missing call is no failure.
-    assert tool_call_parse_rate(generations, TOOLS, expects_call=[True, False, True]) == pytest.approx(2 / 3)
-    assert math.isnan(tool_call_parse_rate(["The answer is 5."], TOOLS, expects_call=[False]))
-    with pytest.raises(ValueError):
-        tool_call_parse_rate(generations, TOOLS, expects_call=[True])
+    assert rate(generations, expects_call=[True, False, True]) == pytest.approx(2 / 3)
+    assert math.isnan(rate(["The answer is 5."], expects_call=[False]))
 
 
 def test_exact_answer_rate_normalises_whitespace_only():

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from jsft.demo.dataset import rows
-from jsft.demo.tokenizer import SPECIAL_TOKENS, TAG_TOKENS, build_tokenizer, render
+from jsft.demo.tokenizer import CHAT_TEMPLATE, SPECIAL_TOKENS, TAG_TOKENS, build_tokenizer, render
 from jsft.demo.tools import TOOLS
 
 ROWS = rows(200, seed=0) + rows(50, seed=0, split="val")
@@ -34,12 +34,20 @@ def test_tool_call_tags_survive_skipping_special_tokens(demo_tokenizer):
     assert demo_tokenizer.decode(ids, skip_special_tokens=True) == "a<tool_call>b</tool_call>"
 
 
-def test_loaded_template_renders_like_render(demo_tokenizer):
-    row = ROWS[0]
-    for prompt in (False, True):
-        assert demo_tokenizer.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False,
-                                                  add_generation_prompt=prompt) == render(row["messages"],
-                                                                                          row["tools"], prompt)
+def test_saved_template_renders_every_row_as_qwen25s_own_template(demo_tokenizer, demo_tokenizer_dir,
+                                                                   qwen_tokenizer_dir):
+    """The demo speaks Qwen2.5's protocol: the saved tokenizer's template renders every demo row, with and
+    without the generation prompt, exactly as the real Qwen2.5 tokenizer's template does."""
+    from transformers import AutoTokenizer
+
+    assert (demo_tokenizer_dir / "chat_template.jinja").read_text() == CHAT_TEMPLATE
+    qwen = AutoTokenizer.from_pretrained(qwen_tokenizer_dir)
+    for row in ROWS:
+        for prompt in (False, True):
+            ours = demo_tokenizer.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False,
+                                                      add_generation_prompt=prompt)
+            assert ours == qwen.apply_chat_template(row["messages"], tools=row["tools"], tokenize=False,
+                                                    add_generation_prompt=prompt)
 
 
 def test_every_rendered_conversation_round_trips(demo_tokenizer):

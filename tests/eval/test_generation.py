@@ -3,9 +3,6 @@ trainer with trainer.val_generations on a Qwen2.5-template tool dataset with a t
 
 import json
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +21,7 @@ from jsft.sharding import make_mesh
 from jsft.train.loop import train
 
 from jsft_testing import sft_overrides
+from multiprocess import run_processes
 
 WORKER_KEYS = ["trainer.val_generations=5", "trainer.val_max_new_tokens=12", "data.max_length=512",
                "data.micro_batch_size_per_gpu=1"]
@@ -162,19 +160,8 @@ def test_two_processes_score_what_one_process_scores(sft_setup, tmp_path):
     tok = AutoTokenizer.from_pretrained(sft_setup["tokenizer"])
     metrics = GenerationValidation(cfg, tok, model, mesh, single, log=lambda _: None)(param_arrays(model), step=1)
     (single / "metrics_0.json").write_text(json.dumps({"devices": 8, **metrics}))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     multi = tmp_path / "multi"
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([*worker, str(multi), json.dumps(WORKER_KEYS)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))
-    for p in procs:
-        out = p.communicate(timeout=600)[0]
-        assert p.returncode == 0, out[-4000:]
+    run_processes([[*worker, str(multi), json.dumps(WORKER_KEYS)]] * 2)
 
     def result(run, process):
         metrics = json.loads((run / f"metrics_{process}.json").read_text())

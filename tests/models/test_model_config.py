@@ -22,8 +22,19 @@ def test_active_sliding_window_is_refused():
         ModelConfig.from_hf(transformers.MistralConfig(**TINY, sliding_window=64))
 
 
-def test_inactive_sliding_window_is_fine():
-    ModelConfig.from_hf(transformers.Qwen2Config(**TINY, use_sliding_window=False, sliding_window=64))
+def test_an_inactive_sliding_window_loads_as_full_attention(tiny_hf):
+    """use_sliding_window=False with a window shorter than the input: transformers attends to every earlier
+    token, and so must jsft (logits over 40 tokens with a window of 8)."""
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    path, ref = tiny_hf("qwen2", use_sliding_window=False, sliding_window=8)
+    ids = np.random.RandomState(0).randint(0, TINY["vocab_size"], (1, 40))
+    with torch.no_grad():
+        expected = ref(torch.tensor(ids, dtype=torch.long)).logits.numpy()
+    model = jm.from_pretrained(path, dtype="float32")
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}])

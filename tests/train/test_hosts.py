@@ -7,10 +7,7 @@
 """
 
 import json
-import os
 import shutil
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -19,32 +16,9 @@ from jsft.config import load_config
 from jsft.train.loop import train
 
 from jsft_testing import losses, sft_overrides, short_conversations
+from multiprocess import free_port, run_processes
 
 STEPS = {"trainer.total_training_steps": 3, "data.train_batch_size": 8, "trainer.save_freq": 0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _run_processes(commands: list[list[str]], envs: list[dict], timeout: int = 600) -> list[tuple[int, str]]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COORDINATOR", "JAX_NUM", "JAX_PROCESS", "SLURM_"))}
-    base.update({"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"})
-    procs = [subprocess.Popen(cmd, env={**base, **env}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for cmd, env in zip(commands, envs)]
-    try:
-        return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-
-
-def _jax_env(port: int) -> list[dict]:
-    return [{"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)}
-            for i in range(2)]
 
 
 def _slurm_env(port: int) -> list[dict]:
@@ -78,10 +52,7 @@ def test_slurm_launch_with_split_tokenization_matches_one_process(sft_setup, tmp
     multi = tmp_path / "multi"
     cmd = [sys.executable, "-m", "jsft.train",
            *sft_overrides(sft_setup, multi, **extra, **{"data.cache_dir": str(tmp_path / "cache2")})]
-    results = _run_processes([cmd, cmd], _slurm_env(_free_port()))
-    for rc, out in results:
-        assert rc == 0, out[-4000:]
-    out0, out1 = results[0][1], results[1][1]
+    out0, out1 = run_processes([cmd, cmd], _slurm_env(free_port()))
     assert "jax.distributed from slurm: 2 processes, coordinator 127.0.0.1:" in out0
     assert "process 1 of 2 tokenizes 24 of 48 rows" in out1 and "cannot see" not in out0 + out1
 
@@ -106,9 +77,8 @@ def test_a_different_data_file_on_one_host_stops_both(sft_setup, tmp_path):
     run = tmp_path / "run"
     commands = [[sys.executable, "-m", "jsft.train", *sft_overrides(sft_setup, run, **STEPS, **{"data.train_files": f})]
                 for f in (sft_setup["train"], str(other))]
-    results = _run_processes(commands, _jax_env(_free_port()), timeout=300)  # a hang fails here
-    for rc, out in results:
-        assert rc != 0, out[-3000:]
+    outputs = run_processes(commands, timeout=300, expect_success=False)  # a hang fails here
+    for out in outputs:
         assert "the processes would train on different data" in out, out[-3000:]
         assert f"train files: process 0: {sft_setup['train']}" in out and f"process 1: {other}" in out
     assert not (run / "metrics.jsonl").exists()
@@ -132,8 +102,7 @@ def test_export_from_two_processes_is_bit_identical(tiny_hf, tmp_path):
     args = ["--checkpoint", str(tmp_path / "ckpt"), "--max-shard-size", "100KB", "--dtype", "bfloat16"]
     assert main([*args, "--out", str(tmp_path / "one")]) == 0
     cmd = [sys.executable, "-m", "jsft.export", *args, "--out", str(tmp_path / "two")]
-    for rc, out in _run_processes([cmd, cmd], _jax_env(_free_port()), timeout=300):
-        assert rc == 0, out[-3000:]
+    run_processes([cmd, cmd], timeout=300)
     one = {p.name: p.read_bytes() for p in (tmp_path / "one").iterdir()}
     two = {p.name: p.read_bytes() for p in (tmp_path / "two").iterdir()}
     assert len([n for n in one if n.endswith(".safetensors")]) > 2

@@ -174,28 +174,17 @@ def test_plan_shows_adapter_sized_gradients_and_optimizer_state(tmp_path):
 def test_two_processes_train_and_export_lora_like_one(sft_setup, tmp_path):
     """2 processes x 4 CPU devices (jax.distributed, gloo): fresh adapters, the loss curve and the exported
     adapter equal the single-process run's."""
-    import os
-    import socket
-
     from safetensors.numpy import load_file
+
+    from multiprocess import run_processes
 
     job = {"model.lora_rank": 8, "model.lora_alpha": 16, "model.target_modules": "[q_proj,v_proj,up_proj]",
            "trainer.total_training_steps": 3, "data.train_batch_size": 8, "trainer.export_hf": True}
     single = tmp_path / "single"
     train(load_config(None, sft_overrides(sft_setup, single, **job)))
     multi = tmp_path / "multi"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "jsft.train", *sft_overrides(sft_setup, multi, **job)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    cmd = [sys.executable, "-m", "jsft.train", *sft_overrides(sft_setup, multi, **job)]
+    outputs = run_processes([cmd, cmd])
     assert "2 process(es)" in outputs[0]
     np.testing.assert_allclose([losses(multi)[s] for s in (1, 2, 3)], [losses(single)[s] for s in (1, 2, 3)], rtol=1e-5)
     ours, theirs = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (single, multi))

@@ -2,9 +2,6 @@
 with the optimizer state offloaded to pinned host memory in the two-process run."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
@@ -13,14 +10,9 @@ from jsft.config import load_config
 from jsft.train.loop import train
 
 from jsft_testing import sft_overrides
+from multiprocess import run_processes
 
 EXTRA = {"trainer.total_training_steps": 4, "data.train_batch_size": 8, "trainer.save_freq": 2}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_follow_the_single_process_curve(sft_setup, tmp_path):
@@ -28,19 +20,9 @@ def test_two_processes_follow_the_single_process_curve(sft_setup, tmp_path):
     train(load_config(None, sft_overrides(sft_setup, single, **EXTRA)))
 
     multi = tmp_path / "multi"
-    port = _free_port()
-    procs = []
-    for pid in range(2):
-        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
-               "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(pid)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "jsft.train",
-             *sft_overrides(sft_setup, multi, **EXTRA, **{"optim.offload_state": True})],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, out in zip(procs, outputs):
-        assert p.returncode == 0, out[-4000:]
+    cmd = [sys.executable, "-m", "jsft.train",
+           *sft_overrides(sft_setup, multi, **EXTRA, **{"optim.offload_state": True})]
+    outputs = run_processes([cmd, cmd])
     assert "2 process(es)" in outputs[0]
 
     def curve(run):

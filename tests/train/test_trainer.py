@@ -8,11 +8,10 @@ import torch
 import transformers
 
 from jsft.config import load_config
-from jsft.data.tokenizer import load_tokenizer
 from jsft.train.__main__ import main
 from jsft.train.loop import train
 
-from jsft_testing import sft_overrides, step_samples, torch_sft_losses
+from jsft_testing import masked_token_mean_nll, sft_overrides, tokenized_samples, torch_sft_losses, verl_lr_lambda
 
 STEPS = 12
 PARITY = {
@@ -28,16 +27,12 @@ def read_metrics(run_dir):
 
 def torch_val_loss(model, setup, cfg):
     """Token-mean CE over every validation sample, one sample at a time."""
-    total, count = 0.0, 0
-    from jsft.data.pipeline import build_eval_batches
-
-    val = build_eval_batches(cfg.data, load_tokenizer(cfg.data.tokenizer), process_index=0, process_count=1, local_devices=8)
     with torch.no_grad():
-        for ids, mask in step_samples(b for b in val):
-            logits = model(input_ids=torch.tensor(ids)[None]).logits[0]
-            nll = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:], dtype=torch.long), reduction="none")
-            total += float((nll * torch.tensor(mask[1:], dtype=torch.float32)).sum())
-            count += int(mask[1:].sum())
+        total = count = 0.0
+        for ids, mask in tokenized_samples(cfg.data, cfg.data.val_files):
+            targets = float(mask[1:].sum())
+            total += float(masked_token_mean_nll(model, [(ids, mask)])) * targets
+            count += targets
     return total / count
 
 
@@ -58,6 +53,8 @@ def test_loss_curve_matches_a_torch_loop(sft_setup, tmp_path):
     shapes = [m["train/compiled_shapes"] for m in metrics]  # bucketed shapes: a few, compiled once each
     assert shapes == sorted(shapes) and 1 <= shapes[-1] <= cfg.trainer.shape_buckets ** 2
     assert metrics[0]["train/lr"] == 0.0 and metrics[2]["train/lr"] == pytest.approx(2e-3)  # warmup of 2 steps
+    factor = verl_lr_lambda(cfg.optim, STEPS)  # the reference's schedule, step by step
+    assert [m["train/lr"] for m in metrics] == pytest.approx([2e-3 * factor(s) for s in range(STEPS)], rel=1e-5)
     expected, torch_model = torch_losses(sft_setup, cfg)
     np.testing.assert_allclose([m["train/loss"] for m in metrics], expected, rtol=1e-3)
     assert expected[-1] < expected[0] * 0.8  # it learns
