@@ -127,14 +127,15 @@ def test_load_balancing_and_z_loss_match_transformers_with_padding():
     mask[0, 17:] = False
     mask[1, :5] = False
     layers = [_inputs(seed=s)[0] for s in range(3)]  # three "layers" of router logits
-    stats = [M.moe(p, jnp.asarray(x), spec, jnp.asarray(mask))[1] for x in layers]
+    router = jax.jit(lambda x, m: M.moe(p, x, spec, m)[1])
+    stats = [router(jnp.asarray(x), jnp.asarray(mask)) for x in layers]
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *stats)
     with torch.no_grad():
         logits = tuple(block.gate(torch.tensor(x).reshape(-1, D))[0] for x in layers)
     expected = modeling_qwen3_moe.load_balancing_loss_func(logits, E, R, torch.tensor(mask))
     np.testing.assert_allclose(float(M.load_balancing_loss(stacked)), float(expected), rtol=1e-6)
     # summing the stats of two halves of the batch gives the same loss as the whole batch: exact aggregation
-    halves = [M.moe(p, jnp.asarray(x[i:i + 1]), spec, jnp.asarray(mask[i:i + 1]))[1] for x in layers for i in (0, 1)]
+    halves = [router(jnp.asarray(x[i:i + 1]), jnp.asarray(mask[i:i + 1])) for x in layers for i in (0, 1)]
     summed = jax.tree.map(lambda *a: sum(a), *halves)
     np.testing.assert_allclose(float(M.load_balancing_loss(summed)), float(expected), rtol=1e-6)
     z_sum, z_count = M.z_loss(stacked)
@@ -149,15 +150,14 @@ def test_load_balancing_and_z_loss_match_transformers_with_padding():
     np.testing.assert_array_equal(np.asarray(load_max), counts.max(-1))
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_kernels_agree_and_padding_is_not_routed(family):
-    block, spec = _torch_block(family)
-    p = {k: jnp.asarray(v) for k, v in _params(block, family).items()}
+def test_kernels_agree_and_padding_is_not_routed():
+    block, spec = _torch_block("gpt_oss", swiglu_limit=0.5)  # biases: padding slots must not leak them
+    p = {k: jnp.asarray(v) for k, v in _params(block, "gpt_oss").items()}
     x, cot = _inputs()
     mask = np.ones((2, 24), bool)
     mask[1, 20:] = False
     runs = {}
-    for kernel, tile in (("ragged_dot", 128), ("tiles", 4), ("tiles", 128)):
+    for kernel, tile in (("ragged_dot", 128), ("tiles", 4)):
         s = M.MoeSpec(**{**spec.__dict__, "kernel": kernel, "tile_rows": tile})
         runs[kernel, tile] = _jsft_grads(p, jnp.asarray(x), jnp.asarray(cot), s, jnp.asarray(mask))
     y0, st0, gx0, gp0 = runs["ragged_dot", 128]
@@ -169,7 +169,7 @@ def test_kernels_agree_and_padding_is_not_routed(family):
         for name in gp0:
             np.testing.assert_allclose(gp[name], gp0[name], atol=1e-5, rtol=0, err_msg=f"{key} {name}")
     # the padded tokens' rows equal the unmasked run's rows elsewhere: padding does not disturb real tokens
-    y_all = _jsft_grads(p, jnp.asarray(x), jnp.asarray(cot), spec)[0]
+    y_all = jax.jit(lambda x: M.moe(p, x, spec)[0])(jnp.asarray(x))
     np.testing.assert_allclose(y0[mask], y_all[mask], atol=1e-6, rtol=0)
 
 
@@ -180,7 +180,7 @@ def test_capacity_drops_late_assignments_by_position():
     p = {k: jnp.asarray(v) for k, v in _params(block, "qwen3_moe").items()}
     x, _ = _inputs(b=1, t=40)
     cf = 0.5
-    y, stats = M.moe(p, jnp.asarray(x), M.MoeSpec(E, R, capacity_factor=cf))
+    y, stats = jax.jit(lambda x: M.moe(p, x, M.MoeSpec(E, R, capacity_factor=cf)))(jnp.asarray(x))
     cap = int(np.ceil(cf * 40 * R / E))
     xf = x.reshape(40, D)
     logits = xf @ np.asarray(p["router"])
