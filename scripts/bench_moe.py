@@ -95,9 +95,9 @@ def main() -> None:
     runs = {}
     base = dict(num_experts=args.experts, top_k=args.top_k)
     for name, spec in (
-        ("jsft tiles, 128 rows", M.MoeSpec(**base, kernel="tiles", tile_rows=128)),
+        ("jsft tiles, 64 rows", M.MoeSpec(**base, kernel="tiles", tile_rows=64)),
+        ("jsft tiles, 128 rows (default)", M.MoeSpec(**base, kernel="tiles", tile_rows=128)),
         ("jsft tiles, 256 rows", M.MoeSpec(**base, kernel="tiles", tile_rows=256)),
-        ("jsft tiles, 512 rows", M.MoeSpec(**base, kernel="tiles", tile_rows=512)),
         ("jsft ragged_dot", M.MoeSpec(**base, kernel="ragged_dot")),
         ("jsft capacity 1.25 (drops)", M.MoeSpec(**base, capacity_factor=1.25)),
     ):
@@ -133,7 +133,8 @@ def main() -> None:
     d, f, e, k, s = args.hidden, args.ffn, args.experts, args.top_k, args.tokens
     flops = 3 * s * (2 * k * 3 * d * f + 2 * d * e)
     torch_best = min(statistics.median(times[n]) for n in times if n.startswith("torch"))
-    print(f"\n{s} tokens, hidden {d}, {e} experts, top-{k}, expert hidden {f}; matmul probe {peak:.0f} GFLOP/s")
+    print(f"\n{s} tokens, hidden {d}, {e} experts, top-{k}, expert hidden {f}; matmul probe {peak:.0f} GFLOP/s; "
+          f"load {os.getloadavg()[0]:.1f}; torch threads {torch.get_num_threads()}")
     print("| variant | s / step (median) | tokens/s | vs best torch | GFLOP/s (active) | MFU |")
     print("|---|---|---|---|---|---|")
     for name, ts in times.items():

@@ -198,8 +198,9 @@ class Layout(NamedTuple):
     slot: jax.Array  # [A] slot of each assignment, P where it is dropped or padding
     source: jax.Array  # [P] assignment in each slot, A where the slot is empty
     slot_expert: jax.Array  # [P] expert owning each slot (clipped to E-1 for empty tail slots)
-    group_sizes: jax.Array  # ragged_dot: [E] rows per expert; tiles: [G] expert of each tile; capacity: unused
+    groups: jax.Array  # ragged_dot: [E] rows per expert; tiles: [G] expert of each tile; capacity: unused
     dropped: jax.Array  # [] real assignments dropped by the capacity bound
+    used_tiles: jax.Array  # [] tiles: tiles holding rows (the rest of the G are empty)
 
 
 def plan_dispatch(ids, num_experts: int, kind: str, *, capacity: int = 0, tile_rows: int = 0) -> Layout:
@@ -212,7 +213,7 @@ def plan_dispatch(ids, num_experts: int, kind: str, *, capacity: int = 0, tile_r
     start = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(counts)])  # [E+1]; start[E] = real total
     rank = jnp.arange(a, dtype=jnp.int32) - start[sorted_ids]  # position within its expert's run
     real = sorted_ids < e
-    dropped = jnp.zeros((), jnp.int32)
+    dropped = used_tiles = jnp.zeros((), jnp.int32)
     if kind == "ragged_dot":
         p = a
         slot_sorted = jnp.arange(a, dtype=jnp.int32)
@@ -226,6 +227,7 @@ def plan_dispatch(ids, num_experts: int, kind: str, *, capacity: int = 0, tile_r
         slot_sorted = tile_start[jnp.minimum(sorted_ids, e - 1)] * tile_rows + rank
         groups = jnp.minimum(jnp.searchsorted(tile_start[1:], jnp.arange(num_tiles), side="right"), e - 1)
         slot_expert = jnp.repeat(groups, tile_rows, total_repeat_length=p)
+        used_tiles = tile_start[e]
     elif kind == "capacity":
         p = e * capacity
         kept = rank < capacity
@@ -240,23 +242,28 @@ def plan_dispatch(ids, num_experts: int, kind: str, *, capacity: int = 0, tile_r
     slot = jnp.zeros((a,), jnp.int32).at[order].set(slot_sorted)
     # dropped/padding assignments all write to the extra row p, which is cut off
     source = jnp.full((p + 1,), a, jnp.int32).at[slot_sorted].set(order.astype(jnp.int32))[:p]
-    return Layout(slot, source, slot_expert, groups, dropped)
+    return Layout(slot, source, slot_expert, groups, dropped, used_tiles)
 
 
 def _grouped_matmul(xs, w, layout: Layout, kind: str):
     """xs [P, D'] (slots) @ each slot's expert's w [E, D', N] -> [P, N] fp32."""
     if kind == "ragged_dot":
-        return jax.lax.ragged_dot(xs, w, layout.group_sizes, preferred_element_type=jnp.float32)
+        return jax.lax.ragged_dot(xs, w, layout.groups, preferred_element_type=jnp.float32)
     if kind == "tiles":
         # a loop over the tiles, each reading its expert's weights in place: gathering [G, D', N] weight copies
         # for one batched matmul ran ~1.6x slower on XLA:CPU (fwd+bwd, 72 tiles of 128 rows)
-        def tile(_, xt_e):
-            xt, e = xt_e  # [C, D'], expert id
-            return None, jnp.matmul(xt, jax.lax.dynamic_index_in_dim(w, e, keepdims=False),
-                                    preferred_element_type=jnp.float32)
+        def tile(_, xt_e_used):
+            xt, e, used = xt_e_used  # [C, D'], expert id, whether the tile holds rows
+            y = jax.lax.cond(  # empty tail tiles (padding, or other devices' experts) cost nothing
+                used,
+                lambda: jnp.matmul(xt, jax.lax.dynamic_index_in_dim(w, e, keepdims=False),
+                                   preferred_element_type=jnp.float32),
+                lambda: jnp.zeros((xt.shape[0], w.shape[-1]), jnp.float32))
+            return None, y
 
-        g = layout.group_sizes.shape[0]
-        _, y = jax.lax.scan(tile, None, (xs.reshape(g, -1, xs.shape[-1]), layout.group_sizes))  # [G, C, N]
+        g = layout.groups.shape[0]
+        used = jnp.arange(g) < layout.used_tiles
+        _, y = jax.lax.scan(tile, None, (xs.reshape(g, -1, xs.shape[-1]), layout.groups, used))  # [G, C, N]
         return y.reshape(xs.shape[0], -1)
     e = w.shape[0]
     y = jnp.einsum("ecd,edn->ecn", xs.reshape(e, -1, xs.shape[-1]), w, preferred_element_type=jnp.float32)
