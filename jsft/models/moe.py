@@ -32,10 +32,27 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import transformers
 
 ROUTINGS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gpt_oss")  # silu(gate) * up; gpt-oss' clamped SwiGLU
 KERNELS = ("auto", "ragged_dot", "tiles")
+MOE_MODEL_TYPES = ("qwen3_moe", "mixtral", "gpt_oss")
+
+
+def expert_hidden_size(hf: transformers.PretrainedConfig) -> int:
+    """F, each expert's MLP hidden size."""
+    return hf.moe_intermediate_size if hf.model_type == "qwen3_moe" else hf.intermediate_size
+
+
+def sparse_layers(hf: transformers.PretrainedConfig) -> tuple[bool, ...]:
+    """Which decoder layers are MoE (the others dense): Qwen3-MoE's `mlp_only_layers` and
+    `decoder_sparse_step`, as transformers' Qwen3MoeDecoderLayer decides; Mixtral and gpt-oss: all."""
+    n = hf.num_hidden_layers
+    if hf.model_type != "qwen3_moe":
+        return (True,) * n
+    return tuple(i not in hf.mlp_only_layers and hf.num_experts > 0 and (i + 1) % hf.decoder_sparse_step == 0
+                 for i in range(n))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +85,30 @@ class MoeSpec:
             raise ValueError(f"MoE: capacity_factor={self.capacity_factor} must be > 0 (or None for dropless)")
         if self.tile_rows < 1:
             raise ValueError(f"MoE: tile_rows={self.tile_rows} must be >= 1")
+
+    @classmethod
+    def from_hf(cls, hf: transformers.PretrainedConfig, **options) -> "MoeSpec":
+        """The spec of an HF MoE config (qwen3_moe, mixtral, gpt_oss); `options`: capacity_factor, kernel,
+        tile_rows. A config this layer would compute differently from transformers is refused, naming the
+        family and the field."""
+        mt = hf.model_type
+        if mt not in MOE_MODEL_TYPES:
+            raise ValueError(f"MoE: model_type {mt!r} is not supported; supported: {', '.join(MOE_MODEL_TYPES)}")
+        for field in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+            if getattr(hf, field, None):
+                raise ValueError(f"MoE: {mt} config sets {field}={getattr(hf, field)}; shared experts are not "
+                                 "implemented")
+        if hf.hidden_act != "silu":
+            raise ValueError(f"MoE: {mt} hidden_act={hf.hidden_act!r} is not supported (only silu)")
+        if getattr(hf, "router_jitter_noise", None):  # transformers multiplies the inputs by noise in training
+            raise ValueError(f"MoE: {mt} router_jitter_noise={hf.router_jitter_noise} is not supported (set 0)")
+        experts = hf.num_experts if mt == "qwen3_moe" else hf.num_local_experts
+        if mt == "gpt_oss":
+            return cls(experts, hf.num_experts_per_tok, "topk_softmax", activation="gpt_oss",
+                       swiglu_alpha=hf.swiglu_alpha, swiglu_limit=hf.swiglu_limit, router_bias=True,
+                       expert_bias=True, **options)
+        norm = hf.norm_topk_prob if mt == "qwen3_moe" else True  # Mixtral always renormalises
+        return cls(experts, hf.num_experts_per_tok, "softmax_topk", norm_topk_prob=norm, **options)
 
     def resolved_kernel(self) -> str:
         if self.kernel != "auto":

@@ -204,7 +204,30 @@ def test_capacity_drops_late_assignments_by_position():
     np.testing.assert_allclose(np.asarray(y).reshape(40, D), expected, atol=1e-5, rtol=0)
 
 
+def test_spec_from_hf_configs_and_sparse_layers():
+    qwen = transformers.Qwen3MoeConfig(num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                                       num_hidden_layers=6, mlp_only_layers=[0], decoder_sparse_step=2)
+    assert M.MoeSpec.from_hf(qwen, capacity_factor=1.5) == M.MoeSpec(8, 2, norm_topk_prob=False, capacity_factor=1.5)
+    # transformers' own choice of MoE vs dense layer for the same config
+    expected = tuple(isinstance(modeling_qwen3_moe.Qwen3MoeDecoderLayer(qwen, i).mlp,
+                                modeling_qwen3_moe.Qwen3MoeSparseMoeBlock) for i in range(6))
+    assert M.sparse_layers(qwen) == expected == (False, True, False, True, False, True)
+    assert M.expert_hidden_size(qwen) == qwen.moe_intermediate_size
+    mixtral = transformers.MixtralConfig(num_local_experts=4, num_experts_per_tok=2)
+    assert M.MoeSpec.from_hf(mixtral) == M.MoeSpec(4, 2, norm_topk_prob=True)
+    oss = transformers.GptOssConfig(num_local_experts=4, num_experts_per_tok=2, swiglu_limit=5.0)
+    spec = M.MoeSpec.from_hf(oss)
+    assert (spec.routing, spec.activation, spec.swiglu_limit, spec.router_bias, spec.expert_bias) == (
+        "topk_softmax", "gpt_oss", 5.0, True, True)
+
+
 def test_spec_rejects_what_it_cannot_run():
+    with pytest.raises(ValueError, match="qwen2_moe"):
+        M.MoeSpec.from_hf(transformers.Qwen2MoeConfig())
+    with pytest.raises(ValueError, match="mixtral router_jitter_noise=0.1"):
+        M.MoeSpec.from_hf(transformers.MixtralConfig(router_jitter_noise=0.1))
+    with pytest.raises(ValueError, match="qwen3_moe hidden_act='gelu'"):
+        M.MoeSpec.from_hf(transformers.Qwen3MoeConfig(hidden_act="gelu"))
     with pytest.raises(ValueError, match="routing='sigmoid'"):
         M.MoeSpec(8, 2, routing="sigmoid")
     with pytest.raises(ValueError, match="top_k=9"):
