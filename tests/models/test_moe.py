@@ -2,6 +2,7 @@
 gradients, the load-balancing loss; the dispatch kernels against each other; capacity drops; padding."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -171,6 +172,27 @@ def test_kernels_agree_and_padding_is_not_routed():
     # the padded tokens' rows equal the unmasked run's rows elsewhere: padding does not disturb real tokens
     y_all = jax.jit(lambda x: M.moe(p, x, spec)[0])(jnp.asarray(x))
     np.testing.assert_allclose(y0[mask], y_all[mask], atol=1e-6, rtol=0)
+
+
+def _primitives(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from _primitives(sub)
+
+
+@pytest.mark.parametrize("kernel", ["ragged_dot", "tiles"])
+def test_backward_moves_tokens_by_gathers_only(kernel):
+    """No scatter-add over hidden-sized rows in the backward (those left are [E]-wide: counts, top-k's
+    transpose into the router probabilities)."""
+    spec = M.MoeSpec(E, R, kernel=kernel)
+    p = {n: jnp.zeros(s, jnp.float32) for n, (s, _, _) in M.param_table(spec, D, F).items()}
+    x = jnp.zeros((2, 24, D), jnp.float32)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda p, x: jnp.sum(M.moe(p, x, spec)[0]), argnums=(0, 1)))(p, x).jaxpr
+    eqns = list(_primitives(jaxpr))
+    assert any(e.primitive.name == "gather" and e.outvars[0].aval.shape[-1] == D for e in eqns)
+    scatters = [e.invars[0].aval.shape for e in eqns if e.primitive.name.startswith("scatter")]
+    assert scatters and all(shape[-1] != D for shape in scatters), scatters
 
 
 def test_capacity_drops_late_assignments_by_position():
