@@ -1,0 +1,83 @@
+"""The MoE layer with experts split over a mesh axis (expert parallelism), inside `jax.shard_map`.
+
+Each device of the `expert_axis` holds E / n experts (weights split on their leading `experts` dim) and a
+shard of the tokens (the batch split over `batch_axes`). A device routes its own tokens, all-gathers the
+tokens and their routing over the expert axis, runs the assignments that hit its own experts (the same
+dispatch as on one device: `moe.dispatch_combine`, other experts' assignments are not computed), and a
+reduce-scatter (psum_scatter) sums each token's partial outputs back onto the device that owns it. The
+transposes are the same pair reversed, so the backward moves the same bytes.
+
+All-gather + reduce-scatter moves S*n*D values per device where ragged all-to-all would move ~S*R*D; it
+needs no send/receive size exchange and keeps the compute shapes static, which is the simpler choice at the
+expert-axis sizes a fine-tune uses (2-8). Router statistics are summed over all token shards (psum), so the
+router losses are those of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jsft.models.moe import MoeSpec, dispatch_combine, route, router_logits, router_stats
+
+# parameters with a leading experts dim; the router (and its bias) are replicated
+EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
+
+
+def check_expert_axis(spec: MoeSpec, mesh: Mesh, expert_axis: str) -> int:
+    """The expert-axis size, or a one-line error naming the sizes that divide the experts."""
+    if expert_axis not in mesh.shape:
+        raise ValueError(f"MoE: mesh axes {tuple(mesh.shape)} have no expert axis {expert_axis!r}")
+    n = mesh.shape[expert_axis]
+    if spec.num_experts % n:
+        ok = [d for d in range(1, spec.num_experts + 1) if spec.num_experts % d == 0 and mesh.size % d == 0]
+        raise ValueError(
+            f"MoE: mesh.{expert_axis}={n} does not divide num_experts={spec.num_experts}; sizes that work on "
+            f"{mesh.size} devices: {ok}")
+    return n
+
+
+def moe_expert_parallel(p: dict, x, spec: MoeSpec, mask=None, *, mesh: Mesh, expert_axis: str = "expert",
+                        batch_axes: tuple[str, ...] | None = None):
+    """As `moe.moe`, with experts split over `expert_axis` and the batch of x [B, T, D] split over
+    `batch_axes` (default: the expert axis alone). If the expert axis is not a batch axis, every device of it
+    sees the same tokens and the partial outputs are summed (psum) instead. Returns (y [B, T, D], MoeStats
+    summed over the whole batch)."""
+    n = check_expert_axis(spec, mesh, expert_axis)
+    batch_axes = (expert_axis,) if batch_axes is None else tuple(batch_axes)
+    shards = math.prod(mesh.shape[a] for a in batch_axes)
+    if x.shape[0] % shards:
+        raise ValueError(f"MoE: batch {x.shape[0]} does not split over {batch_axes} ({shards} shards)")
+    mask = jnp.ones(x.shape[:2], bool) if mask is None else mask
+    gathered = expert_axis in batch_axes
+    e_local = spec.num_experts // n
+
+    def local(p, x, mask):
+        b, t, d = x.shape
+        xf, m = x.reshape(b * t, d), mask.reshape(b * t)
+        logits = router_logits(p, xf, spec)  # [S, E] fp32, this device's tokens
+        weights, ids = route(logits, spec)
+        ids = jnp.where(m[:, None], ids, spec.num_experts)
+        stats = router_stats(logits, ids, m, spec.num_experts, 0)
+        if gathered:  # [S * n, ...]: the tokens of every device on the expert axis
+            xf, weights, ids = (jax.lax.all_gather(a, expert_axis, tiled=True) for a in (xf, weights, ids))
+        else:  # the same tokens on every expert device, each computing a different part: mark them varying
+            xf, weights = (jax.lax.pcast(a, expert_axis, to="varying") for a in (xf, weights))
+        local_ids = ids - jax.lax.axis_index(expert_axis) * e_local  # other devices' experts fall outside
+        y, dropped = dispatch_combine(p, xf, weights, local_ids, spec, num_tokens=xf.shape[0])
+        if gathered:
+            y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
+        else:
+            y = jax.lax.psum(y, expert_axis)
+        stats = jax.lax.psum(stats, batch_axes)
+        # each device counted the drops of its own experts
+        dropped = jax.lax.psum(dropped.astype(jnp.float32), tuple(dict.fromkeys((*batch_axes, expert_axis))))
+        return y.reshape(b, t, d), stats._replace(dropped=dropped)
+
+    p_specs = {k: P(expert_axis) if k in EXPERT_PARAMS else P() for k in p}
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(p_specs, P(batch_axes), P(batch_axes)), out_specs=(P(batch_axes), P()),
+    )(p, x, mask)
