@@ -48,11 +48,14 @@ class ChatOptions:
     train_tool_calls: bool = True
     train_turns: str = "all"
     ablation_train_tool_outputs: bool = False
+    template_kwargs: tuple = ()  # data.apply_chat_template_kwargs as sorted (name, value) pairs (hashable)
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "ChatOptions":
-        keys = RowKeys(cfg.messages_key, cfg.tools_key, cfg.enable_thinking_key, cfg.prompt_key, cfg.response_key)
-        return cls(keys, cfg.multiturn_policy, cfg.train_tool_calls, cfg.train_turns, cfg.ablation_train_tool_outputs)
+        keys = RowKeys(cfg.messages_key, cfg.tools_key, cfg.enable_thinking_key, cfg.prompt_key, cfg.response_key,
+                       tuple(cfg.prompt_dict_keys or ()), tuple(cfg.response_dict_keys or ()))
+        return cls(keys, cfg.multiturn_policy, cfg.train_tool_calls, cfg.train_turns, cfg.ablation_train_tool_outputs,
+                   tuple(sorted(dict(cfg.apply_chat_template_kwargs or {}).items())))
 
 
 @dataclass
@@ -92,7 +95,7 @@ class ChatRenderer:
         try:
             if row.error is not None:
                 raise row.error
-            samples, split = self.samples(parse_row(row.record, self.options.keys))
+            samples, split = self.samples(parse_row(row.record, self.options.keys, dict(self.options.template_kwargs)))
         except BadRow as e:
             return RowResult(row.index, row.where, [], error=e)
         return RowResult(row.index, row.where, samples, split)

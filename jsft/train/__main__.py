@@ -33,13 +33,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="dotted overrides of config keys, e.g. optim.lr=1e-5 data.train_files=train.jsonl")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
 
-    from jsft.config import DEFAULT_CONFIG, load_config, to_yaml
+    from jsft.config import DEFAULT_CONFIG, load_config, names_a_model, to_yaml
 
-    names_a_model = any(o.split("=", 1)[0].strip() in ("model.path", "model.init") or o.startswith("model.init.")
-                        for o in args.overrides)
-    config = args.config or (None if names_a_model else DEFAULT_CONFIG)
+    notes: list[str] = []
     try:
-        cfg = load_config(config, args.overrides)
+        config = args.config or (None if names_a_model(args.overrides) else DEFAULT_CONFIG)
+        cfg = load_config(config, args.overrides, notes)
     except (ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
@@ -53,6 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         distributed.initialize()  # before anything touches a jax backend
+        for note in notes:  # veRL keys read with another meaning, or ignored (jsft/verl.py)
+            log(f"veRL key: {note}")
         log(to_yaml(cfg) if args.print_config else "config (whole: config.yaml in the run dir, or --print-config):\n"
             + config_summary(cfg))
         trainer = build(cfg)
