@@ -167,7 +167,8 @@ RULES: tuple[Rule, ...] = (
          refusal="jsft has one engine, its sharded JAX step: use engine=fsdp (or leave it out)", where=(ENGINE,)),
     Rule("engine._target_", IGNORED, "Hydra's class name", where=(ENGINE,)),
     Rule("engine.strategy", IGNORED, _MESH, where=(ENGINE,)),
-    Rule("engine.fsdp_size", MAPPED, "the size of the fsdp mesh axis (-1: automatic)", to="trainer.mesh.fsdp",
+    Rule("engine.fsdp_size", MAPPED, "the fsdp mesh axis; the data axis takes the other devices (-1: automatic)",
+         to="trainer.mesh.fsdp",
          where=(ENGINE,)),
     Rule("engine.ulysses_sequence_parallel_size", MAPPED, to="ulysses_sequence_parallel_size", where=(ENGINE,)),
     Rule("engine.param_offload", IGNORED, _OFFLOAD + "; set optim.offload_state=true for the optimizer part",
@@ -225,7 +226,7 @@ RULES: tuple[Rule, ...] = (
     Rule("checkpoint._target_", IGNORED, "Hydra's class name", where=(ENGINE,)),
     Rule("profiler", IGNORED, "use JAX's profiler (jax.profiler) instead", where=(ENGINE,)),
     Rule("profiler.*", IGNORED, "torch/nsys/npu profiling; use JAX's profiler (jax.profiler) instead",
-         ok=lambda v: not v is True, refusal="", where=(ENGINE,)),
+         where=(ENGINE,)),
     # ---- trainer ----
     Rule("trainer.default_local_dir", HONOURED, "default checkpoints/{project_name}/{experiment_name}, as veRL"),
     Rule("trainer.default_hdfs_dir", IGNORED, "jsft writes trainer.default_local_dir only; copy it afterwards"),
@@ -321,8 +322,11 @@ def translate(pairs: list) -> Translation:
         elif key in _ABSOLUTE_MIN_LR:
             out.min_lr = float(value)
             out.notes.append(f"{key}={value} read as optim.min_lr_ratio = {key} / optim.lr")
-        elif key == "engine.fsdp_size" and int(value) <= 0:
-            out.notes.append(f"{key}={value}: the fsdp axis is chosen automatically (trainer.mesh=auto)")
+        elif key == "engine.fsdp_size":  # veRL's HSDP: fsdp groups of this size, replicated over the rest
+            if int(value) > 0:
+                out.pairs += [("trainer.mesh.fsdp", int(value)), ("trainer.mesh.data", -1)]
+            out.notes.append(f"{key}={value} read as trainer.mesh" + (f" {{fsdp: {value}, data: the rest}}"
+                             if int(value) > 0 else "=auto"))
         else:
             out.pairs.append((rule.to, value))
             if rule.note:

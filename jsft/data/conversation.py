@@ -81,7 +81,8 @@ def _column(record: dict, key: str, path: tuple, which: str) -> str:
     if record.get(key) is None:
         raise BadRow("missing_column", f"single-turn row has no '{key}' column; its columns: "
                      f"{', '.join(map(str, record)) or 'none'}. Set data.{which}_key (or data.messages_key)")
-    value, where = _maybe_json(record[key], key, "bad_content"), key
+    # a nested column stored as a JSON string (some Parquet writers) is read as the object it holds
+    value, where = (_maybe_json(record[key], key, "bad_content") if path else record[key]), key
     for name in path:
         if not isinstance(value, dict) or value.get(name) is None:
             found = ", ".join(map(str, value)) if isinstance(value, dict) else type(value).__name__
