@@ -35,16 +35,20 @@ class Conversation:
     tools: Optional[list[dict]] = None
     template_kwargs: dict = field(default_factory=dict)  # extra template variables (enable_thinking, data.apply_chat_template_kwargs)
     train: dict[int, bool] = field(default_factory=dict)  # message index -> the per-message `train` override
+    # (message index, call index) -> the call's arguments as the JSON text the row gave (or json.dumps of its
+    # mapping): what a template that concatenates `arguments` as a string (DeepSeek-V3/R1) renders
+    argument_texts: dict = field(default_factory=dict)
 
 
 def parse_row(record: dict, keys: RowKeys, template_kwargs: Optional[dict] = None) -> Conversation:
     """Validate one row and normalise it into the form chat templates expect; `template_kwargs`
     (data.apply_chat_template_kwargs) are passed to the template under the row's own enable_thinking."""
-    messages = _messages(_raw_messages(record, keys))
+    texts: dict = {}
+    messages = _messages(_raw_messages(record, keys), texts)
     # `train` is ours, not the template's: keep it out of what the template renders.
     train = {j: m.pop("train") for j, m in enumerate(messages) if "train" in m}
     kwargs = {**(template_kwargs or {}), **_template_kwargs(record, keys)}
-    return Conversation(messages, _tools(record.get(keys.tools), keys.tools), kwargs, train)
+    return Conversation(messages, _tools(record.get(keys.tools), keys.tools), kwargs, train, texts)
 
 
 def _raw_messages(record: dict, keys: RowKeys) -> Any:
@@ -94,16 +98,16 @@ def _column(record: dict, key: str, path: tuple, which: str) -> str:
     return value
 
 
-def _messages(messages: Any) -> list[dict]:
+def _messages(messages: Any, texts: dict) -> list[dict]:
     if not isinstance(messages, list):
         raise BadRow("messages_not_list", f"messages must be a list, got {type(messages).__name__}")
-    out = [_message(m, j) for j, m in enumerate(messages)]
+    out = [_message(m, j, texts) for j, m in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in out):
         raise BadRow("no_assistant", "conversation has no assistant message")
     return out
 
 
-def _message(msg: Any, j: int) -> dict:
+def _message(msg: Any, j: int, texts: dict) -> dict:
     if not isinstance(msg, dict):
         raise BadRow("bad_message", f"messages[{j}] is a {type(msg).__name__}, not an object")
     # A null field is an absent one (Parquet cannot tell them apart); content is always passed, as
@@ -118,7 +122,7 @@ def _message(msg: Any, j: int) -> dict:
     if "tool_calls" in msg:
         if role != "assistant":
             raise BadRow("bad_tool_calls", f"messages[{j}] ({role}) has tool_calls; only assistant messages may")
-        msg["tool_calls"] = [_tool_call(c, j, i) for i, c in enumerate(_tool_call_list(msg["tool_calls"], j))]
+        msg["tool_calls"] = [_tool_call(c, j, i, texts) for i, c in enumerate(_tool_call_list(msg["tool_calls"], j))]
     content = msg.get("content")
     if content is None and "tool_calls" not in msg:
         raise BadRow("missing_content", f"messages[{j}] ({role}) has no content and no tool_calls")
@@ -138,7 +142,7 @@ def _tool_call_list(calls: Any, j: int) -> list:
     return calls
 
 
-def _tool_call(call: Any, j: int, i: int) -> dict:
+def _tool_call(call: Any, j: int, i: int, texts: dict) -> dict:
     where = f"messages[{j}].tool_calls[{i}]"
     call = {k: v for k, v in call.items() if v is not None} if isinstance(call, dict) else {}
     fn = call.get("function")
@@ -157,6 +161,7 @@ def _tool_call(call: Any, j: int, i: int) -> dict:
             raise BadRow("bad_tool_calls", f"{where}.function.arguments is not valid JSON: {e}") from None
     if not isinstance(args, dict):
         raise BadRow("bad_tool_calls", f"{where}.function.arguments must be a JSON object")
+    texts[(j, i)] = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(args, ensure_ascii=False)
     return {**call, "function": {**fn, "arguments": args}}
 
 
