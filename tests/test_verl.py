@@ -216,12 +216,17 @@ def run_script(script: str, home: Path, *args: str, env: dict = None) -> subproc
 def test_verl_example_script_trains(verl_home, script, extra):
     save = verl_home / "runs" / script
     args = [] if script == "run_sft_engine.sh" else ["8", str(save)]
+    if script == "run_sft_engine.sh":  # its RESUME_MODE=disable starts over in a directory of another run
+        (save / "checkpoints" / "7").mkdir(parents=True)
+        (save / "identity.json").write_text(json.dumps({"model": {"path": "/elsewhere"}}))
     proc = run_script(script, verl_home, *args, *SIZES, f"data.cache_dir={verl_home / 'cache'}", *extra,
                       env={"ckpts_home": str(save)})
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     metrics = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert metrics and metrics[-1]["train/target_tokens"] > 0
     assert "veRL key:" in proc.stdout  # the ignored keys' notes were printed
+    steps = sorted(int(p.name) for p in (save / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [metrics[-1]["step"]]  # the run's own last step; an earlier run's checkpoints are gone
 
 
 # ---- never train the wrong thing silently ---------------------------------------------------------------------

@@ -113,7 +113,8 @@ def load_dataset(cfg: DataConfig, tokenizer, files=None, *, progress: bool = Tru
     max_rows >= 1 keeps the samples of the first max_rows rows (veRL's data.train_max_samples)."""
     paths = resolve_files(cfg.train_files if files is None else files)
     renderer = ChatRenderer(tokenizer, ChatOptions.from_config(cfg))
-    _check_columns(RowSource(paths), renderer)  # a wrong column key: one message, before tokenizing
+    if cfg.on_bad_row == "error":
+        _check_columns(RowSource(paths), renderer)  # a wrong column key: one message, before tokenizing
     directory = Path(cfg.cache_dir or Path.home() / ".cache" / "jsft") / _cache_key(paths, renderer)
     if process_count > 1:
         _tokenize_split(directory, paths, renderer, cfg.num_workers, progress, process_index, process_count)

@@ -282,6 +282,11 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         manager = ckpt.open_manager(self.run_dir / ckpt.CHECKPOINT_SUBDIR, max_to_keep=t.max_ckpt_to_keep)
+        if t.resume_mode == "disable" and manager.all_steps():  # starting over here: an older step would block saving
+            log(f"trainer.resume_mode=disable: removing the earlier run's checkpoints {list(manager.all_steps())} "
+                f"in {manager.directory}")
+            for old in manager.all_steps():
+                manager.delete(old)
         start = self._resume(manager)
         if start >= self.total_steps:
             manager.close()
