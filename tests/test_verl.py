@@ -279,3 +279,23 @@ def test_verl_module_prints_the_doc():
     out = subprocess.run([sys.executable, "-m", "jsft.verl", "--markdown"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout
     assert out == verl.markdown()
+
+
+def test_config_summary_shows_lora_sequence_parallelism_and_dynamic_batches():
+    from jsft.train.console import config_summary
+
+    plain = config_summary(load_config(None, ["model.path=/m"]))
+    assert "lora" not in plain and "sequence" not in plain and "dynamic" not in plain
+    summary = config_summary(load_config(None, [
+        "model.path=/m", "model.lora_rank=32", "model.lora_alpha=16", "ulysses_sequence_parallel_size=2",
+        "data.use_dynamic_bsz=true", "data.max_token_len_per_gpu=2048"]))
+    assert "rank 32, alpha 16 on all-linear" in summary
+    assert "each row split over 2 devices" in summary
+    assert "dynamic micro-batches of 2048 tokens/device" in summary
+
+
+def test_transformers_torch_advice_is_silenced_before_transformers_loads():
+    code = "import jsft, os, sys; assert 'transformers' not in sys.modules; print(os.environ['TRANSFORMERS_NO_ADVISORY_WARNINGS'])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    assert out.strip() == "1"
