@@ -1,3 +1,6 @@
+# Copy of veRL's examples/sft/gsm8k/run_qwen_05_sp2_liger.sh (volcengine/verl b178a3cd5), run by tests/test_verl.py.
+# Changed: the entry point (torchrun -m verl.trainer.* -> python -m jsft.train) and the model path
+# (under $HOME/models); run_sft_engine.sh also passes "$@" (sizes appended by the test).
 set -x
 
 if [ "$#" -lt 2 ]; then

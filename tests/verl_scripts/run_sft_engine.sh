@@ -1,4 +1,7 @@
 #!/usr/bin/env bash
+# Copy of veRL's tests/special_e2e/sft/run_sft_engine.sh (volcengine/verl b178a3cd5), run by tests/test_verl.py.
+# Changed: the entry point (torchrun -m verl.trainer.* -> python -m jsft.train) and the model path
+# (under $HOME/models); run_sft_engine.sh also passes "$@" (sizes appended by the test).
 set -xeuo pipefail
 
 NUM_GPUS=${NUM_GPUS:-1}
