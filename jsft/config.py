@@ -169,9 +169,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
     for key, value in translated.pairs:
         _check_key(key, value)
         OmegaConf.update(user, key, value, force_add=True)
-    veRL_run = OmegaConf.select(user, "model.path") is not None
+    verl_run = OmegaConf.select(user, "model.path") is not None  # a veRL user's run: veRL's defaults
     defaults = OmegaConf.create({})
-    for key, value in (verl.VERL_DEFAULTS.items() if veRL_run else ()):
+    for key, value in (verl.VERL_DEFAULTS.items() if verl_run else ()):
         OmegaConf.update(defaults, key, value, force_add=True)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), defaults, user)
