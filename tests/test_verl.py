@@ -203,17 +203,18 @@ def run_script(script: str, home: Path, *args: str, env: dict = None) -> subproc
                           timeout=900, cwd=home)
 
 
-@pytest.mark.parametrize("script, extra", [
+@pytest.mark.parametrize("script, extra, shown", [
     # legacy fsdp_sft_trainer, gsm8k with nested extra_info columns and LoRA
-    ("gsm8k_run_qwen_05_peft.sh", ["data.micro_batch_size_per_gpu=1"]),
+    ("gsm8k_run_qwen_05_peft.sh", ["data.micro_batch_size_per_gpu=1"], "rank 32, alpha 16 on all-linear"),
     # legacy, gsm8k, Ulysses 2 and liger (ignored: the loss is chunked)
-    ("gsm8k_run_qwen_05_sp2_liger.sh", []),
+    ("gsm8k_run_qwen_05_sp2_liger.sh", [], "model.use_liger=True ignored"),
     # legacy multi-turn messages with Ulysses 2
-    ("multiturn_run_qwen_05_sp2.sh", []),
+    ("multiturn_run_qwen_05_sp2.sh", [], "each row split over 2 devices"),
     # current sft_trainer, engine=fsdp, optim=fsdp, dynamic batches, logger console+file
-    ("run_sft_engine.sh", ["data.max_token_len_per_gpu=256", "trainer.total_training_steps=2"]),
+    ("run_sft_engine.sh", ["data.max_token_len_per_gpu=256", "trainer.total_training_steps=2"],
+     "removing the earlier run's checkpoints [7]"),
 ])
-def test_verl_example_script_trains(verl_home, script, extra):
+def test_verl_example_script_trains(verl_home, script, extra, shown):
     save = verl_home / "runs" / script
     args = [] if script == "run_sft_engine.sh" else ["8", str(save)]
     if script == "run_sft_engine.sh":  # its RESUME_MODE=disable starts over in a directory of another run
@@ -224,7 +225,7 @@ def test_verl_example_script_trains(verl_home, script, extra):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     metrics = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert metrics and metrics[-1]["train/target_tokens"] > 0
-    assert "veRL key:" in proc.stdout  # the ignored keys' notes were printed
+    assert "veRL key:" in proc.stdout and shown in proc.stdout  # the notes and the summary say what runs
     steps = sorted(int(p.name) for p in (save / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [metrics[-1]["step"]]  # the run's own last step; an earlier run's checkpoints are gone
 
@@ -273,6 +274,15 @@ def test_resuming_another_runs_directory_stops_before_any_work(verl_home, tmp_pa
     assert "holds checkpoints of another run (model differ)" in err
     assert "trainer.experiment_name" in err and "trainer.resume_mode=disable" in err
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*")} == before  # nothing written
+
+
+def test_the_table_is_a_leaf_module():
+    import ast
+
+    tree = ast.parse((ROOT / "jsft" / "verl.py").read_text())
+    imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    assert not [m for m in imported if m.startswith("jsft")]
 
 
 def test_verl_module_prints_the_doc():
