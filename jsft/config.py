@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from jsft import verl
 from jsft.data.config import DataConfig
 from jsft.sharding import AUTO, check_mesh_axes
 
@@ -84,13 +86,18 @@ class OptimConfig:
 class TrainerConfig:
     total_epochs: int = 1
     total_training_steps: Optional[int] = None  # overrides epochs when set (optimizer steps)
-    default_local_dir: str = "runs/default"  # run directory: checkpoints, metrics, run_info
-    save_freq: int = -1  # optimizer steps between checkpoints; -1: only at the end
-    test_freq: int = -1  # optimizer steps between validations; -1: only at the end
+    # run directory: checkpoints, metrics, run_info (veRL's default)
+    default_local_dir: str = "checkpoints/${trainer.project_name}/${trainer.experiment_name}"
+    save_freq: Any = -1  # optimizer steps between checkpoints; -1: only at the end; after_each_epoch
+    test_freq: Any = -1  # optimizer steps between validations; -1: only at the end; after_each_epoch
     max_ckpt_to_keep: Optional[int] = None  # None keeps all
     resume_mode: str = "auto"  # auto | disable | resume_path
     resume_from_path: Optional[str] = None  # checkpoint directory for resume_mode=resume_path
     logger: List[str] = field(default_factory=lambda: ["console"])  # console, tensorboard, wandb
+    # veRL's cluster keys, checked at start against jax (jsft/verl.py check_cluster); None: not checked
+    nnodes: Optional[int] = None  # processes (one per node)
+    n_gpus_per_node: Optional[int] = None  # devices of each process
+    device: Optional[str] = None  # cuda | cpu | tpu
     project_name: str = "jsft"
     experiment_name: str = "default"
     seed: int = 0
@@ -159,40 +166,60 @@ def _unknown_key_error(key: str) -> ValueError:
     return ValueError(f"unknown config key '{key}'{hint}")
 
 
-def _check_keys(tree: Any, prefix: str = "") -> None:
-    valid = set(_valid_keys(RunConfig))
-    for k, v in (tree or {}).items():
-        key = f"{prefix}{k}"
-        if not prefix and k in _SECTIONS:
-            if not isinstance(v, dict):
-                raise ValueError(f"config section '{k}' must be a mapping, got {v!r}")
-            _check_keys(v, key + ".")
-        elif key not in valid:
-            raise _unknown_key_error(key)
-
-
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Defaults <- YAML file <- `a.b=value` overrides; returns a typed RunConfig."""
-    schema = OmegaConf.structured(RunConfig)
-    layers = []
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                notes: Optional[list] = None) -> RunConfig:
+    """Defaults (veRL's when model.path is set) <- YAML file <- `a.b=value` overrides; returns a typed RunConfig.
+    veRL's keys are translated on the way (jsft/verl.py); its one-line notes are appended to `notes`."""
+    pairs = []
     if path is not None:
-        loaded = OmegaConf.to_container(OmegaConf.load(path))
-        _check_keys(loaded)
-        layers.append(OmegaConf.create(loaded))
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override '{item}' is not of the form key=value")
-        key = item.split("=", 1)[0].strip()
-        # trainer.mesh and model.init are free mappings, so their sub-keys are accepted as they are
-        if key not in _valid_keys(RunConfig) and not key.startswith(("trainer.mesh.", "model.init.")):
-            raise _unknown_key_error(key)
+        loaded = OmegaConf.to_container(OmegaConf.load(path)) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a config file holds a mapping of sections (model, data, optim, trainer)")
+        pairs += verl.flatten(loaded, _whole_value)
+    pairs += [_parse_override(item) for item in overrides]
+    translated = verl.translate(pairs)
+    user = OmegaConf.create()
+    for key, value in translated.pairs:
+        _check_key(key, value)
+        OmegaConf.update(user, key, value, force_add=True)
+    verl_run = OmegaConf.select(user, "model.path") is not None  # a veRL user's run: veRL's defaults
+    defaults = OmegaConf.create({})
+    for key, value in (verl.VERL_DEFAULTS.items() if verl_run else ()):
+        OmegaConf.update(defaults, key, value, force_add=True)
     try:
-        merged = OmegaConf.merge(schema, *layers, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), defaults, user)
+        cfg = OmegaConf.to_object(merged)
     except (ConfigKeyError, ValidationError) as e:
         raise ValueError(f"invalid config: {e}") from None
-    cfg = OmegaConf.to_object(merged)
+    if translated.min_lr is not None:
+        cfg.optim.min_lr_ratio = translated.min_lr / cfg.optim.lr
     validate(cfg)
+    if notes is not None:
+        notes += translated.notes
     return cfg
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    """`key=value` -> (key, value parsed as OmegaConf parses a dotlist: [a,b] is a list, null is None)."""
+    if "=" not in item:
+        raise ValueError(f"override '{item}' is not of the form key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), OmegaConf.to_container(OmegaConf.from_dotlist([f"value={raw}"]))["value"]
+
+
+# mappings taken whole from a YAML file: free-form ones (their sub-keys are the user's)
+_FREE = ("trainer.mesh", "model.init", "data.apply_chat_template_kwargs")
+
+
+def _whole_value(key: str) -> bool:
+    return key in _FREE or verl.is_table_leaf(key) or (key in _valid_keys(RunConfig) and key not in _SECTIONS)
+
+
+def _check_key(key: str, value: Any) -> None:
+    if key in _SECTIONS:
+        raise ValueError(f"config section '{key}' must be a mapping, got {value!r}")
+    if key not in _valid_keys(RunConfig) and not key.startswith(tuple(f + "." for f in _FREE)):
+        raise _unknown_key_error(key)
 
 
 def config_from_yaml(text: str) -> RunConfig:
@@ -212,6 +239,11 @@ def validate(cfg: RunConfig) -> None:
     _check_model(cfg.model)
     _check_optim(cfg.optim)
     _check_trainer(cfg)
+    if cfg.demo.enabled and cfg.data.train_files:
+        raise ValueError("data.train_files is set but no model is named: set model.path (a local Hugging Face "
+                         "checkpoint directory) or model.init; without them the built-in demo job would run on its own data")
+    if cfg.data.train_max_samples == 0 or cfg.data.val_max_samples == 0:
+        raise ValueError("data.train_max_samples / data.val_max_samples must be -1 (all rows) or a number of rows >= 1")
     if cfg.model.path and cfg.model.init:
         raise ValueError("set either model.path (load a checkpoint) or model.init (random init), not both")
     _check_sequence(cfg)
@@ -287,6 +319,11 @@ def _check_trainer(cfg: RunConfig) -> None:
     _choice("trainer.loss_agg_mode", t.loss_agg_mode, LOSS_AGG_MODES)
     for lg in t.logger:
         _choice("trainer.logger", lg, ["console", "tensorboard", "wandb"])
+        _check_logger_package(lg)
+    for key in ("save_freq", "test_freq"):
+        value = getattr(t, key)
+        if value != "after_each_epoch" and not (isinstance(value, int) and not isinstance(value, bool)):
+            raise ValueError(f"trainer.{key}={value!r}: write a number of optimizer steps, -1, or after_each_epoch")
     if t.resume_mode == "resume_path" and not t.resume_from_path:
         raise ValueError("trainer.resume_mode=resume_path needs trainer.resume_from_path")
     if t.shape_buckets < 1 or t.loss_chunk_size < 1:
@@ -317,6 +354,25 @@ def parse_bytes(text: str) -> int:
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"cannot read a memory size from {text!r}; write e.g. 80GB, 80GiB or 512MB")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+# trainer.logger name -> the package it needs (tensorboard's writer is optional too)
+_LOGGER_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboardX"}
+
+
+def _check_logger_package(name: str) -> None:
+    """A logger whose package is missing is refused now, not after the first step."""
+    package = _LOGGER_PACKAGES.get(name)
+    if package and importlib.util.find_spec(package) is None:
+        raise ValueError(f"trainer.logger lists {name} but the {package} package is not installed: pip install "
+                         f"{package}, or drop {name} from trainer.logger (e.g. trainer.logger=console)")
+
+
+def names_a_model(overrides: Sequence[str]) -> bool:
+    """Whether the overrides name a model (model.path, model.init or veRL's model.partial_pretrain): if not,
+    and no --config is given, the built-in demo job runs."""
+    pairs = verl.translate([_parse_override(o) for o in overrides]).pairs
+    return any(k in ("model.path", "model.init") or k.startswith("model.init.") for k, _ in pairs)
 
 
 def sequence_parallel_size(cfg: RunConfig) -> int:

@@ -25,10 +25,13 @@ and the first position where that differs is recorded (`mismatch`); the piecewis
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
+
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from jsft.data.config import DataConfig
 from jsft.data.conversation import Conversation, RowKeys, parse_row
@@ -48,11 +51,14 @@ class ChatOptions:
     train_tool_calls: bool = True
     train_turns: str = "all"
     ablation_train_tool_outputs: bool = False
+    template_kwargs: tuple = ()  # data.apply_chat_template_kwargs as sorted (name, value) pairs (hashable)
 
     @classmethod
     def from_config(cls, cfg: DataConfig) -> "ChatOptions":
-        keys = RowKeys(cfg.messages_key, cfg.tools_key, cfg.enable_thinking_key, cfg.prompt_key, cfg.response_key)
-        return cls(keys, cfg.multiturn_policy, cfg.train_tool_calls, cfg.train_turns, cfg.ablation_train_tool_outputs)
+        keys = RowKeys(cfg.messages_key, cfg.tools_key, cfg.enable_thinking_key, cfg.prompt_key, cfg.response_key,
+                       tuple(cfg.prompt_dict_keys or ()), tuple(cfg.response_dict_keys or ()))
+        return cls(keys, cfg.multiturn_policy, cfg.train_tool_calls, cfg.train_turns, cfg.ablation_train_tool_outputs,
+                   tuple(sorted(dict(cfg.apply_chat_template_kwargs or {}).items())))
 
 
 @dataclass
@@ -87,12 +93,14 @@ class ChatRenderer:
         self.tokenizer = tokenizer
         self.options = options
         self.stop_tokens = stop_tokens(tokenizer)  # part of the tokenization cache key
+        # how the template takes a tool call, decided once by rendering a probe call (see `call_form`)
+        self.string_arguments, self.keep_null_content = call_form(tokenizer)
 
     def __call__(self, row: RawRow) -> RowResult:
         try:
             if row.error is not None:
                 raise row.error
-            samples, split = self.samples(parse_row(row.record, self.options.keys))
+            samples, split = self.samples(parse_row(row.record, self.options.keys, dict(self.options.template_kwargs)))
         except BadRow as e:
             return RowResult(row.index, row.where, [], error=e)
         return RowResult(row.index, row.where, samples, split)
@@ -137,7 +145,10 @@ class ChatRenderer:
         for k, j in enumerate(starts[: last + 1]):
             prompt, full = self._render(conv, conv.messages[:j], True), self._render(conv, conv.messages[: j + 1], False)
             start = len(prompt) if full.startswith(prompt) else self._rerendered_turn_start(conv, j, prompt, full, k)
-            generation = self._cut(full[start:], conv.messages[j], k)
+            generation = full[start:]
+            if not any(t in generation for t in self.stop_tokens):
+                generation += self._next_header(conv, j, full)
+            generation = self._cut(generation, conv.messages[j], k)
             _check_calls_rendered(conv.messages[j], generation, k)
             turns.append(_Turn(k, prompt, generation, trained[k]))
         return turns
@@ -160,6 +171,19 @@ class ChatRenderer:
             "generation prompt (add_generation_prompt=True renders a different header)",
         )
 
+    def _next_header(self, conv: Conversation, j: int, full: str) -> str:
+        """For a template whose turns end with no token of their own (GLM-4.5): the stop token that opens what
+        follows turn j (the next message, or for the last turn a user message, a tool message after tool
+        calls), when it is one of the model's stop tokens: generation stops on it, so it is the turn's last
+        target, exactly as the model emits it at inference. "" when nothing of the kind follows."""
+        if j + 1 < len(conv.messages):
+            following = conv.messages[j + 1]
+        else:
+            following = {"role": "tool" if "tool_calls" in conv.messages[j] else "user", "content": _SENTINEL}
+        extended = self._render(conv, conv.messages[: j + 1] + [following], False)
+        rest = extended[len(full):] if extended.startswith(full) else ""
+        return next((t for t in self.stop_tokens if rest.startswith(t)), "")
+
     def _is_trained(self, conv: Conversation, j: int, is_last: bool) -> bool:
         if j in conv.train:
             return conv.train[j]
@@ -168,14 +192,11 @@ class ChatRenderer:
         return self.options.train_turns == "all" or is_last
 
     def _render(self, conv: Conversation, messages: list[dict], generation_prompt: bool) -> str:
+        if self.string_arguments:
+            messages = _with_argument_texts(messages, conv.argument_texts)
         try:
-            return self.tokenizer.apply_chat_template(
-                messages,
-                tools=conv.tools,
-                tokenize=False,
-                add_generation_prompt=generation_prompt,
-                **conv.template_kwargs,
-            )
+            return render(self.tokenizer, messages, conv.tools, generation_prompt, self.keep_null_content,
+                          **conv.template_kwargs)
         except Exception as e:  # any template failure (TemplateError, TypeError, raise_exception) is this row's
             raise BadRow("template_error", f"chat template failed on messages[:{len(messages)}]: {type(e).__name__}: {e}") from None
 
@@ -200,6 +221,51 @@ class ChatRenderer:
         ids = np.concatenate([np.asarray(e, np.int32) for e in encoded[:-1]])
         loss_mask = np.concatenate([np.full(len(e), m, np.uint8) for e, m in zip(encoded[:-1], mask)])
         return Sample(ids, loss_mask, turn, first_difference(ids, np.asarray(encoded[-1], np.int32)))
+
+
+_PROBE_ARGUMENTS = {"jsft_probe_key": "jsft_probe_value"}
+
+
+def render(tokenizer, messages: list[dict], tools, generation_prompt: bool, keep_null_content: bool, **kwargs) -> str:
+    """The template's text for `messages`. `apply_chat_template` drops keys whose value is None; a template
+    that tests `message['content'] is none` to render a call-only turn (DeepSeek-V3/R1) then fails, so for
+    it the template is rendered with the null content kept, as inference servers pass OpenAI messages."""
+    if not keep_null_content:
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=generation_prompt, **kwargs)
+    rendered, _ = render_jinja_template([messages], tools=tools, chat_template=tokenizer.get_chat_template(None, tools),
+                                        add_generation_prompt=generation_prompt,
+                                        **{**tokenizer.special_tokens_map, **kwargs})
+    return rendered[0]
+
+
+def call_form(tokenizer) -> tuple[bool, bool]:
+    """(arguments as a JSON string, null content kept): the first form in which the template renders a
+    call-only assistant turn with the probe's arguments. Most templates apply `tojson` to a mapping;
+    DeepSeek-V3/R1 concatenate `tool['function']['arguments']` (a string) and test `content is none`."""
+    text = json.dumps(_PROBE_ARGUMENTS)
+    for as_string, keep_null in ((False, False), (True, False), (False, True), (True, True)):
+        call = {"type": "function", "function": {"name": "jsft_probe",
+                                                 "arguments": text if as_string else dict(_PROBE_ARGUMENTS)}}
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+        try:
+            rendered = render(tokenizer, probe, None, False, keep_null)
+        except Exception:  # noqa: BLE001 (any template failure: TemplateError, TypeError, raise_exception)
+            continue
+        if "jsft_probe_value" in rendered:
+            return as_string, keep_null
+    return False, False  # no tool calls in this template: rows with calls fail with its own error
+
+
+def _with_argument_texts(messages: list[dict], texts: dict) -> list[dict]:
+    """`messages` with each tool call's arguments as the row's JSON text (the template concatenates strings)."""
+    out = []
+    for j, m in enumerate(messages):
+        if "tool_calls" in m:
+            calls = [{**c, "function": {**c["function"], "arguments": texts[(j, i)]}} for i, c in enumerate(m["tool_calls"])]
+            m = {**m, "tool_calls": calls}
+        out.append(m)
+    return out
 
 
 def _check_calls_rendered(message: dict, generation: str, k: int) -> None:

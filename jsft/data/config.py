@@ -1,7 +1,7 @@
 """The `data.*` section of the run config: files, chat rendering, masking, truncation and batching."""
 
-from dataclasses import dataclass
-from typing import Any, List, Optional
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
 
 @dataclass
@@ -16,6 +16,10 @@ class DataConfig:
     enable_thinking_key: str = "enable_thinking"  # column passed to the template as enable_thinking
     prompt_key: str = "prompt"  # single-turn rows: the user prompt column
     response_key: str = "response"  # single-turn rows: the assistant response column
+    # veRL's nested columns: the path of keys inside prompt_key / response_key (gsm8k: extra_info -> [question])
+    prompt_dict_keys: Optional[List[str]] = None
+    response_dict_keys: Optional[List[str]] = None
+    apply_chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # extra chat-template variables
     multiturn_policy: str = "auto"  # auto | split | single | error
     train_tool_calls: bool = True  # train assistant tool calls
     train_turns: str = "all"  # all | last: which assistant turns are targets
@@ -32,4 +36,6 @@ class DataConfig:
     use_dynamic_bsz: bool = False  # split micro-batches by a token budget instead of a row count
     max_token_len_per_gpu: int = 8192  # token budget per device per micro-batch with use_dynamic_bsz
     num_workers: int = 2  # tokenization worker processes (0: in process)
+    train_max_samples: int = -1  # the first N rows of train_files (-1: all), as veRL
+    val_max_samples: int = -1  # the first N rows of val_files (-1: all)
     cache_dir: Optional[str] = None  # on-disk tokenization cache; None: ~/.cache/jsft

@@ -25,22 +25,30 @@ class RowKeys:
     enable_thinking: str = "enable_thinking"
     prompt: str = "prompt"
     response: str = "response"
+    prompt_path: tuple = ()  # veRL's data.prompt_dict_keys: keys into a nested prompt column
+    response_path: tuple = ()  # veRL's data.response_dict_keys
 
 
 @dataclass
 class Conversation:
     messages: list[dict]  # exactly what the chat template sees
     tools: Optional[list[dict]] = None
-    template_kwargs: dict = field(default_factory=dict)  # extra template variables (enable_thinking)
+    template_kwargs: dict = field(default_factory=dict)  # extra template variables (enable_thinking, data.apply_chat_template_kwargs)
     train: dict[int, bool] = field(default_factory=dict)  # message index -> the per-message `train` override
+    # (message index, call index) -> the call's arguments as the JSON text the row gave (or json.dumps of its
+    # mapping): what a template that concatenates `arguments` as a string (DeepSeek-V3/R1) renders
+    argument_texts: dict = field(default_factory=dict)
 
 
-def parse_row(record: dict, keys: RowKeys) -> Conversation:
-    """Validate one row and normalise it into the form chat templates expect."""
-    messages = _messages(_raw_messages(record, keys))
+def parse_row(record: dict, keys: RowKeys, template_kwargs: Optional[dict] = None) -> Conversation:
+    """Validate one row and normalise it into the form chat templates expect; `template_kwargs`
+    (data.apply_chat_template_kwargs) are passed to the template under the row's own enable_thinking."""
+    texts: dict = {}
+    messages = _messages(_raw_messages(record, keys), texts)
     # `train` is ours, not the template's: keep it out of what the template renders.
     train = {j: m.pop("train") for j, m in enumerate(messages) if "train" in m}
-    return Conversation(messages, _tools(record.get(keys.tools), keys.tools), _template_kwargs(record, keys), train)
+    kwargs = {**(template_kwargs or {}), **_template_kwargs(record, keys)}
+    return Conversation(messages, _tools(record.get(keys.tools), keys.tools), kwargs, train, texts)
 
 
 def _raw_messages(record: dict, keys: RowKeys) -> Any:
@@ -50,7 +58,9 @@ def _raw_messages(record: dict, keys: RowKeys) -> Any:
         return _single_turn(record, keys)
     raise BadRow(
         "missing_column",
-        f"row has no '{keys.messages}' column (nor '{keys.prompt}' and '{keys.response}' for a single-turn row)",
+        f"row has no '{keys.messages}' column (nor '{keys.prompt}' and '{keys.response}' for a single-turn row); "
+        f"its columns: {', '.join(map(str, record)) or 'none'}. Set data.messages_key (veRL: "
+        "data.multiturn.messages_key), or data.prompt_key and data.response_key",
     )
 
 
@@ -65,24 +75,39 @@ def _maybe_json(value: Any, name: str, kind: str) -> Any:
 
 
 def _single_turn(record: dict, keys: RowKeys) -> list[dict]:
-    for key in (keys.prompt, keys.response):
-        if key not in record or record[key] is None:
-            raise BadRow("missing_column", f"single-turn row has no '{key}' column")
-        if not isinstance(record[key], str):
-            raise BadRow("bad_content", f"'{key}' must be a string, got {type(record[key]).__name__}")
-    return [{"role": "user", "content": record[keys.prompt]}, {"role": "assistant", "content": record[keys.response]}]
+    prompt = _column(record, keys.prompt, keys.prompt_path, "prompt")
+    response = _column(record, keys.response, keys.response_path, "response")
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
 
 
-def _messages(messages: Any) -> list[dict]:
+def _column(record: dict, key: str, path: tuple, which: str) -> str:
+    """record[key], then down `path` (veRL's data.{which}_dict_keys) through nested objects; a string."""
+    if record.get(key) is None:
+        raise BadRow("missing_column", f"single-turn row has no '{key}' column; its columns: "
+                     f"{', '.join(map(str, record)) or 'none'}. Set data.{which}_key (or data.messages_key)")
+    # a nested column stored as a JSON string (some Parquet writers) is read as the object it holds
+    value, where = (_maybe_json(record[key], key, "bad_content") if path else record[key]), key
+    for name in path:
+        if not isinstance(value, dict) or value.get(name) is None:
+            found = ", ".join(map(str, value)) if isinstance(value, dict) else type(value).__name__
+            raise BadRow("missing_column", f"'{where}' has no key '{name}' (it has: {found}); "
+                         f"set data.{which}_dict_keys")
+        value, where = value[name], f"{where}.{name}"
+    if not isinstance(value, str):
+        raise BadRow("bad_content", f"'{where}' must be a string, got {type(value).__name__}")
+    return value
+
+
+def _messages(messages: Any, texts: dict) -> list[dict]:
     if not isinstance(messages, list):
         raise BadRow("messages_not_list", f"messages must be a list, got {type(messages).__name__}")
-    out = [_message(m, j) for j, m in enumerate(messages)]
+    out = [_message(m, j, texts) for j, m in enumerate(messages)]
     if not any(m["role"] == "assistant" for m in out):
         raise BadRow("no_assistant", "conversation has no assistant message")
     return out
 
 
-def _message(msg: Any, j: int) -> dict:
+def _message(msg: Any, j: int, texts: dict) -> dict:
     if not isinstance(msg, dict):
         raise BadRow("bad_message", f"messages[{j}] is a {type(msg).__name__}, not an object")
     # A null field is an absent one (Parquet cannot tell them apart); content is always passed, as
@@ -97,7 +122,7 @@ def _message(msg: Any, j: int) -> dict:
     if "tool_calls" in msg:
         if role != "assistant":
             raise BadRow("bad_tool_calls", f"messages[{j}] ({role}) has tool_calls; only assistant messages may")
-        msg["tool_calls"] = [_tool_call(c, j, i) for i, c in enumerate(_tool_call_list(msg["tool_calls"], j))]
+        msg["tool_calls"] = [_tool_call(c, j, i, texts) for i, c in enumerate(_tool_call_list(msg["tool_calls"], j))]
     content = msg.get("content")
     if content is None and "tool_calls" not in msg:
         raise BadRow("missing_content", f"messages[{j}] ({role}) has no content and no tool_calls")
@@ -117,7 +142,7 @@ def _tool_call_list(calls: Any, j: int) -> list:
     return calls
 
 
-def _tool_call(call: Any, j: int, i: int) -> dict:
+def _tool_call(call: Any, j: int, i: int, texts: dict) -> dict:
     where = f"messages[{j}].tool_calls[{i}]"
     call = {k: v for k, v in call.items() if v is not None} if isinstance(call, dict) else {}
     fn = call.get("function")
@@ -136,6 +161,7 @@ def _tool_call(call: Any, j: int, i: int) -> dict:
             raise BadRow("bad_tool_calls", f"{where}.function.arguments is not valid JSON: {e}") from None
     if not isinstance(args, dict):
         raise BadRow("bad_tool_calls", f"{where}.function.arguments must be a JSON object")
+    texts[(j, i)] = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(args, ensure_ascii=False)
     return {**call, "function": {**fn, "arguments": args}}
 
 

@@ -35,8 +35,9 @@ from tqdm import tqdm
 from jsft import distributed
 from jsft.data.chat import ChatOptions, ChatRenderer, RowResult
 from jsft.data.config import DataConfig
+from jsft.data.conversation import parse_row
 from jsft.data.fingerprint import tokenizer_digest
-from jsft.data.sources import RowLocations, RowSource, file_stats, resolve_files
+from jsft.data.sources import BadRow, RowLocations, RowSource, file_stats, resolve_files
 
 CACHE_FORMAT = 1
 # Starting a worker process costs seconds (imports, tokenizer unpickling); below this many rows per
@@ -105,12 +106,15 @@ _PER_SAMPLE = ("begin", "end", "source_index", "turn_index", "mismatch", "target
 
 
 def load_dataset(cfg: DataConfig, tokenizer, files=None, *, progress: bool = True, process_index: int = 0,
-                 process_count: int = 1) -> TokenizedDataset:
+                 process_count: int = 1, max_rows: int = -1) -> TokenizedDataset:
     """Tokenize (or load from cache) `files` (default `cfg.train_files`) and apply the bad-row,
     max-length and truncation rules; raises `DataError` naming file and row for bad input. With
-    process_count > 1 every process must call it together: each tokenizes its share of the rows."""
+    process_count > 1 every process must call it together: each tokenizes its share of the rows.
+    max_rows >= 1 keeps the samples of the first max_rows rows (veRL's data.train_max_samples)."""
     paths = resolve_files(cfg.train_files if files is None else files)
     renderer = ChatRenderer(tokenizer, ChatOptions.from_config(cfg))
+    if cfg.on_bad_row == "error":
+        _check_columns(RowSource(paths), renderer)  # a wrong column key: one message, before tokenizing
     directory = Path(cfg.cache_dir or Path.home() / ".cache" / "jsft") / _cache_key(paths, renderer)
     if process_count > 1:
         _tokenize_split(directory, paths, renderer, cfg.num_workers, progress, process_index, process_count)
@@ -118,6 +122,8 @@ def load_dataset(cfg: DataConfig, tokenizer, files=None, *, progress: bool = Tru
         source = RowSource(paths)
         _write_cache(directory, source, _tokenize(source, renderer, cfg.num_workers, progress))
     dataset, bad = _read_cache(directory)
+    if max_rows > 0:
+        dataset, bad = dataset.select(dataset.source_index < max_rows), [b for b in bad if b.index < max_rows]
     if cfg.multiturn_policy == "error":
         _raise_if_any([b for b in bad if b.kind == "not_prefix_preserving"], "not prefix-preserving")
     dataset, too_long = _apply_max_length(dataset, cfg)
@@ -127,6 +133,20 @@ def load_dataset(cfg: DataConfig, tokenizer, files=None, *, progress: bool = Tru
     dataset = dataset.select(~np.isin(dataset.source_index, [b.index for b in too_long]))
     dataset.stats.skipped = bad
     return dataset
+
+
+def _check_columns(source: RowSource, renderer: ChatRenderer) -> None:
+    """The first row must have the configured columns: a wrong data.*_key fails every row, so it is said once,
+    with the row's columns and the key to set, instead of once per row after tokenizing them all."""
+    if len(source) == 0:
+        return
+    row = source[0]
+    if row.error is None:
+        try:
+            parse_row(row.record, renderer.options.keys)
+        except BadRow as e:
+            if e.kind == "missing_column":
+                raise DataError(f"{row.where}: {e.message}") from None
 
 
 def _raise_if_any(bad: list[BadRowRecord], what: str, hint: str = "") -> None:

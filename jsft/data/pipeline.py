@@ -132,7 +132,7 @@ def build_train_batches(cfg: DataConfig, tokenizer, *, seed: int, process_index:
     """Training batches over `files` (default data.train_files); bad input raises before any batch. Tokenized
     by process; batches sharded over `feeder` = (index, count) (default: this process of process_count)."""
     dataset = load_dataset(cfg, tokenizer, cfg.train_files if files is None else files,
-                           process_index=process_index, process_count=process_count)
+                           process_index=process_index, process_count=process_count, max_rows=cfg.train_max_samples)
     index, count = feeder or (process_index, process_count)
     return TrainBatches(dataset, cfg, seed=seed, process_index=index, process_count=count, local_devices=local_devices)
 
@@ -141,6 +141,6 @@ def build_eval_batches(cfg: DataConfig, tokenizer, *, process_index: int, proces
                        files=None, feeder: Optional[tuple[int, int]] = None) -> EvalBatches:
     """Validation batches over `files` (default data.val_files): one pass, no shuffle, nothing dropped."""
     dataset = load_dataset(cfg, tokenizer, cfg.val_files if files is None else files,
-                           process_index=process_index, process_count=process_count)
+                           process_index=process_index, process_count=process_count, max_rows=cfg.val_max_samples)
     index, count = feeder or (process_index, process_count)
     return EvalBatches(dataset, cfg, process_index=index, process_count=count, local_devices=local_devices)

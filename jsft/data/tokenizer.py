@@ -100,6 +100,10 @@ def _resolve(tokenizer) -> tuple[tuple[str, ...], str]:
         return (_template_turn_end(tokenizer, after),) + ((eos,) if eos else ()), "the chat template's end of turn and the tokenizer's EOS"
     if any(t in after for t in declared.texts):
         return declared.texts, declared.source
+    if not _has_special(tokenizer, after) and _next_header(tokenizer) in declared.texts:
+        # GLM-4.5: no end-of-turn token; generation stops on the next role's header (<|user|>, <|observation|>)
+        return declared.texts, (f"{declared.source}; the template ends no turn, so a turn's stop is the next "
+                                f"role's header, {_next_header(tokenizer)} after an answer (docs/data.md)")
     if declared.strict:
         raise ValueError(
             f"the chat template ends an assistant answer with {after!r}, which holds none of data.stop_tokens "
@@ -157,6 +161,25 @@ def _template_turn_end(tokenizer, after: str) -> str:
             "a model trained on it would never learn to stop: set data.stop_tokens, or use a template that ends turns with a special token"
         )
     return found[0]
+
+
+def _has_special(tokenizer, text: str) -> bool:
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return any(i in special for i in tokenizer.encode(text, add_special_tokens=False))
+
+
+def _next_header(tokenizer) -> Optional[str]:
+    """The first special token the template writes after an answer when a user message follows it."""
+    probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": _PROBE_ANSWER},
+             {"role": "user", "content": "Hi"}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    except Exception:  # noqa: BLE001 (the plain probe already rendered; a failure here means no header rule)
+        return None
+    rest = rendered[rendered.index(_PROBE_ANSWER) + len(_PROBE_ANSWER):] if _PROBE_ANSWER in rendered else ""
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    found = [i for i in tokenizer.encode(rest, add_special_tokens=False) if i in special]
+    return tokenizer.convert_ids_to_tokens(found[0]) if found else None
 
 
 def _probe_turn_end(tokenizer) -> str:

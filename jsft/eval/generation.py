@@ -69,7 +69,7 @@ def held_out_prompts(data_cfg, tokenizer, n: int, seed: int) -> list[HeldOutProm
         if row.error is not None:
             continue
         try:
-            conv = parse_row(row.record, options.keys)
+            conv = parse_row(row.record, options.keys, dict(options.template_kwargs))
             turns = renderer.rendered_turns(conv)
         except BadRow:
             continue

@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 import jax
 
 from jsft import distributed
-from jsft.config import DEFAULT_CONFIG, RunConfig, load_config, to_yaml
+from jsft.config import DEFAULT_CONFIG, RunConfig, load_config, names_a_model, to_yaml
 from jsft.demo.job import build_trainer as build_demo_trainer
 from jsft.train.console import config_summary
 from jsft.train.loop import Trainer, log
@@ -46,16 +46,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="dotted overrides of config keys, e.g. optim.lr=1e-5 data.train_files=train.jsonl")
     args = parser.parse_intermixed_args(argv)  # overrides may come before or after --config
 
-    names_a_model = any(o.split("=", 1)[0].strip() in ("model.path", "model.init") or o.startswith("model.init.")
-                        for o in args.overrides)
-    config = args.config or (None if names_a_model else DEFAULT_CONFIG)
+    notes: list[str] = []
     try:
-        cfg = load_config(config, args.overrides)
+        config = args.config or (None if names_a_model(args.overrides) else DEFAULT_CONFIG)
+        cfg = load_config(config, args.overrides, notes)
     except (ValueError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return _exit(2)
     try:
-        return _exit(_train(cfg, args.print_config))
+        return _exit(_train(cfg, args.print_config, notes))
     except BaseException:
         if not distributed.several_processes():
             raise
@@ -65,11 +64,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _exit(1)
 
 
-def _train(cfg: RunConfig, print_config: bool) -> int:
+def _train(cfg: RunConfig, print_config: bool, notes: list[str]) -> int:
     # the demo job: its data generator and episode hook around the same trainer
     build = build_demo_trainer if cfg.demo.enabled else Trainer
     try:
         distributed.initialize()  # before anything touches a jax backend
+        for note in notes:  # veRL keys read with another meaning, or ignored (jsft/verl.py)
+            log(f"veRL key: {note}")
         log(to_yaml(cfg) if print_config else "config (whole: config.yaml in the run dir, or --print-config):\n"
             + config_summary(cfg))
         trainer = build(cfg)

@@ -29,20 +29,31 @@ class InFlightStep:
     flops: float
     extra: dict = field(default_factory=dict)  # added before reading, e.g. validation metrics
     done: Optional[float] = None  # perf_counter when the step was seen done (wait)
+    dispatch_begin: Optional[float] = None  # perf_counter when its device work began to be dispatched
+    was_ready: bool = False  # already done when first waited on: `done` is then only an upper bound
 
     @classmethod
     def dispatched(cls, step: int, started: float, loss, stats: dict, host: dict, tokens: int,
-                   flops: float) -> "InFlightStep":
+                   flops: float, dispatch_begin: Optional[float] = None) -> "InFlightStep":
         """stats: TrainStep.train_step_stats' (its own arrays, not views of the donated optimizer state)."""
         device = {"train/loss": loss, **{f"train/{k}": v for k, v in stats.items() if k != "consecutive_skips"},
                   "consecutive_skips": stats["consecutive_skips"]}
-        return cls(step, started, device, host, tokens, flops)
+        return cls(step, started, device, host, tokens, flops, dispatch_begin=dispatch_begin)
 
     def wait(self) -> None:
         """Block until the step is done and note when: later host work (validation) is not step time."""
         if self.done is None:
+            self.was_ready = all(x.is_ready() for x in jax.tree.leaves(self.device))
             jax.block_until_ready(self.device)
             self.done = time.perf_counter()
+
+    def end_for(self, following: Optional["InFlightStep"]) -> Optional[float]:
+        """When the device may have started `following` (dispatched before this step was read): this step's
+        end, but no later than `following`'s dispatch if this step was already done when read (its `done`
+        is then late). So a step's time is never shorter than its device time: MFU never above the truth."""
+        if following is None or following.dispatch_begin is None or not self.was_ready:
+            return self.done
+        return min(self.done, following.dispatch_begin)
 
     def read(self, previous_done: Optional[float], peak_flops: Optional[float]) -> tuple[dict, int, float]:
         """(metrics, consecutive non-finite steps, time the step was seen done). Blocks until the step is done.

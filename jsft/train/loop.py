@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import jax
 
 import jsft.models as jm
-from jsft import distributed
+from jsft import distributed, verl
 from jsft.config import RunConfig, to_yaml
 from jsft.data import fingerprint
 from jsft.data.batch import BatchSpec, HostBatch, eval_steps, prepare_step
@@ -33,6 +33,7 @@ from jsft.models.hf_export import generation_config, model_card
 from jsft.models.params import param_arrays, replace_params
 from jsft.sharding import sequence_size
 from jsft.train import checkpoint as ckpt
+from jsft.train import run_identity
 from jsft.train.console import fmt, run_info_table, wrap
 from jsft.train.inflight import InFlightStep
 from jsft.train.metrics import MetricsLogger
@@ -94,10 +95,15 @@ class Trainer:
         if not (cfg.model.path or cfg.model.init):
             raise ValueError("set model.path (a local Hugging Face checkpoint directory) or model.init (random init)")
         distributed.initialize()
+        t = cfg.trainer
+        verl.check_cluster(t.nnodes, t.n_gpus_per_node, t.device, jax.process_count(), jax.local_device_count(),
+                           jax.default_backend())
         enable_compilation_cache(cfg.trainer.compilation_cache_dir)
         self.run_dir = Path(cfg.trainer.default_local_dir).absolute()
         distributed.check_shared_directory(self.run_dir, "trainer.default_local_dir")  # before anything writes there
         _check_paths(cfg)
+        checkpoints = self.run_dir / ckpt.CHECKPOINT_SUBDIR
+        run_identity.check(self.run_dir, cfg, checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()))
         self.setup: RunSetup = resolve(cfg, log)  # tokenizer, model config, mesh, remat: once, before data and weights
         self.mesh, self.tokenizer, self.feeders = self.setup.mesh, self.setup.tokenizer, self.setup.feeders
         self.lora, self.sequence_parallel = self.setup.lora, self.setup.sequence_parallel  # None: full fine-tuning
@@ -109,6 +115,7 @@ class Trainer:
         if distributed.is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+            run_identity.write(self.run_dir, cfg)
 
     def _build_data(self) -> None:
         cfg = self.cfg
@@ -209,12 +216,18 @@ class Trainer:
                          cfg.trainer.shape_buckets, sequence_size(self.mesh), self.sequence_parallel == "ring",
                          self.feeders.leaders)
 
-    def _train_step(self, step: int, batch: HostBatch) -> InFlightStep:
-        """Prepare and dispatch one optimizer step; returns without waiting for the device (see inflight.py)."""
+    def _train_step(self, step: int, batch: HostBatch, pending: Optional[InFlightStep] = None) -> InFlightStep:
+        """Prepare and dispatch one optimizer step; returns without waiting for the device (see inflight.py).
+        A step with a new micro-batch shape compiles while dispatching: `pending` is waited on first, so the
+        compile counts in this step's time (a step the plot leaves out), not in the previous one's."""
         t0 = time.perf_counter()
         g = prepare_step(batch, self.batch_spec())
+        shapes = {(mb.input_ids.shape, mb.target_pos.shape) for mb in g.micro_batches}
+        if pending is not None and not shapes <= self._compiled_shapes:
+            pending.wait()
+        self._compiled_shapes |= shapes
+        dispatch_begin = time.perf_counter()
         device_batches = [self.step_fn.device_batch(mb) for mb in g.micro_batches]
-        self._compiled_shapes.update(tuple(x.shape for x in jax.tree.leaves(b)) for b in device_batches)
         self.params, self.opt_state, loss, stats = self.step_fn.train_step_stats(self.params, self.opt_state, device_batches)
         c = g.counts
         host = {
@@ -228,7 +241,7 @@ class Trainer:
             "train/padding_efficiency": c.tokens / max(g.computed_tokens, 1),
         }
         flops = self.model.config.flops_per_token(c.tokens / max(c.samples, 1)) * c.tokens
-        return InFlightStep.dispatched(step, t0, loss, stats, host, c.tokens, flops)
+        return InFlightStep.dispatched(step, t0, loss, stats, host, c.tokens, flops, dispatch_begin)
 
     def validate(self, step: int) -> dict:
         """val/loss over the whole validation set, normalised like training (global counts of the set), then
@@ -248,6 +261,11 @@ class Trainer:
     def run(self) -> dict:
         cfg, t = self.cfg, self.cfg.trainer
         manager = ckpt.open_manager(self.run_dir / ckpt.CHECKPOINT_SUBDIR, max_to_keep=t.max_ckpt_to_keep)
+        if t.resume_mode == "disable" and manager.all_steps():  # starting over here: an older step would block saving
+            log(f"trainer.resume_mode=disable: removing the earlier run's checkpoints {list(manager.all_steps())} "
+                f"in {manager.directory}")
+            for old in manager.all_steps():
+                manager.delete(old)
         start = self._resume(manager)
         if start >= self.total_steps:
             manager.close()
@@ -262,6 +280,8 @@ class Trainer:
         if distributed.is_main():
             (self.run_dir / "run_info.json").write_text(json.dumps(info, indent=2))
         stop = StopRequest()
+        per_epoch = self.train_data.steps_per_epoch
+        test_freq, save_freq = (per_epoch if f == "after_each_epoch" else f for f in (t.test_freq, t.save_freq))
         last: dict = {}
         metrics_logger = MetricsLogger(
             self.run_dir, t.logger, distributed.is_main(), self.total_steps, t.project_name, t.experiment_name,
@@ -269,35 +289,43 @@ class Trainer:
         )
         pending, done, stopping = None, None, False  # the step dispatched last iteration, unread; when the one before ended
 
-        def finish(p: InFlightStep) -> None:  # read, log and check a dispatched step
+        def finish(p: InFlightStep, following: Optional[InFlightStep] = None) -> None:  # read, log, check a step
             nonlocal done, last
-            metrics, skips, done = p.read(done, self.peak_flops)
+            metrics, skips, _ = p.read(done, self.peak_flops)
+            done = p.end_for(following)
             metrics_logger.log(p.step, metrics)
             last = {"step": p.step, **metrics}
             self._check_skips(skips)
 
         try:
             for step in range(start + 1, self.total_steps + 1):
-                current = self._train_step(step, next(self.train_data))  # dispatched: the device is busy
-                if pending is not None:
-                    finish(pending)  # step - 1, read while `step` runs
+                # checked before dispatching: a signal during step - 1 stops at its end, with no step after it
                 stopping = stop.requested()
+                if stopping:
+                    if pending is not None:  # not saved yet (a saved step is never left pending)
+                        finish(pending)
+                        ckpt.save(manager, pending.step, params=self._saved(self.params), opt_state=self.opt_state,
+                                  meta=self._meta(pending.step, last))
+                        pending = None
+                    break
+                current = self._train_step(step, next(self.train_data), pending)  # dispatched: the device is busy
+                if pending is not None:
+                    finish(pending, current)  # step - 1, read while `step` runs
                 final = step == self.total_steps
-                if self.val_data is not None and (final or (t.test_freq > 0 and step % t.test_freq == 0)):
+                if self.val_data is not None and (final or (test_freq > 0 and step % test_freq == 0)):
                     current.wait()  # the step's time ends here, not after its validation
                     current.extra.update(self.validate(step))
-                if final or stopping or (t.save_freq > 0 and step % t.save_freq == 0):
+                if final or (save_freq > 0 and step % save_freq == 0):
                     finish(current)  # read now: a checkpoint's metadata carries its step's figures
                     current = None
                     ckpt.save(manager, step, params=self._saved(self.params), opt_state=self.opt_state,
                               meta=self._meta(step, last))
                 pending = current
-                if stopping:
-                    break
             if pending is not None:
                 finish(pending)
             if stopping:
-                log(f"stop requested: saved step {last['step']}, exiting")
+                log(f"stop requested: saved step {last['step']}, exiting" if last else
+                    "stop requested before the first step: nothing trained")
         finally:
             manager.wait_until_finished()
             manager.close()
