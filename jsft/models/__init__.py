@@ -1,4 +1,4 @@
-"""Llama/Qwen/Mistral decoders in Flax NNX, with Hugging Face safetensors import and export.
+"""Llama/Qwen/Mistral/Gemma 3 decoders in Flax NNX, with Hugging Face safetensors import and export.
 
     import jsft.models as jm
     model = jm.from_pretrained("hf_dir", dtype="float32")
@@ -19,7 +19,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jsft.models import hf_io
-from jsft.models.config import ModelConfig
+from jsft.models.config import GEMMA, ModelConfig
 from jsft.models.decoder import Decoder, init_cache
 from jsft.models.params import abstract_model, flat_params, init_model, model_bytes, replace_params, sharding_for
 
@@ -45,12 +45,16 @@ def from_pretrained(
     with its FSDP sharding and each device reads only its own slice from the memory-mapped files."""
     cfg = ModelConfig.from_pretrained(str(path))
     files = hf_io.SafetensorsDir(path)
-    hf_io.check_names(cfg, files.names(), path)
+    prefix = hf_io.text_prefix(cfg, files.names())
+    hf_io.check_names(cfg, files.names(), path, prefix)
+    if cfg.text_of is not None:
+        print(f"{path}: a multimodal {cfg.text_of} checkpoint: loading its text stack ({prefix}*); the vision "
+              f"tower is not loaded, and exports are {_ARCHITECTURES[cfg.model_type]} text models")
     abstract = abstract_model(
         cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl,
         sequence_parallel=sequence_parallel,
     )
-    keys = {k.jsft: k for k in hf_io.key_table(cfg)}
+    keys = {k.jsft: k for k in hf_io.key_table(cfg, prefix)}
     values = {}
     for name, var in flat_params(abstract).items():
         values[name] = hf_io.load_array(
@@ -81,6 +85,9 @@ def save_pretrained(
     dtype = jnp.dtype(dtype or cfg.torch_dtype or model.param_dtype)
     out = Path(out_dir)
     writer = jax.process_index() == 0
+    if writer and cfg.text_of is not None:
+        print(f"exporting the text stack of a multimodal {cfg.text_of} model as a {_ARCHITECTURES[cfg.model_type]} "
+              f"text model (model_type {cfg.model_type}; no vision tower) to {out}")
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         _write_configs(cfg, out, dtype, tokenizer, generation_config)
@@ -130,6 +137,8 @@ def _add_legacy_fields(path: Path, cfg: ModelConfig, dtype) -> None:
     config = json.loads(path.read_text())
     config["rope_theta"] = cfg.rope_theta
     config["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    if cfg.model_type in GEMMA:  # 4.x reads the sliding layers' theta from here
+        config["rope_local_base_freq"] = cfg.sliding_rope_theta or cfg.rope_theta
     config["torch_dtype"] = str(jnp.dtype(dtype))
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
@@ -139,4 +148,5 @@ _ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
