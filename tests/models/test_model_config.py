@@ -26,7 +26,8 @@ def test_inactive_sliding_window_is_fine():
     ModelConfig.from_hf(transformers.Qwen2Config(**TINY, use_sliding_window=False, sliding_window=64))
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}])
+@pytest.mark.parametrize("rope", [{"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4, "short_factor": [1.0],
+                                   "long_factor": [1.0]}, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}])
 def test_unknown_rope_type_is_refused(rope):
     with pytest.raises(ValueError, match="rope type"):
         ModelConfig.from_hf(transformers.LlamaConfig(**TINY, rope_parameters=rope))
