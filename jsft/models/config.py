@@ -113,9 +113,10 @@ class ModelConfig:
             qk_norm=mt == "qwen3" or gemma,
             tie_word_embeddings=bool(outer.tie_word_embeddings),
             max_position_embeddings=hf.max_position_embeddings,
-            bos_token_id=getattr(hf, "bos_token_id", None),
-            eos_token_id=getattr(hf, "eos_token_id", None),
-            pad_token_id=getattr(hf, "pad_token_id", None),
+            # a multimodal config may carry the chat's stop tokens at its top level
+            bos_token_id=_first_set(outer, hf, "bos_token_id"),
+            eos_token_id=_first_set(outer, hf, "eos_token_id"),
+            pad_token_id=_first_set(outer, hf, "pad_token_id"),
             # transformers 5 names it `dtype` (its `torch_dtype` property only warns); 4.x stores `torch_dtype`
             torch_dtype=_dtype_name(getattr(outer, "dtype", None) or vars(outer).get("torch_dtype")),
             layer_types=layer_types,
@@ -269,6 +270,11 @@ class ModelConfig:
         keys = [seq_len / 2 if s.window is None else min(seq_len / 2, s.window) for s in self.layer_specs()]
         attention = sum(4 * n * h * kk for kk in keys)
         return 3 * (2 * matmul_params + attention)
+
+
+def _first_set(outer, inner, name: str):
+    value = getattr(outer, name, None)
+    return getattr(inner, name, None) if value is None else value
 
 
 def _dtype_name(dtype) -> Optional[str]:

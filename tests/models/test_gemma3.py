@@ -113,3 +113,21 @@ def test_greedy_generation_past_the_window_matches_transformers(tmp_path):
         expected.append(out[0, len(p):].tolist())
     assert all(0 not in e for e in expected)
     assert generate(model, prompts, max_new_tokens=12, eos_ids={0}) == expected
+
+
+def test_lora_adapter_matches_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    from jsft.models import lora
+
+    ref = make_tiny_gemma3(tmp_path / "hf")
+    torch.manual_seed(1)
+    peft_model = peft.get_peft_model(ref, peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8,
+                                                          target_modules="all-linear"))
+    peft_model.save_pretrained(tmp_path / "adapter")
+    ids = _ids((2, 32))
+    model = lora.attach(jm.from_pretrained(tmp_path / "hf", dtype="float32"),
+                        lora.read_adapter_config(tmp_path / "adapter"), adapter_path=tmp_path / "adapter")
+    expected = _torch_logits(peft_model, ids)
+    np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=TOL, rtol=0)
+    with peft_model.disable_adapter():
+        assert np.abs(_torch_logits(peft_model, ids) - expected).max() > 1e-2  # the adapters act
