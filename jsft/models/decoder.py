@@ -299,7 +299,8 @@ class Decoder(nnx.Module):
             # rows over all devices, XLA replicates the whole [B, T, D] gradient when data > 1 (HSDP)
             # (tokens over the sequence axis throughout: Ulysses, jsft/models/ulysses.py)
             x = constrain(x, ("batch", "length", None), via=("replica_batch", "length", "embed"))
-        params = {name: p[...].astype(self.dtype) for name, p in self.layers.items()}
+        # sinks stay fp32: a logit that joins fp32 softmax statistics
+        params = {name: p[...].astype(jnp.float32 if name == "sinks" else self.dtype) for name, p in self.layers.items()}
         lora_scale = 0.0
         if self.lora is not None:
             lora_scale = self.lora.scale

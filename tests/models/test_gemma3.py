@@ -131,3 +131,22 @@ def test_lora_adapter_matches_peft(tmp_path):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=TOL, rtol=0)
     with peft_model.disable_adapter():
         assert np.abs(_torch_logits(peft_model, ids) - expected).max() > 1e-2  # the adapters act
+
+
+def test_attention_sinks_are_a_per_layer_parameter_that_reaches_the_softmax(tmp_path):
+    """A model with `attention_sinks` carries layers/sinks [L, N] (HF self_attn.sinks): sinks far below every
+    score give the sink-free model's logits; a finite sink in one layer takes probability mass away."""
+    from jsft.models.hf_io import key_table
+    from jsft.models.params import param_arrays, replace_params
+
+    make_tiny_gemma3(tmp_path / "hf")
+    base = jm.from_pretrained(tmp_path / "hf", dtype="float32")
+    cfg = base.config.replace(attention_sinks=True)
+    assert "model.layers.{i}.self_attn.sinks" in {k.hf for k in key_table(cfg)}
+    template = jm.init_model(cfg)
+    params = {**param_arrays(base), "layers/sinks": jnp.full((cfg.num_layers, cfg.num_heads), -1e4)}
+    ids = jnp.asarray(_ids((1, 20)))
+    expected = np.asarray(base(ids))
+    np.testing.assert_allclose(np.asarray(replace_params(template, params)(ids)), expected, atol=1e-5, rtol=0)
+    params["layers/sinks"] = params["layers/sinks"].at[1].set(0.5)
+    assert np.abs(np.asarray(replace_params(template, params)(ids)) - expected).max() > 1e-3
