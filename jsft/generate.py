@@ -15,6 +15,10 @@ at them, and each row's positions start at 0 at its own first token:
 Left padding puts every row's last prompt token in the same slot, so the prefill's next-token logits are
 one slice and each decode step writes all rows into one cache slot.
 
+Sliding-window layers and attention sinks use the same cache: a MASKED cache (every slot kept; a window
+layer's attention masks the slots more than `window` positions back), not a rolling one, so its memory is
+that of full attention.
+
 Prefill and the decode loop (a `lax.while_loop` that exits once every row has emitted EOS) are ONE jitted
 program: one dispatch per call and no host round trip per token. It is compiled once per model structure,
 parameter shardings, batch size, prompt bucket, `max_new_tokens` and sampling mode (greedy / temperature /
@@ -45,7 +49,7 @@ MIN_BUCKET = 16  # shortest padded prompt length: tiny prompts all share one com
 
 def _last_logits(model: Decoder, hidden) -> jax.Array:
     """fp32 next-token logits [B, V] from the last position of hidden [B, T, D] (never all T positions)."""
-    return jnp.einsum("BD,DV->BV", hidden[:, -1], model.unembed(), preferred_element_type=jnp.float32)
+    return model.logits(hidden[:, -1])
 
 
 def prefill(model: Decoder, ids, lengths, cache):

@@ -176,3 +176,40 @@ def torch_sft_losses(model, trainable, cfg, steps: int) -> list[float]:
         schedule.step()
         out.append(loss.item())
     return out
+
+
+# Gemma 3 with every feature on: sliding and full layers, a window shorter than the test rows, per-type rope
+# (linear scaling on the full layers), a query_pre_attn_scalar that is not head_dim, a final logit softcap
+GEMMA3_TINY = dict(
+    vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, max_position_embeddings=256, sliding_window=6, query_pre_attn_scalar=24,
+    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e5},
+                     "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+    final_logit_softcapping=2.0,
+)
+
+
+def make_tiny_gemma3(path, seed: int = 0, multimodal: bool = False, **overrides):
+    """A tiny random Gemma 3 checkpoint (fp32), norms moved away from their zero init. multimodal: a
+    Gemma3ForConditionalGeneration with a tiny vision tower (its text stack is the same Gemma 3 decoder)."""
+    import torch
+    import transformers
+
+    text = transformers.Gemma3TextConfig(**{**GEMMA3_TINY, **overrides})
+    torch.manual_seed(seed)
+    if multimodal:
+        vision = dict(model_type="siglip_vision_model", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, image_size=16, patch_size=8)
+        config = transformers.Gemma3Config(text_config=text.to_dict(), vision_config=vision, mm_tokens_per_image=4,
+                                           image_token_index=text.vocab_size - 1, boi_token_index=text.vocab_size - 3,
+                                           eoi_token_index=text.vocab_size - 2)
+        model = transformers.Gemma3ForConditionalGeneration(config).float().eval()
+    else:
+        model = transformers.Gemma3ForCausalLM(text).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(path)
+    return model

@@ -1,4 +1,4 @@
-"""Llama/Qwen/Mistral decoders in Flax NNX, with Hugging Face safetensors import and export (hf_export.py).
+"""Llama/Qwen/Mistral/Gemma 3 decoders in Flax NNX, with Hugging Face safetensors import and export (hf_export.py).
 
     import jsft.models as jm
     model = jm.from_pretrained("hf_dir", dtype="float32")
@@ -17,7 +17,7 @@ from jax.sharding import Mesh
 from jsft.models import hf_io
 from jsft.models.config import ModelConfig
 from jsft.models.decoder import Decoder, init_cache
-from jsft.models.hf_export import save_pretrained
+from jsft.models.hf_export import ARCHITECTURES, save_pretrained
 from jsft.models.params import abstract_model, flat_params, init_model, model_bytes, replace_params, sharding_for
 
 __all__ = [
@@ -42,12 +42,16 @@ def from_pretrained(
     with its FSDP sharding and each device reads only its own slice from the memory-mapped files."""
     cfg = ModelConfig.from_pretrained(str(path))
     files = hf_io.SafetensorsDir(path)
-    hf_io.check_names(cfg, files.names(), path)
+    prefix = hf_io.text_prefix(cfg, files.names())
+    hf_io.check_names(cfg, files.names(), path, prefix)
+    if cfg.text_of is not None:
+        print(f"{path}: a multimodal {cfg.text_of} checkpoint: loading its text stack ({prefix}*); the vision "
+              f"tower is not loaded, and exports are {ARCHITECTURES[cfg.model_type]} text models")
     abstract = abstract_model(
         cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl,
         sequence_parallel=sequence_parallel,
     )
-    keys = {k.jsft: k for k in hf_io.key_table(cfg)}
+    keys = {k.jsft: k for k in hf_io.key_table(cfg, prefix)}
     values = {}
     for name, var in flat_params(abstract).items():
         values[name] = hf_io.load_array(

@@ -39,15 +39,26 @@ from jsft.models.blockwise import _MASKED, BLOCK, attention_mask, blockwise_atte
 from jsft.sharding import activation_spec
 
 
-def xla_attention(q, k, v, mask):
-    """Reference: full masked softmax in fp32. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H]."""
+def xla_attention(q, k, v, mask, *, sinks=None, softcap=None, scale=None):
+    """Reference: full masked softmax in fp32. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H].
+    `scale` multiplies q.k (default H**-0.5); `softcap` c caps the scaled scores at c * tanh(s / c) before the
+    mask; `sinks` [N] (one fp32 logit per query head) join each softmax's denominator only (gpt-oss)."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    scale = h**-0.5 if scale is None else scale
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:  # a sink is one more logit per row whose probability mass goes nowhere
+        sink = sinks.astype(jnp.float32).reshape(1, kv_heads, n // kv_heads, 1, 1)
+        top = jnp.maximum(scores.max(axis=-1, keepdims=True), sink)
+        e = jnp.exp(scores - top)
+        probs = e / (e.sum(axis=-1, keepdims=True) + jnp.exp(sink - top))
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
@@ -115,9 +126,16 @@ _PACKED = ("pallas_gpu", "cudnn", "splash")
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, impl: str = "xla",
-              sequence_parallel: str = "ulysses"):
+              sequence_parallel: str = "ulysses", window=None, sinks=None, softcap=None, scale=None):
     """`sequence_parallel` (ulysses | ring): how self-attention runs when rows are split over the sequence
-    axis; ring attends per KV block with `blockwise` whatever `impl` (the kernels return no lse)."""
+    axis; ring attends per KV block with `blockwise` whatever `impl` (the kernels return no lse).
+    `window` (None: full causal; an int or traced int32 scalar: keys p - window < p' <= p), `sinks` ([N]
+    fp32 logits joining the softmax denominator), `softcap` (c * tanh(s / c) on the scaled scores) and
+    `scale` (None: H**-0.5) as in `xla_attention`."""
+    if window is not None or sinks is not None or softcap is not None or scale is not None:
+        # kern's branch implements them in every impl
+        mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, window)
+        return xla_attention(q, k, v, mask, sinks=sinks, softcap=softcap, scale=scale)
     self_attention = q_segment_ids is kv_segment_ids and q_positions is kv_positions
     if self_attention and sequence_parallel == "ring" and ulysses.applies(q):
         return ring.ring_attention(q, k, v, q_segment_ids, q_positions)

@@ -31,10 +31,13 @@ MIN_SUB_TILE = 64
 ROWS_APART = True
 
 
-def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions):
-    """[B, T, S] bool: same non-padding segment and causal by position."""
+def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, window=None):
+    """[B, T, S] bool: same non-padding segment and causal by position; with `window` (an int or a traced
+    int32 scalar), also within the last `window` positions: p - window < p' <= p (transformers' sliding mask)."""
     same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
     causal = kv_positions[:, None, :] <= q_positions[:, :, None]
+    if window is not None:
+        causal &= kv_positions[:, None, :] > q_positions[:, :, None] - window
     return same & causal
 
 

@@ -1,8 +1,12 @@
 """ModelConfig: the decoder's hyperparameters, read from a Hugging Face config and written back.
 
-One decoder covers Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3 and Mistral-style configs. Anything the decoder
-does not implement (sliding windows, unknown rope types, MLP biases, other activations) raises here,
-so an unsupported checkpoint never trains silently wrong.
+One decoder covers Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral-style and Gemma 3 configs (`gemma3_text`, and
+the text stack of multimodal `gemma3` checkpoints). Anything the decoder does not implement (sliding windows
+outside Gemma 3, unknown rope types, MLP biases, other activations) raises here, so an unsupported checkpoint
+never trains silently wrong.
+
+Layers may differ in their attention: `layer_specs()` is the one place that turns the config into one
+LayerSpec per layer (window, rope), which the decoder stacks into per-layer arrays of its scanned stack.
 """
 
 from __future__ import annotations
@@ -16,8 +20,21 @@ from typing import Any, Optional
 import numpy as np
 import transformers
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+FULL, SLIDING = "full_attention", "sliding_attention"  # HF's layer_types
+# Gemma 3: (1 + w) RMSNorm, post-attention and pre/post-feed-forward norms, embeddings x sqrt(D), gelu-tanh
+GEMMA = ("gemma3_text",)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One layer's attention: its kind, window (None: full causal) and rope."""
+
+    kind: str  # FULL | SLIDING
+    window: Optional[int]
+    rope_theta: float
+    rope_scaling: Optional[tuple]
 
 
 @dataclass(frozen=True)
@@ -42,6 +59,17 @@ class ModelConfig:
     eos_token_id: Any = None
     pad_token_id: Any = None
     torch_dtype: Optional[str] = None  # the checkpoint's weight dtype: the default export dtype
+    # per-layer attention (Gemma 3): layer kinds (None: all full), the sliding layers' window and rope
+    layer_types: Optional[tuple] = None
+    sliding_window: Optional[int] = None
+    sliding_rope_theta: Optional[float] = None
+    sliding_rope_scaling: Optional[tuple] = None
+    query_pre_attn_scalar: Optional[float] = None  # attention scale = this ** -0.5 (None: head_dim ** -0.5)
+    attn_logit_softcapping: Optional[float] = None  # c * tanh(scores / c), see `attention_softcap`
+    final_logit_softcapping: Optional[float] = None  # c * tanh(logits / c)
+    attention_sinks: bool = False  # one learned logit per query head joining the softmax denominator
+    hidden_act: str = "silu"  # silu | gelu_pytorch_tanh
+    text_of: Optional[str] = None  # "gemma3": the text stack of a multimodal checkpoint (exported as text-only)
 
     # ---- Hugging Face <-> jsft ----------------------------------------------------------------------------
 
@@ -50,15 +78,24 @@ class ModelConfig:
         mt = hf.model_type
         if mt not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"model_type '{mt}' is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-        act = getattr(hf, "hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"hidden_act '{act}' is not supported (only silu)")
+        outer, text_of = hf, None
+        if mt == "gemma3":  # multimodal: its text stack (the vision tower is not loaded)
+            hf, text_of, mt = hf.get_text_config(), "gemma3", "gemma3_text"
+        gemma = mt in GEMMA
+        act = getattr(hf, "hidden_activation" if gemma else "hidden_act", "silu")
+        if act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
+            raise ValueError(f"hidden_act '{act}' is not supported (only {'gelu_pytorch_tanh' if gemma else 'silu'} for {mt})")
         if getattr(hf, "mlp_bias", False):
             raise ValueError("mlp_bias=true is not supported")
-        _check_no_sliding_window(hf)
-        rope_theta, rope_scaling = _rope_from_hf(hf)
+        if gemma:
+            _check_gemma(hf)
+        else:
+            _check_no_sliding_window(hf)
+        rope = _rope_by_type(hf) if gemma else {FULL: _rope_from_hf(hf, None)}
         attention_bias = bool(getattr(hf, "attention_bias", False))
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+        layer_types = tuple(hf.layer_types) if gemma else None
+        sliding = layer_types is not None and SLIDING in layer_types
         return cls(
             model_type=mt,
             vocab_size=hf.vocab_size,
@@ -69,18 +106,28 @@ class ModelConfig:
             num_kv_heads=hf.num_key_value_heads or hf.num_attention_heads,
             head_dim=head_dim,
             rms_norm_eps=hf.rms_norm_eps,
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
+            rope_theta=rope[FULL][0],
+            rope_scaling=rope[FULL][1],
             qkv_bias=mt == "qwen2" or attention_bias,
-            o_bias=mt in ("llama", "qwen3") and attention_bias,
-            qk_norm=mt == "qwen3",
-            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            o_bias=(mt in ("llama", "qwen3") or gemma) and attention_bias,
+            qk_norm=mt == "qwen3" or gemma,
+            tie_word_embeddings=bool(outer.tie_word_embeddings),
             max_position_embeddings=hf.max_position_embeddings,
-            bos_token_id=getattr(hf, "bos_token_id", None),
-            eos_token_id=getattr(hf, "eos_token_id", None),
-            pad_token_id=getattr(hf, "pad_token_id", None),
+            # a multimodal config may carry the chat's stop tokens at its top level
+            bos_token_id=_first_set(outer, hf, "bos_token_id"),
+            eos_token_id=_first_set(outer, hf, "eos_token_id"),
+            pad_token_id=_first_set(outer, hf, "pad_token_id"),
             # transformers 5 names it `dtype` (its `torch_dtype` property only warns); 4.x stores `torch_dtype`
-            torch_dtype=_dtype_name(getattr(hf, "dtype", None) or vars(hf).get("torch_dtype")),
+            torch_dtype=_dtype_name(getattr(outer, "dtype", None) or vars(outer).get("torch_dtype")),
+            layer_types=layer_types,
+            sliding_window=hf.sliding_window if sliding else None,
+            sliding_rope_theta=rope[SLIDING][0] if gemma else None,
+            sliding_rope_scaling=rope[SLIDING][1] if gemma else None,
+            query_pre_attn_scalar=hf.query_pre_attn_scalar if gemma else None,
+            attn_logit_softcapping=getattr(hf, "attn_logit_softcapping", None),
+            final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
+            hidden_act=act,
+            text_of=text_of,
         )
 
     @classmethod
@@ -96,7 +143,12 @@ class ModelConfig:
         return cls.from_hf(load_hf_config(path))
 
     def to_hf(self) -> transformers.PretrainedConfig:
-        """A transformers config describing this decoder (for random-init models and exports)."""
+        """A transformers config describing this decoder (for random-init models and exports). The text stack
+        of a multimodal gemma3 checkpoint becomes a text-only `gemma3_text` config."""
+        if self.model_type in GEMMA:
+            return self._gemma_to_hf()
+        if self.layer_types is not None or self.attention_sinks or self.attn_logit_softcapping or self.final_logit_softcapping:
+            raise ValueError(f"per-layer windows, sinks and softcaps are not expressible as model_type {self.model_type}")
         if self.model_type == "qwen2" and not self.qkv_bias:
             raise ValueError("Qwen2 always has q/k/v biases; a qwen2 config without them cannot be exported")
         if self.model_type == "qwen3" and self.qkv_bias != self.o_bias:
@@ -104,20 +156,8 @@ class ModelConfig:
         if self.qk_norm != (self.model_type == "qwen3"):
             raise ValueError("q/k RMSNorm is only expressible as model_type qwen3")
         kwargs = dict(
-            vocab_size=self.vocab_size,
-            hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size,
-            num_hidden_layers=self.num_layers,
-            num_attention_heads=self.num_heads,
-            num_key_value_heads=self.num_kv_heads,
-            head_dim=self.head_dim,
-            rms_norm_eps=self.rms_norm_eps,
-            rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta, **dict(self.rope_scaling or ())},
-            tie_word_embeddings=self.tie_word_embeddings,
-            max_position_embeddings=self.max_position_embeddings,
-            bos_token_id=self.bos_token_id,
-            eos_token_id=self.eos_token_id,
-            pad_token_id=self.pad_token_id,
+            self._common_hf_fields(),
+            rope_parameters=_rope_parameters(self.rope_theta, self.rope_scaling),
             hidden_act="silu",
         )
         if self.model_type in ("llama", "qwen3"):
@@ -130,36 +170,111 @@ class ModelConfig:
             kwargs["sliding_window"] = None
         return transformers.AutoConfig.for_model(self.model_type, **kwargs)
 
+    def _common_hf_fields(self) -> dict:
+        return dict(
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            rms_norm_eps=self.rms_norm_eps,
+            tie_word_embeddings=self.tie_word_embeddings,
+            max_position_embeddings=self.max_position_embeddings,
+            bos_token_id=self.bos_token_id,
+            eos_token_id=self.eos_token_id,
+            pad_token_id=self.pad_token_id,
+        )
+
+    def _gemma_to_hf(self) -> transformers.PretrainedConfig:
+        if self.qkv_bias != self.o_bias or not self.qk_norm or self.attention_sinks:
+            raise ValueError("Gemma 3's attention_bias covers q/k/v and o together; it always has q/k norms, no sinks")
+        layer_types = list(self.layer_types or (FULL,) * self.num_layers)
+        return transformers.Gemma3TextConfig(
+            **self._common_hf_fields(),
+            hidden_activation=self.hidden_act,
+            attention_bias=self.qkv_bias,
+            layer_types=layer_types,
+            sliding_window=self.sliding_window,
+            rope_parameters={
+                FULL: _rope_parameters(self.rope_theta, self.rope_scaling),
+                SLIDING: _rope_parameters(self.sliding_rope_theta or self.rope_theta, self.sliding_rope_scaling),
+            },
+            query_pre_attn_scalar=self.query_pre_attn_scalar or self.head_dim,
+            attn_logit_softcapping=self.attn_logit_softcapping,
+            final_logit_softcapping=self.final_logit_softcapping,
+        )
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
     # ---- derived quantities ---------------------------------------------------------------------------------
 
+    def layer_specs(self) -> list[LayerSpec]:
+        """One LayerSpec per layer: the one place that reads layer kinds, windows and per-kind rope."""
+        specs = []
+        for kind in self.layer_types or (FULL,) * self.num_layers:
+            if kind == SLIDING:
+                theta = self.sliding_rope_theta or self.rope_theta
+                specs.append(LayerSpec(kind, self.sliding_window, theta, self.sliding_rope_scaling))
+            else:
+                specs.append(LayerSpec(kind, None, self.rope_theta, self.rope_scaling))
+        return specs
+
+    @property
+    def has_window(self) -> bool:
+        return any(spec.window is not None for spec in self.layer_specs())
+
+    @property
+    def norm_offset(self) -> float:
+        """Gemma's RMSNorm multiplies by (1 + w): stored weights are offsets from 1 (and initialised at 0)."""
+        return 1.0 if self.model_type in GEMMA else 0.0
+
+    @property
+    def attention_scale(self) -> Optional[float]:
+        """The factor on q.k (None: head_dim ** -0.5)."""
+        return None if self.query_pre_attn_scalar is None else float(self.query_pre_attn_scalar) ** -0.5
+
+    @property
+    def attention_softcap(self) -> Optional[float]:
+        """The cap on attention scores that runs. transformers' Gemma 3 attention never passes its config's
+        attn_logit_softcapping on (Gemma 2's does), so a gemma3 checkpoint keeps the field but runs uncapped."""
+        return None if self.model_type in GEMMA else self.attn_logit_softcapping
+
+    def rope_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per-layer rope: inverse frequencies [L, H/2] float32 and the cos/sin scaling [L] (yarn's attention
+        factor, else 1), as transformers computes them."""
+        pairs = [rope_inv_freq(s.rope_theta, s.rope_scaling, self.head_dim, self.max_position_embeddings)
+                 for s in self.layer_specs()]
+        return np.stack([p[0] for p in pairs]), np.asarray([p[1] for p in pairs], np.float32)
+
     def inv_freq(self) -> np.ndarray:
-        """Rotary inverse frequencies [H/2] in float32, as transformers computes them."""
-        exponents = np.arange(0, self.head_dim, 2, dtype=np.int64).astype(np.float32) / self.head_dim
-        inv = 1.0 / (self.rope_theta**exponents)
-        scaling = dict(self.rope_scaling or ())
-        kind = scaling.get("rope_type", "default")
-        if kind == "linear":
-            inv = inv / scaling["factor"]
-        elif kind == "llama3":
-            inv = _llama3_inv_freq(inv, scaling)
-        return inv.astype(np.float32)
+        """Rotary inverse frequencies [H/2] in float32 of the full-attention layers."""
+        return rope_inv_freq(self.rope_theta, self.rope_scaling, self.head_dim, self.max_position_embeddings)[0]
 
     def num_params(self) -> int:
         d, f, n, k, h = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
         attn = d * n * h * 2 + d * k * h * 2 + (n * h + 2 * k * h if self.qkv_bias else 0) + (d if self.o_bias else 0)
-        per_layer = attn + 3 * d * f + 2 * d + (2 * h if self.qk_norm else 0)
+        norms = (4 if self.model_type in GEMMA else 2) * d + (2 * h if self.qk_norm else 0)
+        per_layer = attn + 3 * d * f + norms + (n if self.attention_sinks else 0)
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
         return self.num_layers * per_layer + embed + d
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward = 3x forward), matmuls plus causal attention."""
+        """Training FLOPs per token (forward + backward = 3x forward), matmuls plus causal attention (a
+        sliding layer sees at most `window` keys)."""
         d, f, n, k, h = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
         matmul_params = self.num_layers * (d * n * h * 2 + d * k * h * 2 + 3 * d * f) + self.vocab_size * d
-        attention = self.num_layers * 2 * n * h * seq_len  # QK^T and PV, halved by the causal mask, x2 flops/MAC
+        # QK^T and PV over the keys a query sees on average (T/2 causal, ~window when shorter), x2 flops/MAC
+        keys = [seq_len / 2 if s.window is None else min(seq_len / 2, s.window) for s in self.layer_specs()]
+        attention = sum(4 * n * h * kk for kk in keys)
         return 3 * (2 * matmul_params + attention)
+
+
+def _first_set(outer, inner, name: str):
+    value = getattr(outer, name, None)
+    return getattr(inner, name, None) if value is None else value
 
 
 def _dtype_name(dtype) -> Optional[str]:
@@ -184,15 +299,37 @@ def _check_no_sliding_window(hf: transformers.PretrainedConfig) -> None:
     layer_types = getattr(hf, "layer_types", None) or []
     if window is not None and window < hf.max_position_embeddings or "sliding_attention" in layer_types:
         raise ValueError(
-            f"sliding-window attention (sliding_window={window}) is not supported; "
-            "jsft implements full causal attention only"
+            f"sliding-window attention (sliding_window={window}) is not supported for {hf.model_type}; "
+            "jsft implements sliding windows for gemma3 only"
         )
 
 
-def _rope_from_hf(hf: transformers.PretrainedConfig) -> tuple[float, Optional[dict]]:
+def _check_gemma(hf: transformers.PretrainedConfig) -> None:
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise ValueError("use_bidirectional_attention=true is not supported (jsft trains causal LMs)")
+    unknown = set(hf.layer_types) - {FULL, SLIDING}
+    if unknown or len(hf.layer_types) != hf.num_hidden_layers:
+        raise ValueError(f"layer_types must list {hf.num_hidden_layers} of {FULL} / {SLIDING}, got {hf.layer_types}")
+    if SLIDING in hf.layer_types and not hf.sliding_window:
+        raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+
+
+def _rope_by_type(hf: transformers.PretrainedConfig) -> dict:
+    """{layer kind: (theta, scaling)} from transformers 5 `rope_parameters` keyed by layer type (its config
+    class already folds the 4.x `rope_theta` / `rope_local_base_freq` / `rope_scaling` into them)."""
     if hasattr(hf, "standardize_rope_params"):
         hf.standardize_rope_params()
-    params = dict(getattr(hf, "rope_parameters", None) or {})
+    params = dict(hf.rope_parameters)
+    if FULL not in params:  # one rope for every layer kind
+        params = {FULL: params, SLIDING: params}
+    return {kind: _rope_from_hf(hf, params[kind]) for kind in (FULL, SLIDING)}
+
+
+def _rope_from_hf(hf: transformers.PretrainedConfig, params) -> tuple[float, Optional[tuple]]:
+    if params is None and hasattr(hf, "standardize_rope_params"):
+        hf.standardize_rope_params()
+        params = getattr(hf, "rope_parameters", None)
+    params = dict(params or {})
     if not params:  # transformers 4.x layout
         params = dict(getattr(hf, "rope_scaling", None) or {})
         params["rope_theta"] = hf.rope_theta
@@ -207,7 +344,54 @@ def _rope_from_hf(hf: transformers.PretrainedConfig) -> tuple[float, Optional[di
     if kind == "default":
         return theta, None
     params["rope_type"] = kind
+    if kind == "yarn" and params.get("factor") is None:  # transformers derives it from the lengths
+        params["factor"] = hf.max_position_embeddings / params["original_max_position_embeddings"]
     return theta, tuple(sorted(params.items()))  # hashable: the config is static data of the model
+
+
+def _rope_parameters(theta: float, scaling: Optional[tuple]) -> dict:
+    return {"rope_type": "default", "rope_theta": theta, **dict(scaling or ())}
+
+
+def rope_inv_freq(theta: float, scaling: Optional[tuple], head_dim: int, max_positions: int) -> tuple[np.ndarray, float]:
+    """(inverse frequencies [H/2] float32, cos/sin scaling) of one rope, as transformers computes them."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim
+    pos_freqs = np.float32(theta) ** exponents
+    inv = (1.0 / pos_freqs).astype(np.float32)
+    s = dict(scaling or ())
+    kind = s.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / np.float32(s["factor"])
+    elif kind == "llama3":
+        inv = _llama3_inv_freq(inv, s)
+    elif kind == "yarn":
+        return _yarn_inv_freq(pos_freqs, s, theta, head_dim, max_positions)
+    return inv.astype(np.float32), 1.0
+
+
+def _yarn_inv_freq(pos_freqs, s: dict, theta: float, dim: int, max_positions: int) -> tuple[np.ndarray, float]:
+    """YaRN: interpolated low frequencies, extrapolated high ones, a linear ramp between; cos/sin x mscale."""
+    factor = s.get("factor") or max_positions / s["original_max_position_embeddings"]
+    mscale = lambda scale, m=1.0: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0  # noqa: E731
+    attention = s.get("attention_factor")
+    if attention is None:
+        if s.get("mscale") and s.get("mscale_all_dim"):
+            attention = mscale(factor, s["mscale"]) / mscale(factor, s["mscale_all_dim"])
+        else:
+            attention = mscale(factor)
+    fast, slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+    old = s["original_max_position_embeddings"]
+    correction = lambda rot: dim * math.log(old / (rot * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+    low, high = correction(fast), correction(slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
+    extrapolation = 1 - ramp
+    inv = (1.0 / (np.float32(factor) * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+    return inv.astype(np.float32), float(attention)
 
 
 def _llama3_inv_freq(inv: np.ndarray, s: dict) -> np.ndarray:

@@ -1,4 +1,8 @@
-"""The decoder: embeddings, a scanned stack of pre-norm blocks (GQA attention + SwiGLU MLP), final norm, logits.
+"""The decoder: embeddings, a scanned stack of pre-norm blocks (GQA attention + gated MLP), final norm, logits.
+
+Layers that differ only in their attention (Gemma 3's sliding and full layers, each kind with its own rope)
+stay ONE scanned stack: the kind travels as data, a per-layer window, inverse frequencies and rope scaling
+scanned with the parameters (ModelConfig.layer_specs is the one place they come from).
 
 Dimension letters used in einsums and shape comments:
   B batch, T sequence, D hidden (embed), N query heads, K kv heads, H head dim, F MLP hidden, V vocab, L layers.
@@ -12,6 +16,7 @@ scanned block can be rematerialised with a selectable policy.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable
 
 import jax
@@ -20,13 +25,16 @@ from flax import nnx
 
 from jsft.config import REMAT_POLICIES as POLICY_NAMES
 from jsft.models.attention import attention, resolve_impl
-from jsft.models.config import ModelConfig
+from jsft.models.config import GEMMA, ModelConfig
 from jsft.sharding import constrain
 
 # the jax checkpoint policy of each of the config's remat policies (none: no remat)
 REMAT_POLICIES = dict(zip(POLICY_NAMES, (
     None, jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.nothing_saveable,
 )))
+
+# the window of a full layer inside a stack that carries windows as data: longer than any row
+_NO_WINDOW = 2**30
 
 _normal = jax.nn.initializers.normal(0.02)
 _ones = jax.nn.initializers.ones
@@ -36,13 +44,14 @@ _zeros = jax.nn.initializers.zeros
 def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], Callable]]:
     """Every per-layer parameter: name -> (shape, logical axes, init). The stack adds a leading `layers` axis."""
     d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    norm_init = _zeros if cfg.norm_offset else _ones  # Gemma's (1 + w) norms start at w = 0
     table = {
-        "attn_norm": ((d,), ("norm",), _ones),
+        "attn_norm": ((d,), ("norm",), norm_init),
         "q_proj": ((d, n, h), ("embed", "heads", "head_dim"), _normal),
         "k_proj": ((d, k, h), ("embed", "kv_heads", "head_dim"), _normal),
         "v_proj": ((d, k, h), ("embed", "kv_heads", "head_dim"), _normal),
         "o_proj": ((n, h, d), ("heads", "head_dim", "embed"), _normal),
-        "mlp_norm": ((d,), ("norm",), _ones),
+        "mlp_norm": ((d,), ("norm",), norm_init),
         "gate_proj": ((d, f), ("embed", "mlp"), _normal),
         "up_proj": ((d, f), ("embed", "mlp"), _normal),
         "down_proj": ((f, d), ("mlp", "embed"), _normal),
@@ -54,8 +63,13 @@ def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
     if cfg.o_bias:
         table["o_bias"] = ((d,), ("norm",), _zeros)
     if cfg.qk_norm:
-        table["q_norm"] = ((h,), ("norm",), _ones)
-        table["k_norm"] = ((h,), ("norm",), _ones)
+        table["q_norm"] = ((h,), ("norm",), norm_init)
+        table["k_norm"] = ((h,), ("norm",), norm_init)
+    if cfg.model_type in GEMMA:  # norms on the attention and MLP outputs, before the residual add
+        table["post_attn_norm"] = ((d,), ("norm",), norm_init)
+        table["post_mlp_norm"] = ((d,), ("norm",), norm_init)
+    if cfg.attention_sinks:
+        table["sinks"] = ((n,), ("heads",), _zeros)
     return table
 
 
@@ -90,11 +104,14 @@ def _param(init, key, shape, axes, dtype, kind=nnx.Param) -> nnx.Param:
 # ---- the math ---------------------------------------------------------------------------------------------------
 
 
-def rms_norm(x, scale, eps):
+def rms_norm(x, scale, eps, offset: float = 0.0):
     """As transformers: normalise in fp32 and round to the compute dtype; the scale multiplies in fp32 (one
-    rounding, not two), so its gradient is summed over the tokens in fp32 (see `add_bias`)."""
+    rounding, not two), so its gradient is summed over the tokens in fp32 (see `add_bias`). offset=1: Gemma's
+    norm, x * (1 + w) all in fp32 and rounded once at the end."""
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    if offset:
+        return (normed * (offset + scale.astype(jnp.float32))).astype(x.dtype)
     return (scale.astype(jnp.float32) * normed.astype(x.dtype)).astype(x.dtype)
 
 
@@ -104,13 +121,22 @@ def add_bias(x, bias):
     return (x.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def rope(x, positions, inv_freq):
-    """Rotary embedding on the two halves of the head dim (transformers' rotate_half layout). x [B,T,N,H]."""
+def rope(x, positions, inv_freq, scaling=1.0):
+    """Rotary embedding on the two halves of the head dim (transformers' rotate_half layout). x [B,T,N,H];
+    `scaling` multiplies cos and sin (yarn's attention factor)."""
     freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, H]
-    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    cos, sin = (jnp.cos(emb) * scaling).astype(x.dtype), (jnp.sin(emb) * scaling).astype(x.dtype)
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+def softcap(x, cap):
+    """cap * tanh(x / cap) (Gemma's logit softcapping); x itself when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True)}
 
 
 def dense(x, w, contract: int = 1):
@@ -134,23 +160,25 @@ def proj(x, p: dict, name: str, lora_scale: float = 0.0, contract: int = 1):
     return y
 
 
-def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, attn_impl, cache=None, layer=None,
-          lora_scale: float = 0.0, sequence_parallel: str = "ulysses"):
+def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, attn_impl, cache=None, layer=None,
+          window=None, lora_scale: float = 0.0, sequence_parallel: str = "ulysses"):
     """One pre-norm decoder layer. p: this layer's parameters (already in the compute dtype), with
-    "<proj>.lora_a"/"<proj>.lora_b" for projections that carry an adapter. x [B,T,D].
+    "<proj>.lora_a"/"<proj>.lora_b" for projections that carry an adapter. x [B,T,D]. layer_rope: this
+    layer's (inverse frequencies [H/2], cos/sin scaling); window: None, or its window (traced, see
+    `Decoder.hidden_states`).
 
     With `cache` (generation: see `init_cache`; its slot ids already cover this chunk), the keys/values go
     into cache layer `layer` at `cache["index"]` and attention runs over all that layer's slots.
     Returns (x, cache)."""
-    eps = cfg.rms_norm_eps
+    eps, off = cfg.rms_norm_eps, cfg.norm_offset
     with jax.named_scope("attention"):
-        h = rms_norm(x, p["attn_norm"], eps)
+        h = rms_norm(x, p["attn_norm"], eps, off)
         q, k, v = (proj(h, p, name, lora_scale) for name in ("q_proj", "k_proj", "v_proj"))  # [B,T,N|K,H]
         if cfg.qkv_bias:
             q, k, v = add_bias(q, p["q_bias"]), add_bias(k, p["k_bias"]), add_bias(v, p["v_bias"])
         if cfg.qk_norm:
-            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-        q, k = rope(q, positions, inv_freq), rope(k, positions, inv_freq)
+            q, k = rms_norm(q, p["q_norm"], eps, off), rms_norm(k, p["k_norm"], eps, off)
+        q, k = rope(q, positions, *layer_rope), rope(k, positions, *layer_rope)
         kv_seg, kv_pos = segment_ids, positions
         if cache is not None:
             cache, k, v = _write_kv(cache, layer, k, v)
@@ -158,14 +186,22 @@ def block(p: dict, x, *, cfg: ModelConfig, inv_freq, positions, segment_ids, att
         a = attention(
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
             q_positions=positions, kv_positions=kv_pos, impl=attn_impl, sequence_parallel=sequence_parallel,
+            window=window, sinks=p.get("sinks"), softcap=cfg.attention_softcap, scale=cfg.attention_scale,
         )
-        x = x + proj(a, p, "o_proj", lora_scale, contract=2)
+        a = proj(a, p, "o_proj", lora_scale, contract=2)
         if cfg.o_bias:
-            x = add_bias(x, p["o_bias"])
+            a = add_bias(a, p["o_bias"])
+        if "post_attn_norm" in p:
+            a = rms_norm(a, p["post_attn_norm"], eps, off)
+        x = x + a
     with jax.named_scope("mlp"):
-        h = rms_norm(x, p["mlp_norm"], eps)
-        gated = jax.nn.silu(proj(h, p, "gate_proj", lora_scale)) * proj(h, p, "up_proj", lora_scale)  # [B, T, F]
-        x = x + proj(gated, p, "down_proj", lora_scale)
+        h = rms_norm(x, p["mlp_norm"], eps, off)
+        act = _ACTIVATIONS[cfg.hidden_act]
+        gated = act(proj(h, p, "gate_proj", lora_scale)) * proj(h, p, "up_proj", lora_scale)  # [B, T, F]
+        m = proj(gated, p, "down_proj", lora_scale)
+        if "post_mlp_norm" in p:
+            m = rms_norm(m, p["post_mlp_norm"], eps, off)
+        x = x + m
     return constrain(x, ("batch", "length", None)), cache
 
 
@@ -230,7 +266,7 @@ class Decoder(nnx.Module):
                 for name, (shape, axes, init) in _param_table(cfg).items()
             }
         )
-        self.final_norm = _param(_ones, rngs.params(), (cfg.hidden_size,), ("norm",), pd)
+        self.final_norm = _param(_zeros if cfg.norm_offset else _ones, rngs.params(), (cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(_normal, rngs.params(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
         # adapters last, so the base parameters draw the same random numbers with or without them
@@ -256,28 +292,33 @@ class Decoder(nnx.Module):
             segment_ids = jnp.ones(input_ids.shape, jnp.int32)
         with jax.named_scope("embed"):
             x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)
+            if cfg.model_type in GEMMA:  # x sqrt(D), the factor rounded to the compute dtype as transformers does
+                x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(self.dtype)
             # rows over data and hidden over fsdp first, then rows over all devices: the lookup's backward
             # (a scatter into the fsdp-sharded table) then reshards within each fsdp group; straight from
             # rows over all devices, XLA replicates the whole [B, T, D] gradient when data > 1 (HSDP)
             # (tokens over the sequence axis throughout: Ulysses, jsft/models/ulysses.py)
             x = constrain(x, ("batch", "length", None), via=("replica_batch", "length", "embed"))
-        params = {name: p[...].astype(self.dtype) for name, p in self.layers.items()}
+        # sinks stay fp32: a logit that joins fp32 softmax statistics
+        params = {name: p[...].astype(jnp.float32 if name == "sinks" else self.dtype) for name, p in self.layers.items()}
         lora_scale = 0.0
         if self.lora is not None:
             lora_scale = self.lora.scale
             for name in self.lora.targets:
                 params[name + ".lora_a"] = self.lora_a[name][...].astype(self.dtype)
                 params[name + ".lora_b"] = self.lora_b[name][...].astype(self.dtype)
-        inv_freq = jnp.asarray(cfg.inv_freq())
+        inv_freq, rope_scaling = cfg.rope_tables()  # [L, H/2], [L]: each layer's rope, scanned with it
+        # windows as data ([L] int32, full layers a window no row reaches); None keeps full-causal models static
+        windows = [s.window or _NO_WINDOW for s in cfg.layer_specs()] if cfg.has_window else None
         if cache is not None:
             cache = _write_slots(cache, segment_ids, positions)
 
         def body(carry, scanned):
             x, cache = carry
-            p, layer = scanned
+            p, layer, layer_rope, window = scanned
             carry = block(
-                p, x, cfg=cfg, inv_freq=inv_freq, positions=positions, segment_ids=segment_ids,
-                attn_impl=self.attention_impl, cache=cache, layer=layer, lora_scale=lora_scale,
+                p, x, cfg=cfg, layer_rope=layer_rope, positions=positions, segment_ids=segment_ids,
+                attn_impl=self.attention_impl, cache=cache, layer=layer, window=window, lora_scale=lora_scale,
                 sequence_parallel=self.sequence_parallel,
             )
             return carry, None
@@ -285,8 +326,10 @@ class Decoder(nnx.Module):
         policy = REMAT_POLICIES[self.remat_policy]
         if self.remat_policy != "none":
             body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        (x, cache), _ = jax.lax.scan(body, (x, cache), (params, jnp.arange(cfg.num_layers)))
-        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        scanned = (params, jnp.arange(cfg.num_layers), (jnp.asarray(inv_freq), jnp.asarray(rope_scaling)),
+                   None if windows is None else jnp.asarray(windows, jnp.int32))
+        (x, cache), _ = jax.lax.scan(body, (x, cache), scanned)
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_offset)
         if cache is None:
             return x
         return x, {**cache, "index": cache["index"] + input_ids.shape[1]}
@@ -294,7 +337,13 @@ class Decoder(nnx.Module):
     def __call__(self, input_ids, positions=None, segment_ids=None):
         """Logits [B, T, V] in fp32 (tests, generation; training uses the chunked loss on hidden states)."""
         x = self.hidden_states(input_ids, positions, segment_ids)
-        return jnp.einsum("BTD,DV->BTV", x, self.unembed(), preferred_element_type=jnp.float32)
+        return self.logits(x)
+
+    def logits(self, hidden):
+        """fp32 logits [..., V] of hidden states [..., D], softcapped where the model caps them (the
+        training loss applies the same cap inside its vocabulary chunks: jsft/train/loss.py)."""
+        raw = jnp.einsum("...D,DV->...V", hidden, self.unembed(), preferred_element_type=jnp.float32)
+        return softcap(raw, self.config.final_logit_softcapping)
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> dict:

@@ -23,7 +23,7 @@ import transformers
 from safetensors.numpy import save_file
 
 from jsft.models import hf_io
-from jsft.models.config import ModelConfig
+from jsft.models.config import GEMMA, ModelConfig
 from jsft.models.decoder import Decoder
 from jsft.models.params import flat_params
 
@@ -50,6 +50,9 @@ def save_pretrained(
     dtype = jnp.dtype(dtype or cfg.torch_dtype or model.param_dtype)
     out = Path(out_dir)
     writer = jax.process_index() == 0
+    if writer and cfg.text_of is not None:
+        print(f"exporting the text stack of a multimodal {cfg.text_of} model as a {ARCHITECTURES[cfg.model_type]} "
+              f"text model (model_type {cfg.model_type}; no vision tower) to {out}")
     if writer:
         out.mkdir(parents=True, exist_ok=True)
         _write_configs(cfg, out, dtype, tokenizer, generation_config)
@@ -78,7 +81,7 @@ def save_pretrained(
 def _write_configs(cfg: ModelConfig, out: Path, dtype, tokenizer, generation_config: Optional[dict]) -> None:
     hf_config = cfg.to_hf()
     hf_config.dtype = str(dtype)
-    hf_config.architectures = [_ARCHITECTURES[cfg.model_type]]
+    hf_config.architectures = [ARCHITECTURES[cfg.model_type]]
     hf_config.save_pretrained(out)
     _add_legacy_fields(out / "config.json", cfg, dtype)
     if generation_config is not None:
@@ -97,15 +100,18 @@ def _add_legacy_fields(path: Path, cfg: ModelConfig, dtype) -> None:
     config = json.loads(path.read_text())
     config["rope_theta"] = cfg.rope_theta
     config["rope_scaling"] = dict(cfg.rope_scaling) if cfg.rope_scaling else None
+    if cfg.model_type in GEMMA:  # 4.x reads the sliding layers' theta from here
+        config["rope_local_base_freq"] = cfg.sliding_rope_theta or cfg.rope_theta
     config["torch_dtype"] = str(jnp.dtype(dtype))
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-_ARCHITECTURES = {
+ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 
 

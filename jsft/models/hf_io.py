@@ -23,7 +23,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jsft.models.config import ModelConfig
+from jsft.models.config import GEMMA, ModelConfig
 
 # ---- the key table ------------------------------------------------------------------------------------------
 # One row per tensor: jsft path, HF name ("{i}" marks per-layer tensors, which jsft stacks on a leading
@@ -45,22 +45,27 @@ class Key:
         return "{i}" in self.hf
 
 
-def key_table(cfg: ModelConfig) -> list[Key]:
+def key_table(cfg: ModelConfig, prefix: str = "model.") -> list[Key]:
+    """`prefix`: where the decoder's tensors live ("model." in a causal LM; the text stack of a multimodal
+    gemma3 checkpoint sits under "language_model.model." (Hub layout) or "model.language_model.")."""
     d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     nh, kh, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
-    p = "model.layers.{i}."
+    p = prefix + "layers.{i}."
+    gemma = cfg.model_type in GEMMA
+    # Gemma's post_attention_layernorm normalises the attention output; Llama's is the MLP's input norm
+    mlp_norm = "pre_feedforward_layernorm" if gemma else "post_attention_layernorm"
     keys = [
-        Key("embed", "model.embed_tokens.weight", (v, d), "same"),
+        Key("embed", prefix + "embed_tokens.weight", (v, d), "same"),
         Key("layers/attn_norm", p + "input_layernorm.weight", (d,), "same"),
         Key("layers/q_proj", p + "self_attn.q_proj.weight", (nh, d), "linear"),
         Key("layers/k_proj", p + "self_attn.k_proj.weight", (kh, d), "linear"),
         Key("layers/v_proj", p + "self_attn.v_proj.weight", (kh, d), "linear"),
         Key("layers/o_proj", p + "self_attn.o_proj.weight", (d, nh), "linear"),
-        Key("layers/mlp_norm", p + "post_attention_layernorm.weight", (d,), "same"),
+        Key("layers/mlp_norm", p + mlp_norm + ".weight", (d,), "same"),
         Key("layers/gate_proj", p + "mlp.gate_proj.weight", (f, d), "linear"),
         Key("layers/up_proj", p + "mlp.up_proj.weight", (f, d), "linear"),
         Key("layers/down_proj", p + "mlp.down_proj.weight", (d, f), "linear"),
-        Key("final_norm", "model.norm.weight", (d,), "same"),
+        Key("final_norm", prefix + "norm.weight", (d,), "same"),
     ]
     if cfg.qkv_bias:
         keys += [
@@ -72,9 +77,30 @@ def key_table(cfg: ModelConfig) -> list[Key]:
         keys.append(Key("layers/o_bias", p + "self_attn.o_proj.bias", (d,), "same"))
     if cfg.qk_norm:
         keys += [Key(f"layers/{x}_norm", p + f"self_attn.{x}_norm.weight", (h,), "same") for x in "qk"]
+    if gemma:
+        keys += [
+            Key("layers/post_attn_norm", p + "post_attention_layernorm.weight", (d,), "same"),
+            Key("layers/post_mlp_norm", p + "post_feedforward_layernorm.weight", (d,), "same"),
+        ]
+    if cfg.attention_sinks:
+        keys.append(Key("layers/sinks", p + "self_attn.sinks", (cfg.num_heads,), "same"))
     if not cfg.tie_word_embeddings:
-        keys.append(Key("lm_head", "lm_head.weight", (v, d), "linear"))
+        keys.append(Key("lm_head", prefix.removesuffix("model.") + "lm_head.weight", (v, d), "linear"))
     return keys
+
+
+# where a multimodal gemma3 checkpoint keeps its text stack: the Hub's layout, then transformers 5's module names
+_TEXT_PREFIXES = ("language_model.model.", "model.language_model.")
+
+
+def text_prefix(cfg: ModelConfig, available: set[str]) -> str:
+    """The prefix of the decoder's tensors in a checkpoint holding `available` (see `key_table`)."""
+    if cfg.text_of is None:
+        return "model."
+    for prefix in _TEXT_PREFIXES:
+        if prefix + "embed_tokens.weight" in available:
+            return prefix
+    raise ValueError(f"a {cfg.text_of} checkpoint without its text stack: no {' or '.join(p + 'embed_tokens.weight' for p in _TEXT_PREFIXES)}")
 
 
 def hf_tensor_names(key: Key, num_layers: int) -> list[str]:
@@ -209,12 +235,14 @@ def _read_header(file: Path) -> tuple[dict, int]:
 _IGNORED = re.compile(r".*\.rotary_emb\.inv_freq$")
 
 
-def check_names(cfg: ModelConfig, available: set[str], path) -> None:
-    expected = {n for k in key_table(cfg) for n in hf_tensor_names(k, cfg.num_layers)}
+def check_names(cfg: ModelConfig, available: set[str], path, prefix: str = "model.") -> None:
+    expected = {n for k in key_table(cfg, prefix) for n in hf_tensor_names(k, cfg.num_layers)}
     missing = sorted(expected - available)
     extra = {n for n in available - expected if not _IGNORED.match(n)}
-    if cfg.tie_word_embeddings:
-        extra.discard("lm_head.weight")  # some tied checkpoints store the copy; the embedding is used
+    if cfg.tie_word_embeddings:  # some tied checkpoints store the copy; the embedding is used
+        extra -= {"lm_head.weight", "language_model.lm_head.weight"}
+    if cfg.text_of is not None:  # the multimodal checkpoint's vision tower and projector are not loaded
+        extra = {n for n in extra if n.startswith(prefix)}
     if missing or extra:
         raise ValueError(
             f"{path}: checkpoint tensors do not match the {cfg.model_type} config: "

@@ -16,13 +16,17 @@ import jax
 import jax.numpy as jnp
 
 from jsft.data.batch import MicroBatch
+from jsft.models.decoder import softcap as cap_logits
 from jsft.sharding import constrain
 
 
-def target_nll(hidden: jax.Array, unembed: jax.Array, target_pos, target_ids, target_weight, chunk_size: int) -> jax.Array:
+def target_nll(hidden: jax.Array, unembed: jax.Array, target_pos, target_ids, target_weight, chunk_size: int,
+               softcap=None) -> jax.Array:
     """Negative log-likelihood of each listed target, float32 [R, C] (0 in padding slots):
 
-        nll[r, k] = -log softmax(hidden[r, target_pos[r, k]] @ unembed)[target_ids[r, k]]
+        nll[r, k] = -log softmax(cap(hidden[r, target_pos[r, k]] @ unembed))[target_ids[r, k]]
+
+    where cap(x) = softcap * tanh(x / softcap) when the model caps its logits (Gemma), else x.
 
     hidden [R, T, D] (compute dtype), unembed [D, V]; the slots come from `causal_targets`. Logits are
     float32 for `chunk_size` vocabulary columns at a time ([R*C, chunk_size] live, forward and backward),
@@ -35,13 +39,14 @@ def target_nll(hidden: jax.Array, unembed: jax.Array, target_pos, target_ids, ta
     picked = jnp.take_along_axis(hidden, target_pos[..., None], axis=1)  # [R, C, D]
     r, c, d = picked.shape
     # Flat [R*C, D]: XLA:CPU runs 2-D matmuls (and the dW contraction over tokens) faster than 3-D einsums.
-    nll = _chunked_nll(picked.reshape(r * c, d), unembed, target_ids.reshape(-1), target_weight.reshape(-1) != 0, chunk_size)
+    nll = _chunked_nll(picked.reshape(r * c, d), unembed, target_ids.reshape(-1), target_weight.reshape(-1) != 0,
+                       chunk_size, softcap)
     return nll.reshape(r, c)
 
 
-def weighted_nll(hidden, unembed, batch: MicroBatch, chunk_size: int) -> jax.Array:
+def weighted_nll(hidden, unembed, batch: MicroBatch, chunk_size: int, softcap=None) -> jax.Array:
     """sum(target_weight * nll) of one micro-batch; the weights carry the global normalisation."""
-    nll = target_nll(hidden, unembed, batch.target_pos, batch.target_ids, batch.target_weight, chunk_size)
+    nll = target_nll(hidden, unembed, batch.target_pos, batch.target_ids, batch.target_weight, chunk_size, softcap)
     return jnp.sum(nll * batch.target_weight)
 
 
@@ -62,10 +67,13 @@ def _chunk(unembed, i, chunk):
     return start, jax.lax.dynamic_slice_in_dim(unembed, start, chunk, axis=1), fresh
 
 
-def _logits(hidden, w, fresh):
-    """float32 logits [N, chunk]; columns an earlier chunk covered are -inf, so they count once."""
-    logits = jnp.einsum("nd,dv->nv", hidden, w, preferred_element_type=jnp.float32)
-    return jnp.where(fresh, logits, -jnp.inf)
+def _logits(hidden, w, fresh, softcap):
+    """float32 logits [N, chunk], capped (Decoder.logits' cap); columns an earlier chunk covered are -inf, so
+    they count once. Also d logits / d raw logits (1 - tanh^2 under a cap, else None)."""
+    raw = jnp.einsum("nd,dv->nv", hidden, w, preferred_element_type=jnp.float32)
+    logits = cap_logits(raw, softcap)
+    slope = None if softcap is None else 1 - jnp.square(logits / softcap)
+    return jnp.where(fresh, logits, -jnp.inf), slope
 
 
 def _label_in_chunk(labels, start, i, chunk):
@@ -78,19 +86,19 @@ def _num_chunks(vocab, chunk):
     return -(-vocab // chunk)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _chunked_nll(hidden, unembed, labels, valid, chunk_size):
-    return _chunked_nll_fwd(hidden, unembed, labels, valid, chunk_size)[0]
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _chunked_nll(hidden, unembed, labels, valid, chunk_size, softcap):
+    return _chunked_nll_fwd(hidden, unembed, labels, valid, chunk_size, softcap)[0]
 
 
-def _chunked_nll_fwd(hidden, unembed, labels, valid, chunk_size):
+def _chunked_nll_fwd(hidden, unembed, labels, valid, chunk_size, softcap):
     vocab = unembed.shape[1]
     chunk = min(chunk_size, vocab)
 
     def step(carry, i):  # online logsumexp over chunks, plus the target logit from its chunk
         running_max, running_sum, target = carry
         start, w, fresh = _chunk(unembed, i, chunk)
-        logits = _logits(hidden, w, fresh)
+        logits, _ = _logits(hidden, w, fresh, softcap)
         new_max = jnp.maximum(running_max, logits.max(-1))
         running_sum = running_sum * jnp.exp(running_max - new_max) + jnp.exp(logits - new_max[..., None]).sum(-1)
         local, inside = _label_in_chunk(labels, start, i, chunk)
@@ -105,7 +113,7 @@ def _chunked_nll_fwd(hidden, unembed, labels, valid, chunk_size):
     return nll, (hidden, unembed, labels, valid, lse)
 
 
-def _chunked_nll_bwd(chunk_size, residuals, g):
+def _chunked_nll_bwd(chunk_size, softcap, residuals, g):
     """d nll / d logits = softmax - onehot(label), rebuilt one chunk at a time from the saved lse; each
     chunk's dW is added into its columns of one [D, V] buffer (in place in the loop)."""
     hidden, unembed, labels, valid, lse = residuals
@@ -116,10 +124,12 @@ def _chunked_nll_bwd(chunk_size, residuals, g):
     def step(carry, i):
         d_hidden, d_unembed = carry
         start, w, fresh = _chunk(unembed, i, chunk)
-        logits = _logits(hidden, w, fresh)
+        logits, slope = _logits(hidden, w, fresh, softcap)
         local, inside = _label_in_chunk(labels, start, i, chunk)
         is_label = (jnp.arange(chunk) == local[..., None]) & inside[..., None]  # fused compare, no one-hot
         d_logits = g[..., None] * (jnp.exp(logits - lse[..., None]) - is_label)  # [N, chunk]
+        if slope is not None:  # through the cap: d raw = d capped * (1 - tanh^2)
+            d_logits = d_logits * slope
         # Both matmuls in the compute dtype (bf16 tensor cores), accumulated in float32.
         d_logits = d_logits.astype(hidden.dtype)
         d_hidden = d_hidden + jnp.einsum("nv,dv->nd", d_logits, w, preferred_element_type=jnp.float32)

@@ -28,6 +28,8 @@ from jsft.train.step import TrainStep
 
 _LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                      original_max_position_embeddings=8192)
+_GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
 # HF config fields of common models, for planning without a checkpoint (`--preset`; fills model.init).
 PRESETS = {
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -52,6 +54,20 @@ PRESETS = {
                           num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                           rope_theta=5e5, max_position_embeddings=131072, rms_norm_eps=1e-5,
                           rope_scaling=_LLAMA31_ROPE),
+    # google/gemma-3-{4b,12b,27b}-pt text_config (multimodal checkpoints: jsft trains their text stack):
+    # five sliding-window (1024) layers per global one, global rope linear x8
+    "gemma-3-4b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+                       num_hidden_layers=34, num_attention_heads=8, num_key_value_heads=4, head_dim=256,
+                       query_pre_attn_scalar=256, sliding_window=1024, rope_parameters=_GEMMA3_ROPE,
+                       max_position_embeddings=131072),
+    "gemma-3-12b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=3840, intermediate_size=15360,
+                        num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+                        query_pre_attn_scalar=256, sliding_window=1024, rope_parameters=_GEMMA3_ROPE,
+                        max_position_embeddings=131072),
+    "gemma-3-27b": dict(model_type="gemma3_text", vocab_size=262208, hidden_size=5376, intermediate_size=21504,
+                        num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                        query_pre_attn_scalar=168, sliding_window=1024, rope_parameters=_GEMMA3_ROPE,
+                        max_position_embeddings=131072),
 }
 
 def _gib(n: float) -> str:

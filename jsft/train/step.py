@@ -101,7 +101,7 @@ class TrainStep:
         """sum(target_weight * nll) over the micro-batch; the weights carry the global normalisation."""
         model = replace_params(self.template, params)
         hidden = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
-        return weighted_nll(hidden, model.unembed(), batch, self.chunk_size)
+        return weighted_nll(hidden, model.unembed(), batch, self.chunk_size, model.config.final_logit_softcapping)
 
     def _grad_step(self, params, frozen, acc, batch):
         loss, grads = jax.value_and_grad(lambda p: self._weighted_loss({**frozen, **p}, batch))(params)

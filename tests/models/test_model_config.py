@@ -37,7 +37,8 @@ def test_an_inactive_sliding_window_loads_as_full_attention(tiny_hf):
     np.testing.assert_allclose(np.asarray(model(jnp.asarray(ids))), expected, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}])
+@pytest.mark.parametrize("rope", [{"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e4, "short_factor": [1.0],
+                                   "long_factor": [1.0]}, {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}])
 def test_unknown_rope_type_is_refused(rope):
     with pytest.raises(ValueError, match="rope type"):
         ModelConfig.from_hf(transformers.LlamaConfig(**TINY, rope_parameters=rope))
