@@ -1,6 +1,6 @@
 """The import structure of jsft/, read from the source (ast, function-level imports included):
 
-    0  config, sharding, distributed (and data.config, the data section of the config)
+    0  config, verl (veRL key table), sharding, distributed (and data.config, the data section of the config)
     1  data, models, generate, eval          (may import layer 0 and each other, without a circle)
     2  train                                 (the trainer, its set-up and the memory planner)
     3  the entry points and the demo         (python -m jsft.train / plan / export / inspect / plot, jsft.demo)
@@ -29,7 +29,7 @@ MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 def layer(module: str) -> int:
     if module in ENTRY_POINTS or module.startswith("jsft.demo") or module.endswith(".__main__"):
         return 3
-    if module in ("jsft", "jsft.config", "jsft.sharding", "jsft.distributed", "jsft.data.config"):
+    if module in ("jsft", "jsft.config", "jsft.verl", "jsft.sharding", "jsft.distributed", "jsft.data.config"):
         return 0
     if module.startswith(("jsft.data", "jsft.models", "jsft.eval")) or module == "jsft.generate":
         return 1
