@@ -1,8 +1,16 @@
 """Attention over (possibly packed) rows: one function, several implementations.
 
 Masking is defined once by `segment_ids` and `positions`: query i may attend to key j when both belong to
-the same non-padding segment and positions[j] <= positions[i]. Packed samples therefore never see each
-other, and the same rule serves a KV cache (cache slots carry their positions; empty slots segment 0).
+the same non-padding segment and positions[j] <= positions[i] (and, with a sliding `window` w,
+positions[i] - positions[j] < w: at most w keys, itself included, as transformers' `sliding_window`).
+Packed samples therefore never see each other, and the same rule serves a KV cache (cache slots carry their
+positions; empty slots segment 0).
+
+The families of 2026 add three options, each honoured by every implementation (or routed to one that does,
+see `_fallback`): `window` (a Python int, or an int32 scalar that may be traced: per-layer data in a scanned
+stack; full layers of a mixed stack pass a large one), `sinks` ([N] fp32 logits, one per query head, that
+join the softmax's denominator only: gpt-oss) and `softcap` (scores = c * tanh(scores / c) after scaling,
+before masking: Gemma 2). `scale` (default H^-0.5) multiplies q.k.
 A query that sees no key at all (padding) has an unspecified output (the reference averages the values,
 `blockwise` returns 0); the loss never reads it.
 
@@ -27,11 +35,13 @@ Dimension letters: B batch, T query length, S key length, N query heads, K kv he
 
 from __future__ import annotations
 
+import logging
 import math
-from functools import partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsft.sharding import activation_spec
 from jsft.models import ulysses
@@ -40,6 +50,8 @@ IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "pallas_gpu", "splash")
 
 # finite instead of -inf: a fully masked (padding) query then averages values instead of producing NaN
 _MASKED = -1e30
+# the window of full attention where a window must be data (mask ids): longer than any row
+NO_WINDOW = 2**30
 
 # Tile edge of `blockwise`. 256 keeps each tile's matmuls large enough for the CPU's GEMM
 # ([G*256, H] @ [H, 256] per kv head) while skipping most of the masked area of 2k-token packed rows.
@@ -54,23 +66,35 @@ MIN_SUB_TILE = 64
 ROWS_APART = True
 
 
-def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions):
-    """[B, T, S] bool: same non-padding segment and causal by position."""
+def attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, window=None):
+    """[B, T, S] bool: same non-padding segment, causal by position, and within `window` if one is given."""
     same = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
     causal = kv_positions[:, None, :] <= q_positions[:, :, None]
-    return same & causal
+    if window is None:
+        return same & causal
+    return same & causal & (q_positions[:, :, None] - kv_positions[:, None, :] < window)
 
 
-def xla_attention(q, k, v, mask):
+def xla_attention(q, k, v, mask, *, sinks=None, softcap=None, scale=None):
     """Reference: full masked softmax in fp32. q [B,T,N,H], k/v [B,S,K,H], mask [B,T,S] -> [B,T,N,H]."""
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * (h**-0.5)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * _scale(scale, h)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None, :, :], scores, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    if sinks is None:
+        probs = jax.nn.softmax(scores, axis=-1)
+    else:  # the sink joins the denominator as one more column, whose probability is dropped
+        sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, kv_heads, -1, 1, 1), (*scores.shape[:-1], 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def _scale(scale, head_dim: int) -> float:
+    return head_dim**-0.5 if scale is None else scale
 
 
 # ---- blockwise --------------------------------------------------------------------------------------------------
@@ -83,9 +107,16 @@ def xla_attention(q, k, v, mask):
 #
 # The live tiles are listed once per row ((i, j): query tile i, key tile j, row-major; blockwise_attention
 # maps over the rows), and while loops of dynamic length visit only those: the masked-out ~3/4 of a packed
-# row costs neither FLOPs nor memory.
+# row costs neither FLOPs nor memory. The lists are computed at run time from the mask ids, the window
+# included (`mask_ids` = (q_seg, kv_seg, q_pos, kv_pos, window int32 scalar)), so a traced per-layer window
+# skips the tiles it hides as well as a constant one.
 # Two lists, two loops: tiles that are visible everywhere skip the mask and its `where`s; the partly masked
 # rest is visited in smaller sub-tiles, of which the dead ones are skipped too (_live_pairs).
+#
+# Sinks are not in the tiles: the blocks' (out, lse) over the keys merge with the sink once at the end
+# (`add_sinks`), which is what ring attention needs too (one sink per query, not one per visiting block).
+# The backward then recomputes probabilities from the lse WITH the sink, so dS needs no change; the sink's
+# own gradient is -sum over queries of p_sink * rowsum(dO * O) (`sinks_grad`).
 
 
 def _pad_to(x, axis: int, multiple: int):
@@ -101,14 +132,15 @@ def _live_pairs(mask_ids, bq: int, bk: int, split: int = 1):
     """The tiles to visit, in two lists: (full [P, 2] int32, full count, partial [P', 2] int32, partial count).
     `full`: (query tile, key tile) pairs of bq x bk tiles where EVERY element is visible in every row of the
     batch (no mask to evaluate); `partial`: the live (bq/split) x (bk/split) sub-tiles of the other tiles
-    that have some visible key (diagonal and sample-boundary tiles, padding). Exact: the element mask is
-    evaluated on tile views [B, nq, nk, bq', bk'] and reduced at once, never stored, so no live tile is
-    skipped, no dead one visited, and no masked element enters the unmasked loop."""
-    q_seg, kv_seg, q_pos, kv_pos = mask_ids
+    that have some visible key (diagonal, window-edge and sample-boundary tiles, padding). Exact: the element
+    mask is evaluated on tile views [B, nq, nk, bq', bk'] and reduced at once, never stored, so no live tile
+    is skipped, no dead one visited, and no masked element enters the unmasked loop."""
+    q_seg, kv_seg, q_pos, kv_pos, window = mask_ids
     b, fq, fk = q_seg.shape[0], bq // split, bk // split
     qv = lambda x: x.reshape(b, -1, 1, fq, 1)  # noqa: E731
     kv = lambda x: x.reshape(b, 1, -1, 1, fk)  # noqa: E731
     visible = (qv(q_seg) == kv(kv_seg)) & (kv(kv_seg) != 0) & (kv(kv_pos) <= qv(q_pos))
+    visible = visible & (qv(q_pos) - kv(kv_pos) < window)
     live = visible.any(axis=(0, 3, 4))  # [nq * split, nk * split] sub-tiles
     nq, nk = live.shape[0] // split, live.shape[1] // split
     full = visible.all(axis=(0, 3, 4)).reshape(nq, split, nk, split).all(axis=(1, 3))  # [nq, nk]
@@ -121,6 +153,11 @@ def _pairs(tiles):
     flat = jnp.nonzero(tiles.reshape(-1), size=tiles.size, fill_value=0)[0]
     pairs = jnp.stack([flat // tiles.shape[1], flat % tiles.shape[1]], axis=-1).astype(jnp.int32)
     return pairs, jnp.sum(tiles, dtype=jnp.int32)
+
+
+def window_data(window):
+    """The window as mask data: an int32 scalar (NO_WINDOW for full attention), traced or not."""
+    return jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)
 
 
 class _Tiles:
@@ -148,10 +185,10 @@ class _Tiles:
 
     def mask(self, i, j):
         """[B, 1, bq*G, bk] bool, broadcastable over a tile's [B, K, bq*G, bk] scores."""
-        q_seg, kv_seg, q_pos, kv_pos = self.mask_ids
+        q_seg, kv_seg, q_pos, kv_pos, window = self.mask_ids
         qs = partial(jax.lax.dynamic_slice_in_dim, start_index=i * self.bq, slice_size=self.bq, axis=1)
         ks = partial(jax.lax.dynamic_slice_in_dim, start_index=j * self.bk, slice_size=self.bk, axis=1)
-        m = attention_mask(qs(q_seg), ks(kv_seg), qs(q_pos), ks(kv_pos))  # [B, bq, bk]
+        m = attention_mask(qs(q_seg), ks(kv_seg), qs(q_pos), ks(kv_pos), window)  # [B, bq, bk]
         b = m.shape[0]
         return jnp.broadcast_to(m[:, None, :, None, :], (b, 1, self.bq, self.g, self.bk)).reshape(b, 1, -1, self.bk)
 
@@ -161,7 +198,15 @@ def _mm(a, b):
     return jnp.einsum("BKmc,BKcn->BKmn", a, b, preferred_element_type=jnp.float32)
 
 
-def _blockwise_fwd_impl(q, k_t, v, tiles: _Tiles, live):
+def _capped(s, softcap):
+    """(softcap * tanh(s / softcap), the tanh for the backward's d tanh = 1 - tanh^2); s itself without a cap."""
+    if softcap is None:
+        return s, None
+    t = jnp.tanh(s / softcap)
+    return softcap * t, t
+
+
+def _blockwise_fwd_impl(q, k_t, v, tiles: _Tiles, live, softcap=None):
     """q [B,K,T*G,H] (pre-scaled), k_t [B,K,H,S], v [B,K,S,H] -> out [B,K,T*G,H] fp32, lse [B,K,T*G].
     Fully visible tiles first, without a mask; then the partly masked sub-tiles (`tiles.sub`)."""
     full_pairs, n_full, part_pairs, n_part = live
@@ -170,7 +215,7 @@ def _blockwise_fwd_impl(q, k_t, v, tiles: _Tiles, live):
         def step(p, carry):
             out, row_max, row_sum = carry
             i, j = pairs[p, 0], pairs[p, 1]
-            s = _mm(t.rows(q, i), t.keys(k_t, j, 3))  # [B, K, bq*G, bk]
+            s, _ = _capped(_mm(t.rows(q, i), t.keys(k_t, j, 3)), softcap)  # [B, K, bq*G, bk]
             if masked:
                 s = jnp.where(t.mask(i, j), s, _MASKED)
             m_old, l_old = t.rows(row_max, i), t.rows(row_sum, i)
@@ -199,9 +244,31 @@ def _swap(x):
     return jnp.swapaxes(x, -1, -2)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _blockwise(q, k, v, mask_ids, bq: int, bk: int):
-    return _blockwise_fwd(q, k, v, mask_ids, bq, bk)[0]
+def _sink_rows(sinks, rows: int):
+    """sinks [K, G] -> [K, rows] of the inner layout (row r = t * G + g reads sinks[:, g])."""
+    return jnp.tile(sinks.astype(jnp.float32), (1, rows // sinks.shape[1]))
+
+
+def add_sinks(out, lse, sinks):
+    """(out, lse) of queries over their keys -> over their keys and their head's sink (a value-less key):
+    out [B,K,T*G,H] fp32, lse [B,K,T*G], sinks [K, G]. Without sinks: unchanged."""
+    if sinks is None:
+        return out, lse
+    new = jnp.logaddexp(lse, _sink_rows(sinks, lse.shape[-1]))
+    return out * jnp.exp(lse - new)[..., None], new
+
+
+def sinks_grad(sinks, lse, delta):
+    """d loss / d sinks [K, G]: the sink is a key whose value is 0, so dS_sink = p_sink * (0 - delta), summed
+    over the queries (lse with the sink, delta = rowsum(dO * O) of the final output)."""
+    p_sink = jnp.exp(_sink_rows(sinks, lse.shape[-1]) - lse)  # [B, K, T*G]
+    b, kh, rows = lse.shape
+    return -(p_sink * delta).reshape(b, kh, -1, sinks.shape[1]).sum(axis=(0, 2))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blockwise(q, k, v, mask_ids, sinks, bq: int, bk: int, softcap):
+    return _blockwise_fwd(q, k, v, mask_ids, sinks, bq, bk, softcap)[0]
 
 
 def _split(bq: int, bk: int) -> int:
@@ -215,18 +282,20 @@ def _tiles(mask_ids, bq, bk, q):
     return _Tiles(mask_ids, bq, bk, q.shape[2] // mask_ids[0].shape[1], _split(bq, bk))
 
 
-def _blockwise_fwd(q, k, v, mask_ids, bq, bk):
+def _blockwise_fwd(q, k, v, mask_ids, sinks, bq, bk, softcap):
     live = _live_pairs(mask_ids, bq, bk, _split(bq, bk))
-    out, lse = block_fwd(q, k, v, mask_ids, bq, bk, live)
-    return out.astype(q.dtype), (q, k, v, mask_ids, out, lse, live)
+    out, lse = add_sinks(*block_fwd(q, k, v, mask_ids, bq, bk, live, softcap=softcap), sinks)
+    return out.astype(q.dtype), (q, k, v, mask_ids, sinks, out, lse, live)
 
 
-def _blockwise_bwd(bq, bk, residuals, d_out):
-    q, k, v, mask_ids, out, lse, live = residuals
+def _blockwise_bwd(bq, bk, softcap, residuals, d_out):
+    q, k, v, mask_ids, sinks, out, lse, live = residuals
     d_out = d_out.astype(jnp.float32)
-    dq, dk, dv = block_bwd(q, k, v, mask_ids, lse, jnp.sum(d_out * out, axis=-1), d_out, bq, bk, live)
+    delta = jnp.sum(d_out * out, axis=-1)
+    dq, dk, dv = block_bwd(q, k, v, mask_ids, lse, delta, d_out, bq, bk, live, softcap=softcap)
     no_grad = jax.tree.map(lambda x: None, mask_ids)  # integer ids: no cotangent
-    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad
+    d_sinks = None if sinks is None else sinks_grad(sinks, lse, delta).astype(sinks.dtype)
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), no_grad, d_sinks
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
@@ -237,18 +306,19 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 # block and merges the blocks' (out, lse) itself.
 
 
-def block_fwd(q, k, v, mask_ids, bq: int, bk: int, live=None):
+def block_fwd(q, k, v, mask_ids, bq: int, bk: int, live=None, *, softcap=None):
     """Attention of q against one KV block over its live tiles: (out fp32 [B,K,T*G,H], normalised within the
     block, 0 where no key is visible; lse fp32 [B,K,T*G], the rows' log-sum-exp, _MASKED where none is)."""
     tiles = _tiles(mask_ids, bq, bk, q)
     live = _live_pairs(mask_ids, bq, bk, tiles.split) if live is None else live
-    return _blockwise_fwd_impl(q, _swap(k), v, tiles, live)
+    return _blockwise_fwd_impl(q, _swap(k), v, tiles, live, softcap)
 
 
-def block_bwd(q, k, v, mask_ids, lse, delta, d_out, bq: int, bk: int, live=None):
+def block_bwd(q, k, v, mask_ids, lse, delta, d_out, bq: int, bk: int, live=None, *, softcap=None):
     """The FlashAttention-2 backward of one KV block, each live tile's probabilities recomputed from the
-    GIVEN lse (the row's over all its keys) and delta = rowsum(dO * O) (its final output):
-    dS = P * (dO V^T - delta), dQ = dS K, dK^T = Q^T dS, dV^T = dO^T P. d_out fp32; returns fp32 (dq, dk, dv)."""
+    GIVEN lse (the row's over all its keys and its sink) and delta = rowsum(dO * O) (its final output):
+    dS = P * (dO V^T - delta) (times 1 - tanh^2 under a softcap), dQ = dS K, dK^T = Q^T dS, dV^T = dO^T P.
+    d_out fp32; returns fp32 (dq, dk, dv)."""
     tiles = _tiles(mask_ids, bq, bk, q)
     live = _live_pairs(mask_ids, bq, bk, tiles.split) if live is None else live
     q_t, k_t, v_t, do_t = _swap(q), _swap(k), _swap(v), _swap(d_out)
@@ -258,11 +328,14 @@ def block_bwd(q, k, v, mask_ids, lse, delta, d_out, bq: int, bk: int, live=None)
         def step(p, carry):
             dq, dk_t, dv_t = carry
             i, j = pairs[p, 0], pairs[p, 1]
-            probs = jnp.exp(_mm(t.rows(q, i), t.keys(k_t, j, 3)) - t.rows(lse, i)[..., None])  # [B, K, bq*G, bk]
+            s, tanh = _capped(_mm(t.rows(q, i), t.keys(k_t, j, 3)), softcap)
+            probs = jnp.exp(s - t.rows(lse, i)[..., None])  # [B, K, bq*G, bk]
             if masked:
                 probs = jnp.where(t.mask(i, j), probs, 0.0)
             dp = _mm(t.rows(d_out, i), t.keys(v_t, j, 3))
             ds = probs * (dp - t.rows(delta, i)[..., None])
+            if tanh is not None:
+                ds = ds * (1.0 - tanh * tanh)
             dv_t = t.put_keys(dv_t, t.keys(dv_t, j, 3) + _mm(t.query_cols(do_t, i), probs), j, 3)
             dk_t = t.put_keys(dk_t, t.keys(dk_t, j, 3) + _mm(t.query_cols(q_t, i), ds), j, 3)
             dq = t.put_rows(dq, t.rows(dq, i) + _mm(ds, t.keys(k, j, 2)), i)
@@ -275,21 +348,43 @@ def block_bwd(q, k, v, mask_ids, lse, delta, d_out, bq: int, bk: int, live=None)
     return dq, _swap(dk_t), _swap(dv_t)
 
 
-def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block=BLOCK):
-    """Same contract as xla_attention, the mask given by ids; q [B,T,N,H], k/v [B,S,K,H] -> [B,T,N,H].
-    `block`: the tile edge, or (query tile, key tile)."""
-    qi, ki, vi, mask_ids, (bq, bk) = to_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block)
+def blockwise_attention(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, window=None,
+                        sinks=None, *, softcap=None, scale=None, block=BLOCK):
+    """Same contract as xla_attention, the mask given by ids (and `window`); q [B,T,N,H], k/v [B,S,K,H] ->
+    [B,T,N,H]. `block`: the tile edge, or (query tile, key tile)."""
+    qi, ki, vi, mask_ids, (bq, bk) = to_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
+                                               block, window=window, scale=scale)
+    sinks = inner_sinks(sinks, k.shape[2], like=qi)
     if q.shape[0] == 1 or not ROWS_APART:
-        out = _blockwise(qi, ki, vi, mask_ids, bq, bk)
-    else:  # one row at a time, each visiting its own live tiles
-        one = lambda a: _blockwise(*a[:3], a[3], bq, bk)  # noqa: E731
-        out = jax.lax.map(one, jax.tree.map(lambda x: x[:, None], (qi, ki, vi, mask_ids)))[:, 0]
+        out = _blockwise(qi, ki, vi, mask_ids, sinks, bq, bk, softcap)
+    else:  # one row at a time, each visiting its own live tiles (the window scalar is shared)
+        ids, win = mask_ids[:4], mask_ids[4]
+        one = lambda a: _blockwise(*a[:3], (*a[3], win), sinks, bq, bk, softcap)  # noqa: E731
+        out = jax.lax.map(one, jax.tree.map(lambda x: x[:, None], (qi, ki, vi, ids)))[:, 0]
     return from_blocks(out, q.shape).astype(q.dtype)
 
 
-def to_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block=BLOCK):
-    """The inner layout of the block functions: (q [B,K,T'*G,H] scaled by H^-0.5, k/v [B,K,S',H], mask ids,
-    (bq, bk)), T and S padded up to whole tiles."""
+def inner_sinks(sinks, kv_heads: int, like=None):
+    """[N] per query head -> [K, G] of the inner layout (query head n = kv head n // G, group n % G). Inside a
+    shard_map, made device-varying like `like` (the queries): each device's custom_vjp returns its own
+    d sinks, and the transpose of this cast sums them over the devices."""
+    if sinks is None:
+        return None
+    sinks = sinks.reshape(kv_heads, -1)
+    axes = tuple(sorted(_varying(like) - _varying(sinks)))
+    return jax.lax.pcast(sinks, axes, to="varying") if axes else sinks
+
+
+def _varying(x) -> frozenset:
+    """The mesh axes x varies over inside a shard_map (empty outside one)."""
+    manual = getattr(jax.typeof(x), "manual_axis_type", None)
+    return frozenset() if manual is None else manual.varying
+
+
+def to_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions, block=BLOCK, *, window=None,
+              scale=None):
+    """The inner layout of the block functions: (q [B,K,T'*G,H] scaled by `scale` (H^-0.5), k/v [B,K,S',H],
+    mask ids (q_seg, kv_seg, q_pos, kv_pos, window), (bq, bk)), T and S padded up to whole tiles."""
     b, t, n, h = q.shape
     kh = k.shape[2]
     bq, bk = (block, block) if isinstance(block, int) else block
@@ -297,8 +392,9 @@ def to_blocks(q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions,
     # Padding tokens (segment 0) are never visible, so padding T and S up to whole tiles changes nothing.
     pad_q = lambda x: _pad_to(x, 1, bq)  # noqa: E731
     pad_k = lambda x: _pad_to(x, 1, bk)  # noqa: E731
-    mask_ids = (pad_q(q_segment_ids), pad_k(kv_segment_ids), pad_q(q_positions), pad_k(kv_positions))
-    qi = pad_q(q * jnp.asarray(h**-0.5, q.dtype)).reshape(b, -1, kh, n // kh, h)  # [B, T', K, G, H]
+    mask_ids = (pad_q(q_segment_ids), pad_k(kv_segment_ids), pad_q(q_positions), pad_k(kv_positions),
+                window_data(window))
+    qi = pad_q(q * jnp.asarray(_scale(scale, h), q.dtype)).reshape(b, -1, kh, n // kh, h)  # [B, T', K, G, H]
     qi = qi.transpose(0, 2, 1, 3, 4).reshape(b, kh, -1, h)  # [B, K, T'*G, H]
     ki, vi = (pad_k(x).transpose(0, 2, 1, 3) for x in (k, v))  # [B, K, S', H]
     return qi, ki, vi, mask_ids, (bq, bk)
@@ -311,15 +407,17 @@ def from_blocks(out, q_shape):
     return out.reshape(b, kh, -1, n // kh, h).transpose(0, 2, 1, 3, 4).reshape(b, -1, n, h)[:, :t]
 
 
-def _per_device(fn, *args, check_vma: bool = True):
-    """Run `fn` on each device's rows when a mesh is active and the batch splits evenly over its
-    data-parallel axes, so each device lists the live tiles of its own rows only; else run it as is.
+def _per_device(fn, *args, shared=(), check_vma: bool = True):
+    """Run `fn(*args, *shared)` on each device's rows when a mesh is active and the batch splits evenly over
+    its data-parallel axes, so each device lists the live tiles of its own rows only; else run it as is.
+    `shared`: arguments every device takes whole (the window scalar, sinks; None passes through).
     check_vma=False for Pallas kernels, whose outputs carry no varying-axes annotation."""
     mesh = jax.sharding.get_abstract_mesh()
     spec = activation_spec(("batch",))
     if mesh.empty or args[0].shape[0] % math.prod(mesh.shape[a] for a in spec[0]):
-        return fn(*args)
-    return jax.shard_map(fn, in_specs=spec, out_specs=spec, check_vma=check_vma)(*args)
+        return fn(*args, *shared)
+    in_specs = (spec,) * len(args) + (jax.sharding.PartitionSpec(),) * len(shared)
+    return jax.shard_map(fn, in_specs=in_specs, out_specs=spec, check_vma=check_vma)(*args, *shared)
 
 
 # ---- dispatch ---------------------------------------------------------------------------------------------------
@@ -346,8 +444,9 @@ def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
     return impl
 
 
-def _kernel(impl: str):
-    """A packed-row kernel (q, k, v, segment_ids) -> out; interpreted off its platform."""
+def _kernel(impl: str, **static):
+    """A packed-row kernel (q, k, v, segment_ids, window, sinks) -> out; interpreted off its platform.
+    `static`: softcap and scale, and for cudnn/splash the window (they build their masks from a constant)."""
     from jsft.models import attention_gpu, attention_tpu  # Pallas imports only where they are used
 
     interpret = jax.default_backend() == "cpu"
@@ -356,44 +455,89 @@ def _kernel(impl: str):
         "cudnn": attention_gpu.cudnn_packed_attention,
         "splash": partial(attention_tpu.splash_attention, interpret=interpret),
     }
-    return kernels[impl]
+    fn = partial(kernels[impl], **static)
+    if impl == "pallas_gpu":
+        return lambda q, k, v, seg, window, sinks: fn(q, k, v, seg, window=window, sinks=sinks)
+    return lambda q, k, v, seg, window, sinks: fn(q, k, v, seg, sinks=sinks)
 
 
-def _packed(impl: str, q, k, v, segment_ids):
+def _is_static(window) -> bool:
+    return window is None or isinstance(window, (int, np.integer))
+
+
+def _fallback(impl: str, window, sinks, softcap) -> str:
+    """The implementation that runs: `impl`, or where it lacks a feature the one that has it (noted once).
+    cuDNN takes a constant window only, and no sinks or softcap: pallas_gpu runs instead. Splash builds its
+    mask from a constant window: a traced one (a scanned stack of mixed layers) runs blockwise."""
+    if impl == "cudnn" and (sinks is not None or softcap is not None or not _is_static(window)):
+        what = "sinks" if sinks is not None else "softcap" if softcap is not None else "a per-layer (traced) window"
+        _note(f"attention_impl=cudnn does not take {what}: those layers run pallas_gpu")
+        return "pallas_gpu"
+    if impl == "splash" and not _is_static(window):
+        _note("attention_impl=splash needs a constant window: layers with a per-layer (traced) window run blockwise")
+        return "blockwise"
+    return impl
+
+
+@cache
+def _note(text: str) -> None:
+    """Log each fallback once per process, not once per layer or trace."""
+    logging.getLogger(__name__).warning(text)
+
+
+def _kernel_args(impl: str, window, softcap, scale):
+    """(the kernel, its per-call window argument): pallas_gpu takes the window as data, cudnn/splash as a constant."""
+    if impl == "pallas_gpu":
+        return _kernel(impl, softcap=softcap, scale=scale), (None if window is None else window_data(window))
+    static = dict(window=window, scale=scale) if impl == "cudnn" else dict(window=window, softcap=softcap, scale=scale)
+    return _kernel(impl, **static), None
+
+
+def _packed(impl: str, q, k, v, segment_ids, *, window, sinks, softcap, scale):
     """The packed-row kernels, each device on its own rows."""
-    return _per_device(_kernel(impl), q, k, v, segment_ids, check_vma=False)
+    kernel, win = _kernel_args(impl, window, softcap, scale)
+    return _per_device(kernel, q, k, v, segment_ids, shared=(win, sinks), check_vma=False)
 
 
-def _local_self_attention(impl: str, q, k, v, segment_ids, positions):
+def _local_self_attention(impl: str, q, k, v, segment_ids, positions, window=None, sinks=None, *, softcap=None,
+                          scale=None):
     """Self-attention on one device's whole rows (inside Ulysses' shard_map): no further shard_map."""
     if impl in _PACKED:
-        return _kernel(impl)(q, k, v, segment_ids)
+        kernel, win = _kernel_args(impl, window, softcap, scale)
+        return kernel(q, k, v, segment_ids, win, sinks)
     if impl == "blockwise" and q.shape[1] > BLOCK:
-        return blockwise_attention(q, k, v, segment_ids, segment_ids, positions, positions)
-    return xla_attention(q, k, v, attention_mask(segment_ids, segment_ids, positions, positions))
+        return blockwise_attention(q, k, v, segment_ids, segment_ids, positions, positions, window, sinks,
+                                   softcap=softcap, scale=scale)
+    mask = attention_mask(segment_ids, segment_ids, positions, positions, window)
+    return xla_attention(q, k, v, mask, sinks=sinks, softcap=softcap, scale=scale)
 
 
 _PACKED = ("pallas_gpu", "cudnn", "splash")
 
 
 def attention(q, k, v, *, q_segment_ids, kv_segment_ids, q_positions, kv_positions, impl: str = "xla",
-              sequence_parallel: str = "ulysses"):
+              sequence_parallel: str = "ulysses", window=None, sinks=None, softcap=None, scale=None):
     """`sequence_parallel` (ulysses | ring): how self-attention runs when rows are split over the sequence
-    axis; ring attends per KV block with `blockwise` whatever `impl` (the kernels return no lse)."""
+    axis; ring attends per KV block with `blockwise` whatever `impl` (the kernels return no lse).
+    `window`, `sinks`, `softcap`, `scale`: the module docstring."""
+    opts = dict(softcap=softcap, scale=scale)
     self_attention = q_segment_ids is kv_segment_ids and q_positions is kv_positions
     if self_attention and sequence_parallel == "ring" and ulysses.applies(q):
         from jsft.models import ring  # ring imports this module's block functions
 
-        return ring.ring_attention(q, k, v, q_segment_ids, q_positions)
+        return ring.ring_attention(q, k, v, q_segment_ids, q_positions, window=window, sinks=sinks, **opts)
+    impl = _fallback(impl, window, sinks, softcap)
     if self_attention and ulysses.applies(q):  # tokens split over the sequence axis
-        return ulysses.ulysses_attention(partial(_local_self_attention, impl), q, k, v, q_segment_ids, q_positions,
-                                         check_vma=impl not in _PACKED)
+        return ulysses.ulysses_attention(partial(_local_self_attention, impl, **opts), q, k, v, q_segment_ids,
+                                         q_positions, window=window, sinks=sinks, check_vma=impl not in _PACKED)
     if impl in _PACKED:
         if q.shape[1] == k.shape[1] and q_segment_ids is kv_segment_ids:
-            return _packed(impl, q, k, v, q_segment_ids)
+            return _packed(impl, q, k, v, q_segment_ids, window=window, sinks=sinks, **opts)
         impl = "blockwise"  # a KV cache (generation): not packed self-attention
     # Queries that fit one tile (decoding, short prompts) have nothing to skip along T, and their full
     # [T, S] scores are small: the fused reference is faster there.
     if impl == "blockwise" and q.shape[1] > BLOCK:
-        return _per_device(blockwise_attention, q, k, v, q_segment_ids, kv_segment_ids, q_positions, kv_positions)
-    return xla_attention(q, k, v, attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions))
+        return _per_device(partial(blockwise_attention, **opts), q, k, v, q_segment_ids, kv_segment_ids, q_positions,
+                           kv_positions, shared=(window_data(window), sinks))
+    mask = attention_mask(q_segment_ids, kv_segment_ids, q_positions, kv_positions, window)
+    return xla_attention(q, k, v, mask, sinks=sinks, **opts)

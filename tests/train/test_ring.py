@@ -77,13 +77,14 @@ def test_zigzag_balances_the_live_tiles():
     """One causal row of 1024 tokens at S=4, 64-token tiles: the live (query tile, key tile) pairs each
     device visits over the ring. Contiguous: device 3 does 5.8x device 0's work (and the ring waits for it);
     zigzag: all equal, 34 = 136 / 4."""
-    from jsft.models.attention import _live_pairs
+    from jsft.models.attention import _live_pairs, window_data
 
     def per_device(order, s=4, tile=64):
         pos = np.asarray(order, np.int32).reshape(s, -1)
         seg = np.ones_like(pos)
         def live(d, j):  # fully visible + partly masked tiles (split=1: whole tiles in both lists)
-            _, full, _, part = _live_pairs((seg[d:d + 1], seg[j:j + 1], pos[d:d + 1], pos[j:j + 1]), tile, tile)
+            _, full, _, part = _live_pairs((seg[d:d + 1], seg[j:j + 1], pos[d:d + 1], pos[j:j + 1], window_data(None)),
+                                           tile, tile)
             return int(full) + int(part)
 
         return [sum(live(d, j) for j in range(s)) for d in range(s)]
