@@ -13,7 +13,8 @@ from jsft.models import attention as A
 from jsft.models import attention_gpu as G
 from jsft.models import attention_tpu as S
 
-from test_attention import check_features, dense, packed_ids
+from jsft_testing import dense_attention as dense
+from test_attention import check_features, packed_ids
 
 N, K = 4, 2  # GQA: two query heads per kv head
 ROWS = [[40, 50, 20], [128], [], [7, 1, 90]]  # several samples, padding, a full row, an all-padding row
