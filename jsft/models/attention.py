@@ -444,21 +444,21 @@ def resolve_impl(impl: str, dtype=jnp.bfloat16) -> str:
     return impl
 
 
-def _kernel(impl: str, **static):
-    """A packed-row kernel (q, k, v, segment_ids, window, sinks) -> out; interpreted off its platform.
-    `static`: softcap and scale, and for cudnn/splash the window (they build their masks from a constant)."""
+def _kernel(impl: str, window, softcap, scale):
+    """A packed-row kernel (q, k, v, segment_ids, window data, sinks) -> out; interpreted off its platform.
+    pallas_gpu takes the window as data (traced or not); cudnn and splash build their masks from the constant
+    `window` (`_fallback` has routed what they cannot take elsewhere)."""
     from jsft.models import attention_gpu, attention_tpu  # Pallas imports only where they are used
 
     interpret = jax.default_backend() == "cpu"
-    kernels = {
-        "pallas_gpu": partial(attention_gpu.pallas_attention, interpret=interpret),
-        "cudnn": attention_gpu.cudnn_packed_attention,
-        "splash": partial(attention_tpu.splash_attention, interpret=interpret),
-    }
-    fn = partial(kernels[impl], **static)
     if impl == "pallas_gpu":
-        return lambda q, k, v, seg, window, sinks: fn(q, k, v, seg, window=window, sinks=sinks)
-    return lambda q, k, v, seg, window, sinks: fn(q, k, v, seg, sinks=sinks)
+        fn = partial(attention_gpu.pallas_attention, softcap=softcap, scale=scale, interpret=interpret)
+        return lambda q, k, v, seg, win, sinks: fn(q, k, v, seg, window=win, sinks=sinks)
+    if impl == "cudnn":
+        fn = partial(attention_gpu.cudnn_packed_attention, window=window, scale=scale)
+        return lambda q, k, v, seg, win, sinks: fn(q, k, v, seg)
+    fn = partial(attention_tpu.splash_attention, window=window, softcap=softcap, scale=scale, interpret=interpret)
+    return lambda q, k, v, seg, win, sinks: fn(q, k, v, seg, sinks=sinks)
 
 
 def _is_static(window) -> bool:
@@ -486,11 +486,9 @@ def _note(text: str) -> None:
 
 
 def _kernel_args(impl: str, window, softcap, scale):
-    """(the kernel, its per-call window argument): pallas_gpu takes the window as data, cudnn/splash as a constant."""
-    if impl == "pallas_gpu":
-        return _kernel(impl, softcap=softcap, scale=scale), (None if window is None else window_data(window))
-    static = dict(window=window, scale=scale) if impl == "cudnn" else dict(window=window, softcap=softcap, scale=scale)
-    return _kernel(impl, **static), None
+    """(the kernel, its window data argument: pallas_gpu's, None for the kernels that take a constant)."""
+    data = window_data(window) if impl == "pallas_gpu" and window is not None else None
+    return _kernel(impl, window, softcap, scale), data
 
 
 def _packed(impl: str, q, k, v, segment_ids, *, window, sinks, softcap, scale):

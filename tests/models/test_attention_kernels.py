@@ -269,12 +269,16 @@ def test_unsupported_features_fall_back_with_one_note(caplog):
     ]
 
 
-def test_dispatch_passes_window_sinks_softcap_to_the_kernel():
-    """attention(impl=pallas_gpu, window=..., sinks=..., softcap=...) on packed rows equals the definition."""
-    seg, pos = packed_ids([[60, 40]], 100)
-    q, k, v = qkv(1, 100, 16, jnp.float32)
+def test_dispatch_passes_window_sinks_softcap_to_the_kernel_per_device():
+    """attention(impl=pallas_gpu, window=, sinks=, softcap=) under an 8-device mesh (each device its rows,
+    the window data and the sinks replicated, d sinks summed over devices) equals the dense definition."""
+    from jsft.sharding import make_mesh
+
+    rows = [[30, 70], [100], [], [5, 5, 5], [60, 40], [64, 36], [1], [99]]
+    seg, pos = packed_ids(rows, 100)
+    q, k, v = qkv(8, 100, 16, jnp.float32, seed=3)
     ids = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
-    out = jax.jit(lambda q, k, v: A.attention(q, k, v, impl="pallas_gpu", window=17, sinks=SINKS, softcap=4.0,
-                                              **ids))(q, k, v)
-    ref = dense(q, k, v, seg, seg, pos, pos, window=17, sinks=SINKS, softcap=4.0)
-    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=2e-5, atol=2e-5)
+    fn = lambda q, k, v, sinks: A.attention(q, k, v, impl="pallas_gpu", window=17, sinks=sinks, softcap=4.0,  # noqa: E731
+                                            **ids)
+    with jax.set_mesh(make_mesh({"fsdp": -1})):
+        check_features(fn, (seg, seg, pos, pos), q, k, v, SINKS, window=17, softcap=4.0)
