@@ -57,9 +57,11 @@ def packed_rows(rows: int, length: int, lengths: tuple[int, int], seed: int):
 # ---- 1. attention parity ---------------------------------------------------------------------------------------
 
 
-def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_dim: int) -> dict:
+def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_dim: int,
+                     features: bool = False) -> dict:
     """Max |kernel - reference| of outputs (real tokens) and of q/k/v gradients, each over the reference's
-    largest magnitude; bf16 inputs, fp32 reference on the same values."""
+    largest magnitude; bf16 inputs, fp32 reference on the same values. `features`: with a sliding window of
+    length / 8, sinks and a softcap (cudnn: the window only; the rest falls back)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -76,6 +78,10 @@ def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_
     v = jax.random.normal(keys[2], (2, length, kv_heads, head_dim)).astype(jnp.bfloat16)
     weights = jax.random.normal(keys[3], q.shape) * (seg > 0)[..., None, None]
     ids = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
+    if features:
+        ids.update(window=length // 8)
+        if impl != "cudnn":
+            ids.update(sinks=jnp.linspace(-1.0, 2.0, heads), softcap=20.0)
 
     def run(impl, q, k, v):
         f = lambda q, k, v: A.attention(q, k, v, impl=impl, **ids)  # noqa: E731
@@ -91,7 +97,7 @@ def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_
     valid = np.asarray(seg > 0)
     rel = lambda a, b, m=None: float(np.abs(np.asarray(f32(a)) - np.asarray(b))[m].max() / np.abs(np.asarray(b)).max())  # noqa: E731
     errors = {"out": rel(out, ref_out, valid), **{f"d{n}": rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
-    return {"impl": impl, "length": length, "errors": errors, "ok": max(errors.values()) < 3e-2,
+    return {"impl": impl, "length": length, "features": features, "errors": errors, "ok": max(errors.values()) < 3e-2,
             "first_call_s": round(seconds, 2)}
 
 
@@ -227,6 +233,9 @@ def run_check(args) -> dict:
     for impl in parity_impls(backend):
         if budget_left(f"parity {impl}"):
             attempt("parity", f"parity {impl}", lambda: attention_parity(impl, **parity_shape))
+        if budget_left(f"parity {impl} window/sinks/softcap"):
+            attempt("parity", f"parity {impl} window/sinks/softcap",
+                    lambda: attention_parity(impl, **parity_shape, features=True))
     lengths = (args.length // 16, args.length // 2) if args.cpu_smoke else (200, 1500)
     for name, fields in models.items():
         for impl in args.impls.split(","):
