@@ -50,7 +50,7 @@ IMPLEMENTATIONS = ("xla", "blockwise", "cudnn", "pallas_gpu", "splash")
 
 # finite instead of -inf: a fully masked (padding) query then averages values instead of producing NaN
 _MASKED = -1e30
-# the window of full attention where a window must be data (mask ids): longer than any row
+# a window longer than any row: what the full layers of a mixed stack pass when the window is per-layer data
 NO_WINDOW = 2**30
 
 # Tile edge of `blockwise`. 256 keeps each tile's matmuls large enough for the CPU's GEMM
@@ -108,7 +108,7 @@ def _scale(scale, head_dim: int) -> float:
 # The live tiles are listed once per row ((i, j): query tile i, key tile j, row-major; blockwise_attention
 # maps over the rows), and while loops of dynamic length visit only those: the masked-out ~3/4 of a packed
 # row costs neither FLOPs nor memory. The lists are computed at run time from the mask ids, the window
-# included (`mask_ids` = (q_seg, kv_seg, q_pos, kv_pos, window int32 scalar)), so a traced per-layer window
+# included (`mask_ids` = (q_seg, kv_seg, q_pos, kv_pos, window int32 scalar or None)), so a traced window
 # skips the tiles it hides as well as a constant one.
 # Two lists, two loops: tiles that are visible everywhere skip the mask and its `where`s; the partly masked
 # rest is visited in smaller sub-tiles, of which the dead ones are skipped too (_live_pairs).
@@ -140,7 +140,8 @@ def _live_pairs(mask_ids, bq: int, bk: int, split: int = 1):
     qv = lambda x: x.reshape(b, -1, 1, fq, 1)  # noqa: E731
     kv = lambda x: x.reshape(b, 1, -1, 1, fk)  # noqa: E731
     visible = (qv(q_seg) == kv(kv_seg)) & (kv(kv_seg) != 0) & (kv(kv_pos) <= qv(q_pos))
-    visible = visible & (qv(q_pos) - kv(kv_pos) < window)
+    if window is not None:
+        visible = visible & (qv(q_pos) - kv(kv_pos) < window)
     live = visible.any(axis=(0, 3, 4))  # [nq * split, nk * split] sub-tiles
     nq, nk = live.shape[0] // split, live.shape[1] // split
     full = visible.all(axis=(0, 3, 4)).reshape(nq, split, nk, split).all(axis=(1, 3))  # [nq, nk]
@@ -156,8 +157,8 @@ def _pairs(tiles):
 
 
 def window_data(window):
-    """The window as mask data: an int32 scalar (NO_WINDOW for full attention), traced or not."""
-    return jnp.asarray(NO_WINDOW if window is None else window, jnp.int32)
+    """The window as mask data: an int32 scalar, traced or not; None (full causal: no compare at all)."""
+    return None if window is None else jnp.asarray(window, jnp.int32)
 
 
 class _Tiles:
