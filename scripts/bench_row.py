@@ -173,7 +173,7 @@ def attention_tiles(model_cfg, segments=(1100, 600, 300), length: int = 2048, ro
         jax.block_until_ready(grad(q, k, v))  # traced under this split
         name = f"{block} / split {split}"
         fns[name] = partial(grad, q, k, v)
-        _, n_full, _, n_part = blockwise._live_pairs((seg, seg, pos, pos), block, block, split)
+        _, n_full, _, n_part = blockwise._live_pairs((seg, seg, pos, pos, blockwise.window_data(None)), block, block, split)
         area[name] = (int(n_full) * block**2 + int(n_part) * (block // split) ** 2) / visible
     blockwise.PARTIAL_SPLIT, blockwise.MIN_SUB_TILE = saved
     for name, t in _interleaved(fns, rounds).items():

@@ -75,16 +75,16 @@ def attention_inputs(*, length: int, heads: int, kv_heads: int, head_dim: int) -
     return dict(q=q, k=k, v=v, weights=weights, segment_ids=seg, positions=pos)
 
 
-def attention_run(impl: str, inputs: dict, dtype=None):
+def attention_run(impl: str, inputs: dict, dtype=None, options: dict | None = None):
     """(output, (dq, dk, dv)) of `impl` on `inputs` (cast to `dtype` when given), the gradients those of
-    sum(output * weights)."""
+    sum(output * weights). `options`: attention's window / sinks / softcap."""
     import jax
     import jax.numpy as jnp
 
     from jsft.models import attention as A
 
     seg, pos = inputs["segment_ids"], inputs["positions"]
-    ids = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
+    ids = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos, **(options or {}))
     q, k, v = (inputs[n] if dtype is None else inputs[n].astype(dtype) for n in "qkv")
     f = lambda q, k, v: A.attention(q, k, v, impl=impl, **ids)  # noqa: E731
     loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * inputs["weights"])  # noqa: E731
@@ -102,19 +102,27 @@ def parity_errors(out, grads, ref_out, ref_grads, segment_ids) -> dict:
     return {"out": rel(out, ref_out, valid), **{f"d{n}": rel(g, r) for n, g, r in zip("qkv", grads, ref_grads)}}
 
 
-def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_dim: int) -> dict:
-    """`parity_errors` of `impl` on bf16 inputs against the fp32 reference `xla` on the same values."""
+def attention_parity(impl: str, *, length: int, heads: int, kv_heads: int, head_dim: int,
+                     features: bool = False) -> dict:
+    """`parity_errors` of `impl` on bf16 inputs against the fp32 reference `xla` on the same values.
+    `features`: with a sliding window of length / 8, sinks and a softcap (cudnn: the window only; the rest
+    falls back)."""
     import jax
     import jax.numpy as jnp
 
     inputs = attention_inputs(length=length, heads=heads, kv_heads=kv_heads, head_dim=head_dim)
+    options = {}
+    if features:
+        options["window"] = length // 8
+        if impl != "cudnn":
+            options.update(sinks=jnp.linspace(-1.0, 2.0, heads), softcap=20.0)
     t = time.perf_counter()
-    out, grads = attention_run(impl, inputs)
+    out, grads = attention_run(impl, inputs, options=options)
     jax.block_until_ready(grads)
     seconds = time.perf_counter() - t
-    ref_out, ref_grads = attention_run("xla", inputs, dtype=jnp.float32)
+    ref_out, ref_grads = attention_run("xla", inputs, dtype=jnp.float32, options=options)
     errors = parity_errors(out, grads, ref_out, ref_grads, inputs["segment_ids"])
-    return {"impl": impl, "length": length, "errors": errors, "ok": max(errors.values()) < 3e-2,
+    return {"impl": impl, "length": length, "features": features, "errors": errors, "ok": max(errors.values()) < 3e-2,
             "first_call_s": round(seconds, 2)}
 
 
@@ -250,6 +258,9 @@ def run_check(args) -> dict:
     for impl in parity_impls(backend):
         if budget_left(f"parity {impl}"):
             attempt("parity", f"parity {impl}", lambda: attention_parity(impl, **parity_shape))
+        if budget_left(f"parity {impl} window/sinks/softcap"):
+            attempt("parity", f"parity {impl} window/sinks/softcap",
+                    lambda: attention_parity(impl, **parity_shape, features=True))
     lengths = (args.length // 16, args.length // 2) if args.cpu_smoke else (200, 1500)
     for name, fields in models.items():
         for impl in args.impls.split(","):

@@ -213,3 +213,27 @@ def make_tiny_gemma3(path, seed: int = 0, multimodal: bool = False, **overrides)
                 p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(path)
     return model
+
+
+def dense_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, window=None, sinks=None, softcap=None, scale=None):
+    """The plain dense definition, written here independently of jsft: the [B, T, S] mask materialised, one
+    extra softmax column per head for the sink, q.k scaled, then capped, then masked."""
+    import jax.numpy as jnp  # here, not at the top: conftest imports this module before jax is configured
+
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    kr, vr = (jnp.repeat(x, n // kv_heads, axis=2) for x in (k, v))  # query head n reads kv head n // G
+    s = jnp.einsum("btnh,bsnh->bnts", q, kr) * (h**-0.5 if scale is None else scale)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
+    d = q_pos[:, :, None] - kv_pos[:, None, :]
+    mask = (q_seg[:, :, None] == kv_seg[:, None, :]) & (kv_seg[:, None, :] > 0) & (d >= 0)
+    if window is not None:
+        mask = mask & (d < window)
+    s = jnp.where(mask[:, None], s, -jnp.inf)
+    if sinks is not None:
+        s = jnp.concatenate([s, jnp.broadcast_to(sinks[None, :, None, None], (b, n, t, 1))], axis=-1)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
+    p = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
+    return jnp.einsum("bnts,bsnh->btnh", p[..., :kv_seg.shape[1]], vr)

@@ -25,6 +25,7 @@ from flax import nnx
 
 from jsft.config import REMAT_POLICIES as POLICY_NAMES
 from jsft.models.attention import attention, resolve_impl
+from jsft.models.blockwise import NO_WINDOW  # a full layer inside a stack that carries windows as data
 from jsft.models.config import GEMMA, ModelConfig
 from jsft.sharding import constrain
 
@@ -33,8 +34,6 @@ REMAT_POLICIES = dict(zip(POLICY_NAMES, (
     None, jax.checkpoint_policies.dots_with_no_batch_dims_saveable, jax.checkpoint_policies.nothing_saveable,
 )))
 
-# the window of a full layer inside a stack that carries windows as data: longer than any row
-_NO_WINDOW = 2**30
 
 _normal = jax.nn.initializers.normal(0.02)
 _ones = jax.nn.initializers.ones
@@ -309,7 +308,7 @@ class Decoder(nnx.Module):
                 params[name + ".lora_b"] = self.lora_b[name][...].astype(self.dtype)
         inv_freq, rope_scaling = cfg.rope_tables()  # [L, H/2], [L]: each layer's rope, scanned with it
         # windows as data ([L] int32, full layers a window no row reaches); None keeps full-causal models static
-        windows = [s.window or _NO_WINDOW for s in cfg.layer_specs()] if cfg.has_window else None
+        windows = [s.window or NO_WINDOW for s in cfg.layer_specs()] if cfg.has_window else None
         if cache is not None:
             cache = _write_slots(cache, segment_ids, positions)
 

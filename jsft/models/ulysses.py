@@ -61,9 +61,10 @@ def applies(q) -> bool:
     return q.shape[0] % rows == 0 and q.shape[1] % mesh.shape[AXIS] == 0
 
 
-def ulysses_attention(local: Callable, q, k, v, segment_ids, positions, *, check_vma: bool = True):
-    """q [B,T,N,H], k/v [B,T,K,H] split over (batch, sequence); `local(q, k, v, segment_ids, positions)`
-    is self-attention on one device's rows, whole in T. Returns [B,T,N,H], split like q."""
+def ulysses_attention(local: Callable, q, k, v, segment_ids, positions, *, window=None, sinks=None,
+                      check_vma: bool = True):
+    """q [B,T,N,H], k/v [B,T,K,H] split over (batch, sequence); `local(q, k, v, segment_ids, positions,
+    window, sinks)` is self-attention on one device's rows, whole in T. Returns [B,T,N,H], split like q."""
     s = jax.sharding.get_abstract_mesh().shape[AXIS]
     n, kh = q.shape[2], k.shape[2]
     check_heads(n, kh, s)
@@ -71,16 +72,19 @@ def ulysses_attention(local: Callable, q, k, v, segment_ids, positions, *, check
     rows = ACTIVATION_RULES["batch"]
     tokens, ids = P(rows, AXIS, None, None), P(rows, AXIS)
 
-    def per_device(q, k, v, segment_ids, positions):
+    traced = isinstance(window, jax.core.Tracer)
+
+    def per_device(q, k, v, segment_ids, positions, window_arg, sinks):
         if r > 1:  # kv head j becomes heads j*r .. j*r+r-1: query head i still reads original head i // G
             k, v = jnp.repeat(k, r, axis=2), jnp.repeat(v, r, axis=2)
         to_heads = lambda x: jax.lax.all_to_all(x, AXIS, split_axis=2, concat_axis=1, tiled=True)  # noqa: E731
         with jax.named_scope("ulysses_all_to_all"):
             q, k, v = to_heads(q), to_heads(k), to_heads(v)  # [B, T, N/S, H], [B, T, K*r/S, H]
             segment_ids, positions = (jax.lax.all_gather(x, AXIS, axis=1, tiled=True) for x in (segment_ids, positions))
-        out = local(q, k, v, segment_ids, positions)
+        out = local(q, k, v, segment_ids, positions, window_arg if traced else window, sinks)
         with jax.named_scope("ulysses_all_to_all"):
             return jax.lax.all_to_all(out, AXIS, split_axis=1, concat_axis=2, tiled=True)  # [B, T/S, N, H]
 
-    return jax.shard_map(per_device, in_specs=(tokens, tokens, tokens, ids, ids), out_specs=tokens,
-                         check_vma=check_vma)(q, k, v, segment_ids, positions)
+    specs = (tokens, tokens, tokens, ids, ids, P(), P(AXIS))  # sinks [N]: this device's N/S heads
+    return jax.shard_map(per_device, in_specs=specs, out_specs=tokens, check_vma=check_vma)(
+        q, k, v, segment_ids, positions, window if traced else None, sinks)

@@ -9,6 +9,7 @@ import pytest
 from jsft.models import attention as A
 from jsft.models import blockwise as B
 from jsft.sharding import make_mesh
+from jsft_testing import dense_attention as dense
 
 N, K, H = 4, 2, 16  # GQA: two query heads per kv head
 
@@ -89,7 +90,7 @@ def test_only_tiles_with_a_visible_key_are_visited(split):
     # rows with sample boundaries inside tiles, padding, and whole tiles inside one sample (row 1: 50 tokens)
     seg, pos = packed_ids([[30, 17, 21], [50]], 80)
     ids = (seg, seg, pos, pos)
-    full, n_full, part, n_part = B._live_pairs(ids, 8, 8, split)
+    full, n_full, part, n_part = B._live_pairs((*ids, B.window_data(None)), 8, 8, split)
     visible = np.asarray(A.attention_mask(*ids))  # [B, 80, 80]
     tiles = visible.reshape(2, 10, 8, 10, 8)
     expected_full = tiles.all(axis=(0, 2, 4))  # every element visible in every row: no mask needed
@@ -104,7 +105,7 @@ def test_only_tiles_with_a_visible_key_are_visited(split):
     assert covered.max() == 1 and np.all(covered[visible.any(axis=0)] == 1)
     assert covered.sum() < covered.size // 2
     if split == 2:  # sub-tiles skip the dead half of diagonal tiles
-        whole = B._live_pairs(ids, 8, 8, 1)
+        whole = B._live_pairs((*ids, B.window_data(None)), 8, 8, 1)
         assert covered.sum() < 64 * (int(whole[1]) + int(whole[3]))
 
 
@@ -118,7 +119,7 @@ def test_blockwise_with_sub_tiles_matches_reference(block, split, monkeypatch):
     seg, pos = packed_ids([[70, 20], [96]], 96)
     ids = (seg, seg, pos, pos)
     assert B._split(block, block) == split
-    _, n_full, _, n_part = B._live_pairs(ids, block, block, split)
+    _, n_full, _, n_part = B._live_pairs((*ids, B.window_data(None)), block, block, split)
     assert int(n_full) > 0 and int(n_part) > 0
     q, k, v = qkv(2, 96, 96, seed=5)
     assert_matches(ids, q, k, v, block)
@@ -193,3 +194,110 @@ def test_run_config_accepts_every_implementation():
 
     for impl in ("auto", *A.IMPLEMENTATIONS):
         assert load_config(None, [f"model.attention_impl={impl}"]).model.attention_impl == impl
+
+
+# ---- sliding window, sinks, softcap (Gemma 2/3, gpt-oss) ----------------------------------------------------------
+
+
+def check_features(fn, ids, q, k, v, sinks, rtol=2e-5, atol=2e-5, **opts):
+    """fn(q, k, v, sinks) against `dense`: outputs at real queries, and d(q, k, v, sinks) of a weighted sum."""
+    q_seg = ids[0]
+    weights = jax.random.normal(jax.random.PRNGKey(9), q.shape) * (q_seg > 0)[..., None, None]
+    ref = lambda q, k, v, sinks: dense(q, k, v, *ids, sinks=sinks, **opts)  # noqa: E731
+    valid = np.asarray(q_seg > 0)
+    np.testing.assert_allclose(np.asarray(jax.jit(fn)(q, k, v, sinks))[valid], np.asarray(ref(q, k, v, sinks))[valid],
+                               rtol=rtol, atol=atol)
+    grad = lambda f: jax.jit(jax.grad(lambda *a: jnp.sum(f(*a) * weights), argnums=(0, 1, 2, 3)))  # noqa: E731
+    for name, g, r in zip(("q", "k", "v", "sinks"), grad(fn)(q, k, v, sinks), grad(ref)(q, k, v, sinks)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=rtol, atol=atol, err_msg=f"d{name}")
+
+
+FEATURES = [dict(window=12), dict(window=5, softcap=2.0), dict(window=20, softcap=3.0, scale=0.1)]
+
+
+@pytest.mark.parametrize("impl", ["blockwise", "xla"])
+@pytest.mark.parametrize("opts", FEATURES)
+def test_window_sinks_softcap_match_the_dense_definition(impl, opts):
+    """Windows shorter than the samples and than a tile, crossing tile edges; sinks of both signs (one large
+    enough to take most of the mass); T = 75 not a multiple of the 16-tiles."""
+    seg, pos = packed_ids([[30, 17, 21], [75], []], 75)
+    q, k, v = qkv(3, 75, 75)
+    sinks = jnp.asarray([0.5, -1.0, 3.0, 0.0], jnp.float32)
+    ids = (seg, seg, pos, pos)
+    if impl == "blockwise":
+        fn = lambda q, k, v, sinks: A.blockwise_attention(q, k, v, *ids, opts["window"], sinks, block=16,  # noqa: E731
+                                                          softcap=opts.get("softcap"), scale=opts.get("scale"))
+    else:
+        fn = lambda q, k, v, sinks: A.attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos,  # noqa: E731
+                                                kv_positions=pos, impl="xla", sinks=sinks, **opts)
+    check_features(fn, ids, q, k, v, sinks, **opts)
+
+
+def test_blockwise_traced_window_and_sub_tiles_on_a_kv_cache(monkeypatch):
+    """The window as traced data (a scanned stack's per-layer value), sub-tiles, a KV-cache-shaped call, and
+    the full-layer value 2**30 equal to no window."""
+    monkeypatch.setattr(B, "MIN_SUB_TILE", 4)
+    kv_seg = jnp.asarray(np.r_[np.ones(40), np.zeros(8)][None].astype(np.int32))
+    kv_pos = jnp.asarray(np.r_[np.arange(40), np.zeros(8)][None].astype(np.int32))
+    ids = (kv_seg[:, 24:40], kv_seg, kv_pos[:, 24:40], kv_pos)
+    q, k, v = qkv(1, 16, 48, seed=1)
+    sinks = jnp.asarray([1.0, -2.0, 0.0, 0.5], jnp.float32)
+    fn = jax.jit(lambda q, k, v, sinks, w: A.blockwise_attention(q, k, v, *ids, w, sinks, block=16, softcap=4.0))
+    for window in (7, 2**30):  # one compile: the window is data
+        check_features(lambda q, k, v, s: fn(q, k, v, s, jnp.int32(window)), ids, q, k, v, sinks,
+                       window=None if window == 2**30 else window, softcap=4.0)
+
+
+def test_window_skips_the_tiles_it_hides():
+    """Live tiles with a window: exactly those holding a visible element (the dense mask's tiles), fewer than
+    causal alone, and the same count from a traced window; NaN in keys/values that no query's window reaches
+    changes no output or gradient (those tiles are never visited)."""
+    seg, pos = packed_ids([[96], [60, 36]], 96)
+    window = 10
+    ids = (seg, seg, pos, pos, B.window_data(window))
+    full, n_full, part, n_part = B._live_pairs(ids, 8, 8)
+    d = np.asarray(pos)[:, :, None] - np.asarray(pos)[:, None, :]
+    visible = np.asarray(A.attention_mask(seg, seg, pos, pos)) & (d < window)
+    live = visible.reshape(2, 12, 8, 12, 8).any(axis=(0, 2, 4))
+    got = set(map(tuple, np.asarray(full)[: int(n_full)].tolist())) | set(map(tuple, np.asarray(part)[: int(n_part)].tolist()))
+    assert got == set(zip(*np.nonzero(live)))
+    causal = B._live_pairs((*ids[:4], B.window_data(None)), 8, 8)
+    assert int(n_full) + int(n_part) < (int(causal[1]) + int(causal[3])) // 2
+    traced = jax.jit(lambda w: B._live_pairs((*ids[:4], w), 8, 8))(jnp.int32(window))
+    assert (int(traced[1]), int(traced[3])) == (int(n_full), int(n_part))
+    # keys 0..47 of both rows are outside the window of queries 64..95: poison them, weight only those queries
+    q, k, v = qkv(2, 96, 96, seed=7)
+    weights = jax.random.normal(jax.random.PRNGKey(9), q.shape) * (jnp.arange(96) >= 64)[None, :, None, None]
+    sinks = jnp.asarray([0.5, -1.0, 3.0, 0.0], jnp.float32)
+
+    def loss(q, k, v, sinks):
+        # only queries 64.. attend (a row's slice: the poisoned keys' tiles have no live pair for them)
+        out = A.blockwise_attention(q[:, 64:], k, v, seg[:, 64:], seg, pos[:, 64:], pos, window, sinks, block=8)
+        return jnp.sum(out * weights[:, 64:])
+
+    poisoned = [x.at[:, :48].set(jnp.nan) for x in (k, v)]
+    value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, *poisoned, sinks)
+    clean_value, clean = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, sinks)
+    np.testing.assert_allclose(value, clean_value, rtol=1e-6)
+    for g, c in zip(grads, clean):
+        g = np.asarray(g)[:, 48:] if g.ndim == 4 and g.shape[1] == 96 else np.asarray(g)
+        c = np.asarray(c)[:, 48:] if c.ndim == 4 and c.shape[1] == 96 else np.asarray(c)
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, c, rtol=1e-5, atol=1e-6)
+
+
+def test_window_sinks_softcap_per_device_under_a_mesh():
+    """attention(impl=blockwise) under an 8-device mesh: each device its rows, sinks and the traced window
+    replicated, dsinks summed over the devices."""
+    rows = [[300, 200], [520], [100, 100, 100], [], [400], [260, 260], [10], [519]]
+    seg, pos = packed_ids(rows, 520)
+    q, k, v = qkv(8, 520, 520, seed=4)
+    sinks = jnp.asarray([0.5, -1.0, 3.0, 0.0], jnp.float32)
+    ids = dict(q_segment_ids=seg, kv_segment_ids=seg, q_positions=pos, kv_positions=pos)
+
+    def fn(q, k, v, sinks):
+        w = jnp.int32(200)  # traced: a per-layer window inside jit
+        return A.attention(q, k, v, impl="blockwise", window=w, sinks=sinks, softcap=5.0, **ids)
+
+    with jax.set_mesh(make_mesh({"fsdp": -1})):
+        check_features(fn, (seg, seg, pos, pos), q, k, v, sinks, rtol=1e-4, atol=1e-4, window=200, softcap=5.0)

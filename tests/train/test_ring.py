@@ -13,7 +13,7 @@ from jsft.models.sequence_parallel import choose
 from jsft.sharding import make_mesh
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
-from test_sequence_parallel import _assert_same, _config, _rows, _weighted
+from test_sequence_parallel import T, _assert_same, _config, _rows, _weighted
 
 HEADS = dict(heads=6, kv_heads=2)  # Ulysses splits these at S=2 only
 
@@ -73,13 +73,14 @@ def test_zigzag_balances_the_live_tiles():
     """One causal row of 1024 tokens at S=4, 64-token tiles: the live (query tile, key tile) pairs each
     device visits over the ring. Contiguous: device 3 does 5.8x device 0's work (and the ring waits for it);
     zigzag: all equal, 34 = 136 / 4."""
-    from jsft.models.blockwise import _live_pairs
+    from jsft.models.blockwise import _live_pairs, window_data
 
     def per_device(order, s=4, tile=64):
         pos = np.asarray(order, np.int32).reshape(s, -1)
         seg = np.ones_like(pos)
         def live(d, j):  # fully visible + partly masked tiles (split=1: whole tiles in both lists)
-            _, full, _, part = _live_pairs((seg[d:d + 1], seg[j:j + 1], pos[d:d + 1], pos[j:j + 1]), tile, tile)
+            _, full, _, part = _live_pairs((seg[d:d + 1], seg[j:j + 1], pos[d:d + 1], pos[j:j + 1], window_data(None)),
+                                           tile, tile)
             return int(full) + int(part)
 
         return [sum(live(d, j) for j in range(s)) for d in range(s)]
@@ -152,3 +153,52 @@ def test_trainer_with_ring_reproduces_sequence_1_and_resumes_with_sequence_1(sft
         **extra, "trainer.resume_mode": "resume_path", "trainer.resume_from_path": str(tmp_path / "ring" / "checkpoints" / "2")})
     assert main(resumed) == 0
     assert losses(tmp_path / "resumed")[3] == pytest.approx(one[3], rel=1e-5)
+
+
+def _attention_loss_and_grads(mode, s, impl="blockwise", zigzag=False):
+    """attention() with a traced window of 12 (shorter than most samples, crossing the S blocks' edges), sinks
+    and a softcap on the 8 packed rows, rows split over S devices: sum(out * weights) and d(q, k, v, sinks).
+    Zigzag: every per-token array enters in zigzag order (as the trainer's rows), so the numbers are the same."""
+    import jax.numpy as jnp
+
+    from jsft.models import attention as A
+    from jsft_testing import dense_attention
+
+    rows = _rows(np.random.default_rng(1))
+    seg, pos = jnp.asarray(rows["segment_ids"]), jnp.asarray(rows["positions"])
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    q, k, v = (jax.random.normal(key, (8, T, n, 16)) for key, n in zip(keys, (4, 2, 2)))
+    sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0], jnp.float32)
+    weights = jax.random.normal(keys[3], q.shape) * (seg > 0)[..., None, None]
+    order = zigzag_order(T, s) if zigzag else np.arange(T)
+
+    def loss(q, k, v, sinks, window):
+        ids = dict(q_segment_ids=seg[:, order], q_positions=pos[:, order])
+        ids.update(kv_segment_ids=ids["q_segment_ids"], kv_positions=ids["q_positions"])
+        out = A.attention(q[:, order], k[:, order], v[:, order], impl=impl, sequence_parallel=mode, window=window,
+                          sinks=sinks, softcap=4.0, **ids)
+        return jnp.sum(out * weights[:, order])
+
+    with jax.set_mesh(make_mesh({"sequence": s}, devices=jax.devices()[:8])):
+        value, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))(q, k, v, sinks, jnp.int32(12))
+    result = float(value), {name: np.asarray(g) for name, g in zip(("q", "k", "v", "sinks"), grads)}
+    if s == 1:  # S=1 itself equals the dense definition (jsft_testing.dense_attention)
+        ref = lambda q, k, v, sinks: jnp.sum(dense_attention(  # noqa: E731
+            q, k, v, seg, seg, pos, pos, window=12, sinks=sinks, softcap=4.0) * weights)
+        ref_value, ref_grads = jax.value_and_grad(ref, argnums=(0, 1, 2, 3))(q, k, v, sinks)
+        _assert_same((float(ref_value), dict(zip(("q", "k", "v", "sinks"), map(np.asarray, ref_grads)))), result,
+                     1e-5)
+    return result
+
+
+@pytest.mark.parametrize("mode, impl", [("ring", "blockwise"), ("ulysses", "blockwise"), ("ulysses", "pallas_gpu")])
+def test_window_sinks_softcap_under_sequence_parallelism_match_sequence_1(mode, impl, monkeypatch):
+    """Ring: the window follows positions across the blocks that travel the ring (S=4 in zigzag order), sinks
+    join once in the final merge; Ulysses: each device the sinks of its heads (S=4 repeats the 2 kv heads).
+    Loss and d(q, k, v, sinks) at S=2, 4 equal S=1's, which equals the dense definition."""
+    from jsft.models import attention as A
+
+    monkeypatch.setattr(A, "BLOCK", 32)  # 64-token rows: blockwise (not the one-tile xla shortcut) inside Ulysses
+    ref = _attention_loss_and_grads(mode, 1, impl)
+    for s in (2, 4):
+        _assert_same(ref, _attention_loss_and_grads(mode, s, impl, zigzag=mode == "ring" and s == 4), 1e-5)
