@@ -82,6 +82,7 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     if tok is not None and len(tok) > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {model_cfg.vocab_size}: "
                          "they do not belong together")
+    check_moe(model_cfg, cfg.model.path)
     spec = lora.spec_from_run_config(cfg.model)  # reads a starting adapter's adapter_config.json
     if spec and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
         lora.check_adapter(cfg.model.lora_adapter_path, model_cfg, spec)
@@ -106,6 +107,18 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     if log is not None:
         log(choice.describe())
     return dataclasses.replace(run, remat_policy=choice.policy, remat_choice=choice)
+
+
+def check_moe(model_cfg: ModelConfig, path: Optional[str]) -> None:
+    """A mixture of experts trains with the cross-entropy alone (dropless routing, as transformers). Where
+    its config asks transformers to add the router load-balancing loss (output_router_logits), jsft, which
+    does not add it yet, refuses rather than train a different objective."""
+    if model_cfg.moe is not None and model_cfg.output_router_logits and model_cfg.router_aux_loss_coef:
+        raise ValueError(
+            f"{path or 'model.init'}: {model_cfg.model_type} output_router_logits=true asks for the router "
+            f"load-balancing loss (router_aux_loss_coef={model_cfg.router_aux_loss_coef}), which jsft does not add "
+            "yet; set output_router_logits=false (or router_aux_loss_coef=0) in its config.json to train on the "
+            "cross-entropy alone")
 
 
 def run_tokenizer(cfg: RunConfig, path: Optional[str] = None):
