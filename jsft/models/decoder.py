@@ -27,7 +27,8 @@ from jsft.config import REMAT_POLICIES as POLICY_NAMES
 from jsft.models.attention import attention, resolve_impl
 from jsft.models import moe as moe_layer
 from jsft.models.config import GEMMA, ModelConfig
-from jsft.sharding import constrain
+from jsft.models.moe_parallel import moe_expert_parallel
+from jsft.sharding import ACTIVATION_RULES, constrain, expert_size
 
 # the jax checkpoint policy of each of the config's remat policies (none: no remat)
 REMAT_POLICIES = dict(zip(POLICY_NAMES, (
@@ -238,7 +239,12 @@ def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, a
         stats = None
         if sparse:
             experts = {k.removeprefix(MOE_PREFIX): v for k, v in p.items() if k.startswith(MOE_PREFIX)}
-            m, stats = moe_layer.moe(experts, h, cfg.moe, segment_ids > 0)
+            mesh = jax.sharding.get_abstract_mesh()
+            if not mesh.empty and expert_size(mesh) > 1:  # experts split over the expert axis (shard_map)
+                m, stats = moe_expert_parallel(experts, h, cfg.moe, segment_ids > 0, mesh=mesh, expert_axis="expert",
+                                               batch_axes=ACTIVATION_RULES["batch"])
+            else:
+                m, stats = moe_layer.moe(experts, h, cfg.moe, segment_ids > 0)
         else:
             act = _ACTIVATIONS[cfg.hidden_act]
             gated = act(proj(h, p, "gate_proj", lora_scale)) * proj(h, p, "up_proj", lora_scale)  # [B, T, F]

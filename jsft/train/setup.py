@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 from jax.sharding import Mesh
@@ -178,6 +178,10 @@ def run_mesh(cfg: RunConfig, log: Log = None, model_cfg: Optional[ModelConfig] =
     s = sequence_parallel_size(cfg)
     log = log if log is None or s == 1 else (lambda line, log=log: log(f"{line}; {seq_line}"))
     axes = cfg.trainer.mesh
+    check_expert_axis(axes, model_cfg, s)
+    if axes == AUTO and model_cfg.moe is not None and log is not None:
+        log(f"trainer.mesh=auto keeps expert=1 for this {model_cfg.model_type}: its expert weights shard over fsdp "
+            f"like the dense ones; trainer.mesh.expert=E in {_expert_sizes(model_cfg)} splits the experts instead")
     if s > 1:  # the alias key, or trainer.mesh.sequence on top of auto / an explicit {data, fsdp}
         axes = {**(axes if axes != AUTO else {}), "sequence": s}
     mesh = make_mesh(axes, jax.devices(), params=param_layout(model_cfg), log=log)
@@ -187,6 +191,28 @@ def run_mesh(cfg: RunConfig, log: Log = None, model_cfg: Optional[ModelConfig] =
         raise ValueError(f"trainer.mesh.sequence={s}: {e}; use trainer.mesh.sequence in "
                          f"{_feedable_sizes(cfg.trainer.sequence_parallel, model_cfg)} (data/fsdp auto), which these processes can feed") from None
     return mesh
+
+
+def _expert_sizes(model_cfg: ModelConfig) -> list[int]:
+    n = jax.device_count()
+    return [e for e in range(1, n + 1) if n % e == 0 and model_cfg.moe.num_experts % e == 0]
+
+
+def check_expert_axis(axes, model_cfg: ModelConfig, s: int) -> None:
+    """trainer.mesh.expert=E, before any work: a mixture of experts whose experts and devices E divides,
+    without sequence parallelism (the expert-parallel layer splits rows, not tokens)."""
+    e = int(axes.get("expert", 1)) if isinstance(axes, Mapping) else 1
+    if e == 1:
+        return
+    if model_cfg.moe is None:
+        raise ValueError(f"trainer.mesh.expert={e}: {model_cfg.model_type} is not a mixture of experts; remove it")
+    ok = _expert_sizes(model_cfg)
+    if e not in ok:
+        raise ValueError(f"trainer.mesh.expert={e} does not divide the {model_cfg.moe.num_experts} experts and "
+                         f"{jax.device_count()} devices; use trainer.mesh.expert in {ok}")
+    if s > 1:
+        raise ValueError(f"trainer.mesh.expert={e} with sequence parallelism (S={s}) is not supported yet; "
+                         "use one of them")
 
 
 def checkpoint_mesh(model_cfg: ModelConfig) -> Mesh:

@@ -27,9 +27,12 @@ def moe_setup(sft_setup, tmp_path_factory):
     return {**sft_setup, "model": str(path)}
 
 
-def test_moe_loss_curve_matches_a_torch_loop(moe_setup, tmp_path):
-    cfg = load_config(None, sft_overrides(moe_setup, tmp_path / "run", **PARITY, **{"trainer.mesh": "auto"}))
+@pytest.mark.parametrize("mesh", [{"trainer.mesh": "auto"}, {"trainer.mesh.expert": 4}], ids=["auto", "expert4"])
+def test_moe_loss_curve_matches_a_torch_loop(moe_setup, tmp_path, mesh):
+    cfg = load_config(None, sft_overrides(moe_setup, tmp_path / "run", **PARITY, **mesh))
     train(cfg)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["mesh"] == ({"data": 1, "fsdp": 8} if mesh == {"trainer.mesh": "auto"} else {"data": 1, "fsdp": 2, "expert": 4})
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     model = transformers.AutoModelForCausalLM.from_pretrained(moe_setup["model"], dtype=torch.float32)
@@ -41,6 +44,12 @@ def test_moe_loss_curve_matches_a_torch_loop(moe_setup, tmp_path):
         assert m["train/expert_load_mean"] == pytest.approx(real_tokens * 2 / 4)
         assert m["train/expert_load_max"] >= m["train/expert_load_mean"]
         assert m["train/expert_load_imbalance"] >= 1.0
+
+
+def test_an_impossible_expert_axis_is_refused_at_start(moe_setup, tmp_path):
+    cfg = load_config(None, sft_overrides(moe_setup, tmp_path / "run", **{"trainer.mesh.expert": 8}))
+    with pytest.raises(ValueError, match=r"trainer.mesh.expert=8 does not divide the 4 experts .* in \[1, 2, 4\]"):
+        train(cfg)
 
 
 def test_moe_router_aux_loss_is_refused_at_start(moe_setup, tmp_path):
