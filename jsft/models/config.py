@@ -1,7 +1,8 @@
 """ModelConfig: the decoder's hyperparameters, read from a Hugging Face config and written back.
 
 One decoder covers Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral-style and Gemma 3 configs (`gemma3_text`, and
-the text stack of multimodal `gemma3` checkpoints). Anything the decoder does not implement (sliding windows
+the text stack of multimodal `gemma3` checkpoints), and the mixtures of experts Qwen3-MoE and Mixtral (the
+MoE MLP of jsft/models/moe.py in their sparse layers). Anything the decoder does not implement (sliding windows
 outside Gemma 3, unknown rope types, MLP biases, other activations) raises here, so an unsupported checkpoint
 never trains silently wrong.
 
@@ -307,8 +308,10 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), matmuls plus causal attention (a
         sliding layer sees at most `window` keys)."""
-        d, f, n, k, h = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
-        matmul_params = self.num_layers * (d * n * h * 2 + d * k * h * 2) + self.mlp_params(active=True) + self.vocab_size * d
+        d, n, k, h = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        # MoE: the router and the top-k experts a token runs (active parameters), as MFU counts them
+        attn = self.num_layers * (d * n * h * 2 + d * k * h * 2)
+        matmul_params = attn + self.mlp_params(active=True) + self.vocab_size * d
         # QK^T and PV over the keys a query sees on average (T/2 causal, ~window when shorter), x2 flops/MAC
         keys = [seq_len / 2 if s.window is None else min(seq_len / 2, s.window) for s in self.layer_specs()]
         attention = sum(4 * n * h * kk for kk in keys)

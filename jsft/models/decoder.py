@@ -45,7 +45,7 @@ _zeros = jax.nn.initializers.zeros
 
 def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], Callable]]:
     """Every per-layer parameter: name -> (shape, logical axes, init). The stack adds a leading `layers` axis."""
-    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     norm_init = _zeros if cfg.norm_offset else _ones  # Gemma's (1 + w) norms start at w = 0
     table = {
         "attn_norm": ((d,), ("norm",), norm_init),

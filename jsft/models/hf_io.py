@@ -61,7 +61,7 @@ class Key:
 def key_table(cfg: ModelConfig, prefix: str = "model.") -> list[Key]:
     """`prefix`: where the decoder's tensors live ("model." in a causal LM; the text stack of a multimodal
     gemma3 checkpoint sits under "language_model.model." (Hub layout) or "model.language_model.")."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    d, v = cfg.hidden_size, cfg.vocab_size
     nh, kh, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
     p = prefix + "layers.{i}."
     gemma = cfg.model_type in GEMMA
