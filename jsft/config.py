@@ -111,7 +111,8 @@ class TrainerConfig:
     compilation_cache_dir: Optional[str] = None
     # auto: fsdp = the largest group dividing the devices that shards every large tensor, data = the rest
     # (HSDP); or explicit sizes {data: 3, fsdp: 8} (-1 takes the rest), checked against the model at start;
-    # `sequence: S` (trainer.mesh.sequence=4) splits each row's tokens over S devices (Ulysses), data/fsdp auto
+    # `sequence: S` (trainer.mesh.sequence=4) splits each row's tokens over S devices (Ulysses), data/fsdp auto;
+    # `expert: E` (trainer.mesh.expert=4) splits a mixture of experts' experts (and the rows) over E devices
     mesh: Any = "auto"
     # auto | ulysses | ring: attention over split rows; auto = Ulysses where S splits the heads, ring otherwise
     sequence_parallel: str = "auto"

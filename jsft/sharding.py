@@ -25,7 +25,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 logger = logging.getLogger(__name__)
 
-MESH_AXES = ("data", "fsdp", "sequence")
+MESH_AXES = ("data", "fsdp", "sequence", "expert")
+# axes shown and written only when they split something (size > 1), and never -1
+INNER_AXES = ("sequence", "expert")
 AUTO = "auto"  # trainer.mesh value: choose {data, fsdp} from the parameter shapes (auto_mesh_shape)
 
 # logical axis -> mesh axes it may be sharded over, in priority order for parameters: `embed` first, then
@@ -36,12 +38,13 @@ PARAM_RULES: dict[str, tuple[str, ...]] = {
     "vocab": ("fsdp",),
     "heads": ("fsdp",),
     "kv_heads": ("fsdp",),
+    "experts": ("expert",),  # a mixture of experts' expert weights (jsft/models/moe.py), split by expert
 }
 # activations: the batch is split over every data-parallel axis; everything else is replicated, except
 # `replica_batch` + `embed`: rows over data, hidden over fsdp (the embedding lookup's layout, decoder.py).
 # `length`: a row's tokens over the sequence axis (size 1 unless trainer.mesh.sequence > 1).
 ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp"), "replica_batch": ("data",), "embed": ("fsdp",), "length": ("sequence",),
+    "batch": ("data", "fsdp", "expert"), "replica_batch": ("data", "expert"), "embed": ("fsdp",), "length": ("sequence",),
 }
 
 # tensors smaller than this are replicated: sharding them saves nothing and costs a collective each
@@ -69,26 +72,27 @@ def check_mesh_axes(axes) -> dict[str, int]:
     unknown = set(axes) - set(MESH_AXES)
     if unknown:
         raise ValueError(f"unknown mesh axes {sorted(unknown)}; supported: {', '.join(MESH_AXES)}")
-    # sequence only when named: a {data, fsdp} mesh reads back as written
-    sizes = {name: int(axes.get(name, 1)) for name in MESH_AXES if name != "sequence" or name in axes}
+    # sequence / expert only when named: a {data, fsdp} mesh reads back as written
+    sizes = {name: int(axes.get(name, 1)) for name in MESH_AXES if name not in INNER_AXES or name in axes}
     free = [n for n, s in sizes.items() if s == -1]
     if len(free) > 1:
         raise ValueError(f"only one mesh axis may be -1, got {free}")
     if any(s < 1 for n, s in sizes.items() if n not in free):
         raise ValueError(f"trainer.mesh sizes must be >= 1, or -1 for the rest; got {dict(axes)}")
-    if sizes.get("sequence") == -1:
-        raise ValueError("trainer.mesh.sequence must be a size (e.g. 4), not -1")
+    for name in INNER_AXES:
+        if sizes.get(name) == -1:
+            raise ValueError(f"trainer.mesh.{name} must be a size (e.g. 4), not -1")
     return sizes
 
 
-def split_sequence(axes) -> tuple[Union[str, dict], int]:
-    """(data/fsdp part of trainer.mesh, sequence size S): `auto` or a mapping naming only `sequence`
-    becomes (auto, S), so `trainer.mesh.sequence=4` keeps the automatic data/fsdp choice."""
+def split_inner(axes) -> tuple[Union[str, dict], int, int]:
+    """(data/fsdp part of trainer.mesh, sequence size S, expert size E): `auto` or a mapping naming only
+    `sequence` / `expert` becomes (auto, S, E), so `trainer.mesh.expert=4` keeps the automatic data/fsdp."""
     if axes == AUTO:
-        return AUTO, 1
+        return AUTO, 1, 1
     sizes = check_mesh_axes(axes)
-    s = sizes.pop("sequence", 1)
-    return (AUTO if set(axes) == {"sequence"} else sizes), s
+    s, e = sizes.pop("sequence", 1), sizes.pop("expert", 1)
+    return (AUTO if set(axes) <= set(INNER_AXES) else sizes), s, e
 
 
 def mesh_sizes(axes: Mapping[str, int], n_devices: int) -> dict[str, int]:
@@ -117,16 +121,22 @@ def make_mesh(
     naming a tensor it cannot shard); without, `auto` puts every device on fsdp. `log` receives a line
     saying which mesh and why."""
     devices = list(devices if devices is not None else jax.devices())
-    axes, seq = split_sequence(axes)
+    axes, seq, experts = split_inner(axes)
     if len(devices) % seq:
         raise ValueError(f"trainer.mesh.sequence={seq} does not divide the {len(devices)} devices")
+    if len(devices) % (seq * experts):
+        raise ValueError(f"trainer.mesh.expert={experts} does not divide the {len(devices) // seq} devices")
+    n = len(devices) // experts  # the expert axis is a batch axis too: data/fsdp are chosen over the rest
     if axes == AUTO and params is None:
-        sizes = {"data": 1, "fsdp": len(devices) // seq, "sequence": seq}
-        why = f"mesh {_mesh_text(sizes)} (auto without parameter shapes: every device on fsdp)"
+        sizes = {"data": 1, "fsdp": n // seq, "sequence": seq, "expert": experts}
+        why = f"mesh {_mesh_text(sizes)} (auto without parameter shapes: every other device on fsdp)"
     elif axes == AUTO:
-        sizes, why = auto_mesh_shape(params, len(devices), seq)
+        sizes, why = auto_mesh_shape(params, n, seq)
+        if experts > 1:
+            sizes = {**sizes, "expert": experts}
+            why = f"mesh {_mesh_text(sizes)} (trainer.mesh.expert={experts}; data/fsdp auto over the rest: {why})"
     else:
-        sizes = {**mesh_sizes(axes, len(devices) // seq), "sequence": seq}
+        sizes = {**mesh_sizes(axes, n // seq), "sequence": seq, "expert": experts}
         if params is not None:
             check_layout(params, sizes)
         checked = ": every large tensor splits over fsdp" if params is not None else ""
@@ -252,7 +262,7 @@ def auto_mesh_shape(params: Layout, n_devices: int, seq: int = 1) -> tuple[dict[
 
 
 def _mesh_text(sizes: Mapping[str, int]) -> str:
-    shown = [n for n in MESH_AXES if n != "sequence" or sizes.get(n, 1) > 1]  # sequence only when used
+    shown = [n for n in MESH_AXES if n not in INNER_AXES or sizes.get(n, 1) > 1]  # sequence/expert when used
     return "{" + ", ".join(f"{n}: {sizes.get(n, 1)}" for n in shown) + "}"
 
 
@@ -277,8 +287,13 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
 
 
 def mesh_sizes_of(mesh: Mesh) -> dict[str, int]:
-    """{axis: size} for reports, `sequence` only when it splits rows (as trainer.mesh is written)."""
-    return {n: int(mesh.shape[n]) for n in MESH_AXES if n != "sequence" or mesh.shape[n] > 1}
+    """{axis: size} for reports, `sequence` / `expert` only when used (as trainer.mesh is written)."""
+    return {n: int(mesh.shape[n]) for n in MESH_AXES if n not in INNER_AXES or mesh.shape[n] > 1}
+
+
+def expert_size(mesh) -> int:
+    """E: the devices a mixture of experts' experts are split over (1 without expert parallelism)."""
+    return int(mesh.shape.get("expert", 1))
 
 
 def sequence_size(mesh: Mesh) -> int:

@@ -10,6 +10,11 @@ TINY = dict(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
 )
+# mixtures of experts: 3 layers, hidden 64, 4 experts, top-2
+TINY_MOE = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+    num_key_value_heads=2, max_position_embeddings=256, num_experts=4, num_local_experts=4, num_experts_per_tok=2,
+)
 LLAMA3_ROPE = {
     "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
     "high_freq_factor": 4.0, "original_max_position_embeddings": 32,
@@ -30,6 +35,10 @@ def make_tiny_hf(path, kind: str, seed: int = 0, **overrides):
         config = transformers.LlamaConfig(**{"rope_parameters": LLAMA3_ROPE, **kw})
     elif kind == "mistral":
         config = transformers.MistralConfig(**{"sliding_window": None, **kw})
+    elif kind == "qwen3_moe":  # 4 experts, top-2, expert hidden 32 (dense layers: TINY's intermediate_size)
+        config = transformers.Qwen3MoeConfig(**{"head_dim": 16, **TINY_MOE, "moe_intermediate_size": 32, **kw})
+    elif kind == "mixtral":
+        config = transformers.MixtralConfig(**{**TINY_MOE, "intermediate_size": 32, "sliding_window": None, **kw})
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)
@@ -38,6 +47,8 @@ def make_tiny_hf(path, kind: str, seed: int = 0, **overrides):
         for name, p in model.named_parameters():
             if "norm" in name or "bias" in name:
                 p.add_(torch.randn_like(p) * 0.1)
+            if name.endswith((".mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                p.normal_(0.0, 0.5)  # routers far from uniform: top-k choices are not near-ties
     model.save_pretrained(path)
     return model
 

@@ -51,7 +51,7 @@ def from_pretrained(
         cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl,
         sequence_parallel=sequence_parallel,
     )
-    keys = {k.jsft: k for k in hf_io.key_table(cfg, prefix)}
+    keys = hf_io.keys_by_param(hf_io.key_table(cfg, prefix))
     values = {}
     for name, var in flat_params(abstract).items():
         values[name] = hf_io.load_array(

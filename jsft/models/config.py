@@ -1,7 +1,8 @@
 """ModelConfig: the decoder's hyperparameters, read from a Hugging Face config and written back.
 
 One decoder covers Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral-style and Gemma 3 configs (`gemma3_text`, and
-the text stack of multimodal `gemma3` checkpoints). Anything the decoder does not implement (sliding windows
+the text stack of multimodal `gemma3` checkpoints), and the mixtures of experts Qwen3-MoE and Mixtral (the
+MoE MLP of jsft/models/moe.py in their sparse layers). Anything the decoder does not implement (sliding windows
 outside Gemma 3, unknown rope types, MLP biases, other activations) raises here, so an unsupported checkpoint
 never trains silently wrong.
 
@@ -20,7 +21,11 @@ from typing import Any, Optional
 import numpy as np
 import transformers
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3")
+from jsft.models.moe import MoeSpec, expert_hidden_size, sparse_layers
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3", "qwen3_moe", "mixtral")
+# mixtures of experts: the MLP of their sparse layers is jsft.models.moe (gpt_oss is not wired yet)
+MOE = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FULL, SLIDING = "full_attention", "sliding_attention"  # HF's layer_types
 # Gemma 3: (1 + w) RMSNorm, post-attention and pre/post-feed-forward norms, embeddings x sqrt(D), gelu-tanh
@@ -70,6 +75,15 @@ class ModelConfig:
     attention_sinks: bool = False  # one learned logit per query head joining the softmax denominator
     hidden_act: str = "silu"  # silu | gelu_pytorch_tanh
     text_of: Optional[str] = None  # "gemma3": the text stack of a multimodal checkpoint (exported as text-only)
+    # mixture of experts (MOE families): what each sparse layer's MoE MLP computes, which layers are sparse
+    # (the others keep the dense MLP of `intermediate_size`), and the HF fields written back on export
+    moe: Optional[MoeSpec] = None
+    moe_intermediate_size: Optional[int] = None  # each expert's MLP hidden size
+    sparse_layers: Optional[tuple] = None  # one bool per layer
+    mlp_only_layers: tuple = ()
+    decoder_sparse_step: int = 1
+    router_aux_loss_coef: float = 0.0
+    output_router_logits: bool = False
 
     # ---- Hugging Face <-> jsft ----------------------------------------------------------------------------
 
@@ -87,6 +101,7 @@ class ModelConfig:
             raise ValueError(f"hidden_act '{act}' is not supported (only {'gelu_pytorch_tanh' if gemma else 'silu'} for {mt})")
         if getattr(hf, "mlp_bias", False):
             raise ValueError("mlp_bias=true is not supported")
+        moe = _moe_fields(hf) if mt in MOE else {}
         if gemma:
             _check_gemma(hf)
         else:
@@ -109,8 +124,8 @@ class ModelConfig:
             rope_theta=rope[FULL][0],
             rope_scaling=rope[FULL][1],
             qkv_bias=mt == "qwen2" or attention_bias,
-            o_bias=(mt in ("llama", "qwen3") or gemma) and attention_bias,
-            qk_norm=mt == "qwen3" or gemma,
+            o_bias=(mt in ("llama", "qwen3", "qwen3_moe") or gemma) and attention_bias,
+            qk_norm=mt in ("qwen3", "qwen3_moe") or gemma,
             tie_word_embeddings=bool(outer.tie_word_embeddings),
             max_position_embeddings=hf.max_position_embeddings,
             # a multimodal config may carry the chat's stop tokens at its top level
@@ -128,6 +143,7 @@ class ModelConfig:
             final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
             hidden_act=act,
             text_of=text_of,
+            **moe,
         )
 
     @classmethod
@@ -151,24 +167,37 @@ class ModelConfig:
             raise ValueError(f"per-layer windows, sinks and softcaps are not expressible as model_type {self.model_type}")
         if self.model_type == "qwen2" and not self.qkv_bias:
             raise ValueError("Qwen2 always has q/k/v biases; a qwen2 config without them cannot be exported")
-        if self.model_type == "qwen3" and self.qkv_bias != self.o_bias:
+        if self.model_type in ("qwen3", "qwen3_moe") and self.qkv_bias != self.o_bias:
             raise ValueError("Qwen3's attention_bias covers q/k/v and o together")
-        if self.qk_norm != (self.model_type == "qwen3"):
-            raise ValueError("q/k RMSNorm is only expressible as model_type qwen3")
+        if self.qk_norm != (self.model_type in ("qwen3", "qwen3_moe")):
+            raise ValueError("q/k RMSNorm is only expressible as model_type qwen3 / qwen3_moe")
         kwargs = dict(
             self._common_hf_fields(),
             rope_parameters=_rope_parameters(self.rope_theta, self.rope_scaling),
             hidden_act="silu",
         )
-        if self.model_type in ("llama", "qwen3"):
+        if self.model_type in ("llama", "qwen3", "qwen3_moe"):
             kwargs["attention_bias"] = self.qkv_bias
-        if self.model_type == "mistral" and (self.qkv_bias or self.o_bias):
-            raise ValueError("Mistral has no attention biases")
+        if self.model_type in ("mistral", "mixtral") and (self.qkv_bias or self.o_bias):
+            raise ValueError("Mistral and Mixtral have no attention biases")
+        kwargs.update(self._moe_hf_fields())
         if self.model_type == "llama" and self.qkv_bias != self.o_bias:
             raise ValueError("Llama's attention_bias covers q/k/v and o together")
-        if self.model_type == "mistral":
+        if self.model_type in ("mistral", "mixtral"):
             kwargs["sliding_window"] = None
         return transformers.AutoConfig.for_model(self.model_type, **kwargs)
+
+    def _moe_hf_fields(self) -> dict:
+        if self.moe is None:
+            return {}
+        common = dict(num_experts_per_tok=self.moe.top_k, router_aux_loss_coef=self.router_aux_loss_coef,
+                      output_router_logits=self.output_router_logits)
+        if self.model_type == "mixtral":
+            return dict(common, num_local_experts=self.moe.num_experts, router_jitter_noise=0.0,
+                        intermediate_size=self.moe_intermediate_size)
+        return dict(common, num_experts=self.moe.num_experts, moe_intermediate_size=self.moe_intermediate_size,
+                    norm_topk_prob=self.moe.norm_topk_prob, mlp_only_layers=list(self.mlp_only_layers),
+                    decoder_sparse_step=self.decoder_sparse_step)
 
     def _common_hf_fields(self) -> dict:
         return dict(
@@ -253,19 +282,36 @@ class ModelConfig:
         """Rotary inverse frequencies [H/2] in float32 of the full-attention layers."""
         return rope_inv_freq(self.rope_theta, self.rope_scaling, self.head_dim, self.max_position_embeddings)[0]
 
-    def num_params(self) -> int:
-        d, f, n, k, h = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
+    def layer_is_sparse(self) -> tuple:
+        """One bool per layer: its MLP is the MoE (all False for a dense model)."""
+        return self.sparse_layers or (False,) * self.num_layers
+
+    def mlp_params(self, active: bool = False) -> int:
+        """MLP parameters over all layers; `active`: only those one token uses (its top-k experts + router)."""
+        d, f = self.hidden_size, self.intermediate_size
+        sparse = sum(self.layer_is_sparse())
+        dense = (self.num_layers - sparse) * 3 * d * f
+        if not sparse:
+            return dense
+        experts = self.moe.top_k if active else self.moe.num_experts
+        return dense + sparse * (experts * 3 * d * self.moe_intermediate_size + d * self.moe.num_experts)
+
+    def num_params(self, active: bool = False) -> int:
+        """All parameters; `active`: those one token uses (MoE: top-k experts), the figure for MFU."""
+        d, n, k, h = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         attn = d * n * h * 2 + d * k * h * 2 + (n * h + 2 * k * h if self.qkv_bias else 0) + (d if self.o_bias else 0)
         norms = (4 if self.model_type in GEMMA else 2) * d + (2 * h if self.qk_norm else 0)
-        per_layer = attn + 3 * d * f + norms + (n if self.attention_sinks else 0)
+        per_layer = attn + norms + (n if self.attention_sinks else 0)
         embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + d
+        return self.num_layers * per_layer + self.mlp_params(active) + embed + d
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), matmuls plus causal attention (a
         sliding layer sees at most `window` keys)."""
-        d, f, n, k, h = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
-        matmul_params = self.num_layers * (d * n * h * 2 + d * k * h * 2 + 3 * d * f) + self.vocab_size * d
+        d, n, k, h = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        # MoE: the router and the top-k experts a token runs (active parameters), as MFU counts them
+        attn = self.num_layers * (d * n * h * 2 + d * k * h * 2)
+        matmul_params = attn + self.mlp_params(active=True) + self.vocab_size * d
         # QK^T and PV over the keys a query sees on average (T/2 causal, ~window when shorter), x2 flops/MAC
         keys = [seq_len / 2 if s.window is None else min(seq_len / 2, s.window) for s in self.layer_specs()]
         attention = sum(4 * n * h * kk for kk in keys)
@@ -294,7 +340,7 @@ def load_hf_config(path: str) -> transformers.PretrainedConfig:
 
 def _check_no_sliding_window(hf: transformers.PretrainedConfig) -> None:
     window = getattr(hf, "sliding_window", None)
-    if hf.model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False):
+    if hf.model_type in ("qwen2", "qwen3", "qwen3_moe") and not getattr(hf, "use_sliding_window", False):
         window = None
     layer_types = getattr(hf, "layer_types", None) or []
     if window is not None and window < hf.max_position_embeddings or "sliding_attention" in layer_types:
@@ -302,6 +348,22 @@ def _check_no_sliding_window(hf: transformers.PretrainedConfig) -> None:
             f"sliding-window attention (sliding_window={window}) is not supported for {hf.model_type}; "
             "jsft implements sliding windows for gemma3 only"
         )
+
+
+def _moe_fields(hf: transformers.PretrainedConfig) -> dict:
+    """The MoE fields of a qwen3_moe / mixtral config (MoeSpec.from_hf refuses what the layer cannot run,
+    naming the family and field)."""
+    spec = MoeSpec.from_hf(hf)
+    sparse = sparse_layers(hf)
+    return dict(
+        moe=spec if any(sparse) else None,
+        moe_intermediate_size=expert_hidden_size(hf),
+        sparse_layers=sparse if any(sparse) else None,
+        mlp_only_layers=tuple(getattr(hf, "mlp_only_layers", ()) or ()),
+        decoder_sparse_step=getattr(hf, "decoder_sparse_step", 1),
+        router_aux_loss_coef=float(getattr(hf, "router_aux_loss_coef", 0.0) or 0.0),
+        output_router_logits=bool(getattr(hf, "output_router_logits", False)),
+    )
 
 
 def _check_gemma(hf: transformers.PretrainedConfig) -> None:

@@ -25,9 +25,11 @@ from flax import nnx
 
 from jsft.config import REMAT_POLICIES as POLICY_NAMES
 from jsft.models.attention import attention, resolve_impl
+from jsft.models import moe as moe_layer
 from jsft.models.blockwise import NO_WINDOW  # a full layer inside a stack that carries windows as data
 from jsft.models.config import GEMMA, ModelConfig
-from jsft.sharding import constrain
+from jsft.models.moe_parallel import moe_expert_parallel
+from jsft.sharding import ACTIVATION_RULES, constrain, expert_size
 
 # the jax checkpoint policy of each of the config's remat policies (none: no remat)
 REMAT_POLICIES = dict(zip(POLICY_NAMES, (
@@ -42,7 +44,7 @@ _zeros = jax.nn.initializers.zeros
 
 def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str, ...], Callable]]:
     """Every per-layer parameter: name -> (shape, logical axes, init). The stack adds a leading `layers` axis."""
-    d, f, n, k, h = cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     norm_init = _zeros if cfg.norm_offset else _ones  # Gemma's (1 + w) norms start at w = 0
     table = {
         "attn_norm": ((d,), ("norm",), norm_init),
@@ -51,9 +53,6 @@ def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
         "v_proj": ((d, k, h), ("embed", "kv_heads", "head_dim"), _normal),
         "o_proj": ((n, h, d), ("heads", "head_dim", "embed"), _normal),
         "mlp_norm": ((d,), ("norm",), norm_init),
-        "gate_proj": ((d, f), ("embed", "mlp"), _normal),
-        "up_proj": ((d, f), ("embed", "mlp"), _normal),
-        "down_proj": ((f, d), ("mlp", "embed"), _normal),
     }
     if cfg.qkv_bias:
         table["q_bias"] = ((n, h), ("heads", "head_dim"), _zeros)
@@ -72,6 +71,42 @@ def _param_table(cfg: ModelConfig) -> dict[str, tuple[tuple[int, ...], tuple[str
     return table
 
 
+# the MoE MLP's parameters carry this prefix; they stack over the sparse layers only
+MOE_PREFIX = "moe_"
+
+
+def _mlp_tables(cfg: ModelConfig) -> dict[str, tuple[int, tuple, tuple, Callable]]:
+    """The MLP parameters: name -> (stacked count, shape, logical axes, init). The dense MLP stacks over the
+    dense layers, the MoE MLP (jsft.models.moe.param_table, names with MOE_PREFIX) over the sparse ones."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    sparse = sum(cfg.layer_is_sparse())
+    dense = cfg.num_layers - sparse
+    table = {}
+    if dense:
+        table.update({
+            "gate_proj": (dense, (d, f), ("embed", "mlp"), _normal),
+            "up_proj": (dense, (d, f), ("embed", "mlp"), _normal),
+            "down_proj": (dense, (f, d), ("mlp", "embed"), _normal),
+        })
+    if sparse:
+        for name, (shape, axes, init) in moe_layer.param_table(cfg.moe, d, cfg.moe_intermediate_size).items():
+            table[MOE_PREFIX + name] = (sparse, shape, axes, init)
+    return table
+
+
+def _runs(cfg: ModelConfig) -> list[tuple[int, int, bool, int]]:
+    """The stack as runs of consecutive layers of one MLP kind: (first layer, end, sparse, first index into
+    that kind's stacked MLP parameters). Dense models, Mixtral and default Qwen3-MoE are one run: one scan."""
+    runs, counts = [], [0, 0]
+    for i, sparse in enumerate(cfg.layer_is_sparse()):
+        if runs and runs[-1][2] == sparse:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1, sparse, counts[sparse]])
+        counts[sparse] += 1
+    return [tuple(r) for r in runs]
+
+
 # LoRA: projections whose input spans more than one jsft axis (o_proj reads [N, H])
 _INPUT_AXES = {"o_proj": 2}
 
@@ -86,8 +121,12 @@ def _adapter_table(cfg: ModelConfig, rank: int, targets) -> dict[str, tuple]:
     """LoRA adapters per target projection W [*in, *out]: name -> (a, b), each (shape, logical axes, init):
     a [*in, r] (kaiming-uniform) and b [r, *out] (zeros, so training starts from the base model). `in`/`out`
     keep the base's logical axes, so they shard like the base; the rank axis stays replicated."""
-    base, table = _param_table(cfg), {}
+    mlp = {name: (shape, axes, init) for name, (_, shape, axes, init) in _mlp_tables(cfg).items()}
+    base, table = {**_param_table(cfg), **mlp}, {}
     for name in targets:
+        if name in ("gate_proj", "up_proj", "down_proj") and cfg.moe is not None:
+            raise ValueError(f"LoRA on the MLP ({name}) of a mixture of experts ({cfg.model_type}) is not supported; "
+                             "set model.lora.target_modules to attention projections (q_proj,k_proj,v_proj,o_proj)")
         shape, axes, _ = base[name]
         n = _INPUT_AXES.get(name, 1)
         a = ((*shape[:n], rank), (*axes[:n], "lora_rank"), _kaiming_uniform(math.prod(shape[:n])))
@@ -160,7 +199,7 @@ def proj(x, p: dict, name: str, lora_scale: float = 0.0, contract: int = 1):
 
 
 def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, attn_impl, cache=None, layer=None,
-          window=None, lora_scale: float = 0.0, sequence_parallel: str = "ulysses"):
+          window=None, lora_scale: float = 0.0, sequence_parallel: str = "ulysses", sparse: bool = False):
     """One pre-norm decoder layer. p: this layer's parameters (already in the compute dtype), with
     "<proj>.lora_a"/"<proj>.lora_b" for projections that carry an adapter. x [B,T,D]. layer_rope: this
     layer's (inverse frequencies [H/2], cos/sin scaling); window: None, or its window (traced, see
@@ -168,7 +207,8 @@ def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, a
 
     With `cache` (generation: see `init_cache`; its slot ids already cover this chunk), the keys/values go
     into cache layer `layer` at `cache["index"]` and attention runs over all that layer's slots.
-    Returns (x, cache)."""
+    `sparse`: the MLP is the mixture of experts (p's MOE_PREFIX parameters); padding (segment id 0) is
+    neither routed nor counted. Returns ((x, cache), MoeStats or None)."""
     eps, off = cfg.rms_norm_eps, cfg.norm_offset
     with jax.named_scope("attention"):
         h = rms_norm(x, p["attn_norm"], eps, off)
@@ -195,13 +235,23 @@ def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, a
         x = x + a
     with jax.named_scope("mlp"):
         h = rms_norm(x, p["mlp_norm"], eps, off)
-        act = _ACTIVATIONS[cfg.hidden_act]
-        gated = act(proj(h, p, "gate_proj", lora_scale)) * proj(h, p, "up_proj", lora_scale)  # [B, T, F]
-        m = proj(gated, p, "down_proj", lora_scale)
+        stats = None
+        if sparse:
+            experts = {k.removeprefix(MOE_PREFIX): v for k, v in p.items() if k.startswith(MOE_PREFIX)}
+            mesh = jax.sharding.get_abstract_mesh()
+            if not mesh.empty and expert_size(mesh) > 1:  # experts split over the expert axis (shard_map)
+                m, stats = moe_expert_parallel(experts, h, cfg.moe, segment_ids > 0, mesh=mesh, expert_axis="expert",
+                                               batch_axes=ACTIVATION_RULES["batch"])
+            else:
+                m, stats = moe_layer.moe(experts, h, cfg.moe, segment_ids > 0)
+        else:
+            act = _ACTIVATIONS[cfg.hidden_act]
+            gated = act(proj(h, p, "gate_proj", lora_scale)) * proj(h, p, "up_proj", lora_scale)  # [B, T, F]
+            m = proj(gated, p, "down_proj", lora_scale)
         if "post_mlp_norm" in p:
             m = rms_norm(m, p["post_mlp_norm"], eps, off)
         x = x + m
-    return constrain(x, ("batch", "length", None)), cache
+    return (constrain(x, ("batch", "length", None)), cache), stats
 
 
 def _write_kv(cache, layer, k, v):
@@ -265,6 +315,8 @@ class Decoder(nnx.Module):
                 for name, (shape, axes, init) in _param_table(cfg).items()
             }
         )
+        for name, (count, shape, axes, init) in _mlp_tables(cfg).items():
+            self.layers[name] = _param(init, rngs.params(), (count, *shape), ("layers", *axes), pd)
         self.final_norm = _param(_zeros if cfg.norm_offset else _ones, rngs.params(), (cfg.hidden_size,), ("norm",), pd)
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(_normal, rngs.params(), (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), pd)
@@ -284,6 +336,12 @@ class Decoder(nnx.Module):
         """Final-normed hidden states [B, T, D]. With a `cache` (see `init_cache`), the chunk is written at
         the cache's next free slots and attends to everything cached; returns (hidden, cache) with the index
         advanced past the chunk, so the caller just feeds the next one."""
+        x, cache, _ = self.hidden_states_and_stats(input_ids, positions, segment_ids, cache)
+        return x if cache is None else (x, cache)
+
+    def hidden_states_and_stats(self, input_ids, positions=None, segment_ids=None, cache=None):
+        """(hidden [B, T, D], cache or None, MoeStats stacked over the sparse layers [L_sparse, ...] or None
+        for a dense model): the router statistics for the router losses and expert-load metrics."""
         cfg = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1], dtype=jnp.int32), input_ids.shape)
@@ -312,26 +370,43 @@ class Decoder(nnx.Module):
         if cache is not None:
             cache = _write_slots(cache, segment_ids, positions)
 
-        def body(carry, scanned):
+        def body(carry, scanned, sparse):
             x, cache = carry
             p, layer, layer_rope, window = scanned
-            carry = block(
+            return block(
                 p, x, cfg=cfg, layer_rope=layer_rope, positions=positions, segment_ids=segment_ids,
                 attn_impl=self.attention_impl, cache=cache, layer=layer, window=window, lora_scale=lora_scale,
-                sequence_parallel=self.sequence_parallel,
+                sequence_parallel=self.sequence_parallel, sparse=sparse,
             )
-            return carry, None
 
         policy = REMAT_POLICIES[self.remat_policy]
-        if self.remat_policy != "none":
-            body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-        scanned = (params, jnp.arange(cfg.num_layers), (jnp.asarray(inv_freq), jnp.asarray(rope_scaling)),
-                   None if windows is None else jnp.asarray(windows, jnp.int32))
-        (x, cache), _ = jax.lax.scan(body, (x, cache), scanned)
+        rope_arrays = (jnp.asarray(inv_freq), jnp.asarray(rope_scaling))
+        windows = None if windows is None else jnp.asarray(windows, jnp.int32)
+        mlp_names = set(_mlp_tables(cfg))
+        stats = []
+        for start, end, sparse, mlp_start in _runs(cfg):
+            # a run's slice of the stacked parameters (the whole stack when the model is one run)
+            whole = (start, end) == (0, cfg.num_layers)
+            mlp_end = mlp_start + end - start
+            run = {
+                name: v if whole else (v[mlp_start:mlp_end] if name in mlp_names else v[start:end])
+                for name, v in params.items()
+                if name not in mlp_names or name.startswith(MOE_PREFIX) == sparse
+            }
+            cut = (lambda a: a) if whole else (lambda a: a[start:end])  # noqa: E731
+            step = partial(body, sparse=sparse)
+            if self.remat_policy != "none":
+                step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+            scanned = (run, jnp.arange(start, end), jax.tree.map(cut, rope_arrays),
+                       None if windows is None else cut(windows))
+            (x, cache), run_stats = jax.lax.scan(step, (x, cache), scanned)
+            if sparse:
+                stats.append(run_stats)
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps, cfg.norm_offset)
-        if cache is None:
-            return x
-        return x, {**cache, "index": cache["index"] + input_ids.shape[1]}
+        stats = jax.tree.map(lambda *s: jnp.concatenate(s), *stats) if stats else None
+        if cache is not None:
+            cache = {**cache, "index": cache["index"] + input_ids.shape[1]}
+        return x, cache, stats
 
     def __call__(self, input_ids, positions=None, segment_ids=None):
         """Logits [B, T, V] in fp32 (tests, generation; training uses the chunked loss on hidden states)."""

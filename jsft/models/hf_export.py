@@ -72,7 +72,7 @@ def save_pretrained(
         if remaining[file] == 0:
             save_file(pending.pop(file), str(out / file), metadata={"format": "pt"})
     if writer and sharded:
-        total = sum(int(np.prod(k.hf_shape)) * (cfg.num_layers if k.per_layer else 1) for k in hf_io.key_table(cfg))
+        total = sum(int(np.prod(k.hf_shape)) * len(hf_io.hf_tensor_names(k, cfg.num_layers)) for k in hf_io.key_table(cfg))
         index = {"metadata": {"total_size": total * dtype.itemsize}, "weight_map": dict(sorted(plan.items()))}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return out
@@ -112,6 +112,8 @@ ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "mistral": "MistralForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
 }
 
 

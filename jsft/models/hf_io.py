@@ -31,6 +31,10 @@ from jsft.models.config import GEMMA, ModelConfig
 #   "linear": torch Linear weights are [out, in]; jsft keeps [in, out] split into named axes (q_proj
 #             [D, N, H], o_proj [N, H, D]), so jsft = hf.T.reshape(jsft shape) and hf = jsft.reshape(hf.T shape).T
 #   "same":   identical up to a reshape (q_bias [N*H] <-> [N, H]).
+# Mixtures of experts: an HF tensor per expert ("{e}" in its name) stacks on a leading experts axis after
+# the layers axis (jsft [layers, E, ...]); `layers` lists the HF layers a stack holds (a Qwen3-MoE's dense
+# and sparse MLPs stack over their own layers); `part` = (axis, index): the HF tensor is that slice of the
+# per-expert jsft tensor (gate and up are the two halves of jsft's fused gate_up_proj [D, 2, F]).
 
 
 @dataclass(frozen=True)
@@ -39,16 +43,25 @@ class Key:
     hf: str
     hf_shape: tuple[int, ...]
     layout: str  # "linear" | "same"
+    layers: Optional[tuple[int, ...]] = None  # the HF layers stacked in jsft's layers axis (None: all)
+    experts: int = 0  # > 0: one HF tensor per expert, stacked on jsft's axis 1
+    part: Optional[tuple[int, int]] = None  # (axis, index) of the per-expert jsft tensor this HF tensor fills
 
     @property
     def per_layer(self) -> bool:
         return "{i}" in self.hf
 
+    def layer_ids(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(num_layers)) if self.layers is None else self.layers
+
+    def name(self, layer: int = 0, expert: int = 0) -> str:
+        return self.hf.format(i=layer, e=expert)
+
 
 def key_table(cfg: ModelConfig, prefix: str = "model.") -> list[Key]:
     """`prefix`: where the decoder's tensors live ("model." in a causal LM; the text stack of a multimodal
     gemma3 checkpoint sits under "language_model.model." (Hub layout) or "model.language_model.")."""
-    d, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    d, v = cfg.hidden_size, cfg.vocab_size
     nh, kh, h = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.head_dim
     p = prefix + "layers.{i}."
     gemma = cfg.model_type in GEMMA
@@ -62,9 +75,6 @@ def key_table(cfg: ModelConfig, prefix: str = "model.") -> list[Key]:
         Key("layers/v_proj", p + "self_attn.v_proj.weight", (kh, d), "linear"),
         Key("layers/o_proj", p + "self_attn.o_proj.weight", (d, nh), "linear"),
         Key("layers/mlp_norm", p + mlp_norm + ".weight", (d,), "same"),
-        Key("layers/gate_proj", p + "mlp.gate_proj.weight", (f, d), "linear"),
-        Key("layers/up_proj", p + "mlp.up_proj.weight", (f, d), "linear"),
-        Key("layers/down_proj", p + "mlp.down_proj.weight", (d, f), "linear"),
         Key("final_norm", prefix + "norm.weight", (d,), "same"),
     ]
     if cfg.qkv_bias:
@@ -84,9 +94,45 @@ def key_table(cfg: ModelConfig, prefix: str = "model.") -> list[Key]:
         ]
     if cfg.attention_sinks:
         keys.append(Key("layers/sinks", p + "self_attn.sinks", (cfg.num_heads,), "same"))
+    keys += _mlp_keys(cfg, p)
     if not cfg.tie_word_embeddings:
         keys.append(Key("lm_head", prefix.removesuffix("model.") + "lm_head.weight", (v, d), "linear"))
     return keys
+
+
+# the experts of each MoE family: (router, per-expert prefix, gate, up, down)
+_MOE_NAMES = {
+    "qwen3_moe": ("mlp.gate.weight", "mlp.experts.{e}.", "gate_proj", "up_proj", "down_proj"),
+    "mixtral": ("block_sparse_moe.gate.weight", "block_sparse_moe.experts.{e}.", "w1", "w3", "w2"),
+}
+
+
+def _mlp_keys(cfg: ModelConfig, p: str) -> list[Key]:
+    """The dense MLP over the dense layers, the MoE MLP over the sparse ones (see decoder._mlp_tables)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    sparse = cfg.layer_is_sparse()
+    dense_ids = tuple(i for i, s in enumerate(sparse) if not s)
+    keys = []
+    if dense_ids:
+        ids = None if len(dense_ids) == cfg.num_layers else dense_ids
+        keys += [
+            Key("layers/gate_proj", p + "mlp.gate_proj.weight", (f, d), "linear", ids),
+            Key("layers/up_proj", p + "mlp.up_proj.weight", (f, d), "linear", ids),
+            Key("layers/down_proj", p + "mlp.down_proj.weight", (d, f), "linear", ids),
+        ]
+    if cfg.moe is None:
+        return keys
+    router, expert, gate, up, down = _MOE_NAMES[cfg.model_type]
+    e, fe = cfg.moe.num_experts, cfg.moe_intermediate_size
+    ids = tuple(i for i, s in enumerate(sparse) if s)
+    ids = None if len(ids) == cfg.num_layers else ids
+    x = p + expert
+    return keys + [
+        Key("layers/moe_router", p + router, (e, d), "linear", ids),
+        Key("layers/moe_gate_up_proj", x + gate + ".weight", (fe, d), "linear", ids, e, (1, 0)),
+        Key("layers/moe_gate_up_proj", x + up + ".weight", (fe, d), "linear", ids, e, (1, 1)),
+        Key("layers/moe_down_proj", x + down + ".weight", (d, fe), "linear", ids, e),
+    ]
 
 
 # where a multimodal gemma3 checkpoint keeps its text stack: the Hub's layout, then transformers 5's module names
@@ -104,7 +150,9 @@ def text_prefix(cfg: ModelConfig, available: set[str]) -> str:
 
 
 def hf_tensor_names(key: Key, num_layers: int) -> list[str]:
-    return [key.hf.format(i=i) for i in range(num_layers)] if key.per_layer else [key.hf]
+    if not key.per_layer:
+        return [key.hf]
+    return [key.name(i, e) for i in key.layer_ids(num_layers) for e in range(max(key.experts, 1))]
 
 
 def to_hf_layout(key: Key, x: np.ndarray) -> np.ndarray:
@@ -250,17 +298,44 @@ def check_names(cfg: ModelConfig, available: set[str], path, prefix: str = "mode
         )
 
 
-def load_array(key: Key, files: SafetensorsDir, shape, sharding, dtype, num_layers: int) -> jax.Array:
-    """One jsft parameter as a sharded jax.Array; each device's callback reads only its own slice."""
+def load_array(key: Key | Sequence[Key], files: SafetensorsDir, shape, sharding, dtype, num_layers: int) -> jax.Array:
+    """One jsft parameter (its key, or the keys of its parts) as a sharded jax.Array; each device's callback
+    reads only its own slice."""
+    parts = [key] if isinstance(key, Key) else list(key)
+    key = parts[0]
+
+    def tensor(name, shape, index, part_key):
+        """One unstacked jsft tensor's slice, assembled from its parts where it has several."""
+        if part_key.part is None:
+            return read_hf_slice(part_key, files.get(name(part_key)), shape, index)
+        axis = part_key.part[0]
+        inner, inner_index = (*shape[:axis], *shape[axis + 1:]), (*index[:axis], *index[axis + 1:])
+        chosen = range(shape[axis])[index[axis]]
+        by_index = {k.part[1]: k for k in parts}
+        return np.stack([read_hf_slice(by_index[j], files.get(name(by_index[j])), inner, inner_index)
+                         for j in chosen], axis=axis)
 
     def shard(index: tuple) -> np.ndarray:
         if not key.per_layer:
-            return read_hf_slice(key, files.get(key.hf), shape, index).astype(dtype)
-        layers = range(num_layers)[index[0]]
-        per = [read_hf_slice(key, files.get(key.hf.format(i=i)), shape[1:], index[1:]) for i in layers]
+            return tensor(lambda k: k.hf, shape, index, key).astype(dtype)
+        layers = key.layer_ids(num_layers)[index[0]]
+        if not key.experts:
+            per = [tensor(lambda k, i=i: k.name(i), shape[1:], index[1:], key) for i in layers]
+        else:
+            experts = range(key.experts)[index[1]]
+            per = [np.stack([tensor(lambda k, i=i, e=e: k.name(i, e), shape[2:], index[2:], key) for e in experts])
+                   for i in layers]
         return np.stack(per).astype(dtype)
 
     return jax.make_array_from_callback(tuple(shape), sharding, shard)
+
+
+def keys_by_param(keys: Sequence[Key]) -> dict[str, list[Key]]:
+    """jsft name -> its keys (several where HF tensors are parts of one jsft parameter)."""
+    out: dict[str, list[Key]] = {}
+    for k in keys:
+        out.setdefault(k.jsft, []).append(k)
+    return out
 
 
 # ---- export -----------------------------------------------------------------------------------------------------
@@ -273,8 +348,14 @@ def hf_tensors(cfg: ModelConfig, params: dict[str, jax.Array], dtype) -> Iterato
     for key in key_table(cfg):
         x = params[key.jsft]
         if key.per_layer:
-            for i in range(cfg.num_layers):
-                yield key.hf.format(i=i), to_hf_layout(key, gather_layer(x, i).astype(dtype))
+            for j, i in enumerate(key.layer_ids(cfg.num_layers)):
+                layer = gather_layer(x, j).astype(dtype)  # one layer (all its experts) at a time
+                if not key.experts:
+                    yield key.name(i), to_hf_layout(key, layer)
+                    continue
+                for e in range(key.experts):
+                    part = layer[e] if key.part is None else np.take(layer[e], key.part[1], axis=key.part[0])
+                    yield key.name(i, e), to_hf_layout(key, part)
         else:
             yield key.hf, to_hf_layout(key, gather_whole(x, limit).astype(dtype))
 

@@ -68,6 +68,15 @@ PRESETS = {
                         num_hidden_layers=62, num_attention_heads=32, num_key_value_heads=16, head_dim=128,
                         query_pre_attn_scalar=168, sliding_window=1024, rope_parameters=_GEMMA3_ROPE,
                         max_position_embeddings=131072),
+    # Qwen/Qwen3-30B-A3B config.json: 128 experts, top-8, every layer sparse
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, rope_theta=1e6, max_position_embeddings=40960, rms_norm_eps=1e-6),
+    # mistralai/Mixtral-8x7B-v0.1 config.json: 8 experts, top-2
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                         num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5),
 }
 
 def _gib(n: float) -> str:

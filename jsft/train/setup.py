@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 from jax.sharding import Mesh
@@ -82,6 +82,7 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     if tok is not None and len(tok) > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {model_cfg.vocab_size}: "
                          "they do not belong together")
+    check_moe(model_cfg, cfg.model.path)
     spec = lora.spec_from_run_config(cfg.model)  # reads a starting adapter's adapter_config.json
     if spec and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
         lora.check_adapter(cfg.model.lora_adapter_path, model_cfg, spec)
@@ -106,6 +107,18 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     if log is not None:
         log(choice.describe())
     return dataclasses.replace(run, remat_policy=choice.policy, remat_choice=choice)
+
+
+def check_moe(model_cfg: ModelConfig, path: Optional[str]) -> None:
+    """A mixture of experts trains with the cross-entropy alone (dropless routing, as transformers). Where
+    its config asks transformers to add the router load-balancing loss (output_router_logits), jsft, which
+    does not add it yet, refuses rather than train a different objective."""
+    if model_cfg.moe is not None and model_cfg.output_router_logits and model_cfg.router_aux_loss_coef:
+        raise ValueError(
+            f"{path or 'model.init'}: {model_cfg.model_type} output_router_logits=true asks for the router "
+            f"load-balancing loss (router_aux_loss_coef={model_cfg.router_aux_loss_coef}), which jsft does not add "
+            "yet; set output_router_logits=false (or router_aux_loss_coef=0) in its config.json to train on the "
+            "cross-entropy alone")
 
 
 def run_tokenizer(cfg: RunConfig, path: Optional[str] = None):
@@ -165,6 +178,10 @@ def run_mesh(cfg: RunConfig, log: Log = None, model_cfg: Optional[ModelConfig] =
     s = sequence_parallel_size(cfg)
     log = log if log is None or s == 1 else (lambda line, log=log: log(f"{line}; {seq_line}"))
     axes = cfg.trainer.mesh
+    check_expert_axis(axes, model_cfg, s)
+    if axes == AUTO and model_cfg.moe is not None and log is not None:
+        log(f"trainer.mesh=auto keeps expert=1 for this {model_cfg.model_type}: its expert weights shard over fsdp "
+            f"like the dense ones; trainer.mesh.expert=E in {_expert_sizes(model_cfg)} splits the experts instead")
     if s > 1:  # the alias key, or trainer.mesh.sequence on top of auto / an explicit {data, fsdp}
         axes = {**(axes if axes != AUTO else {}), "sequence": s}
     mesh = make_mesh(axes, jax.devices(), params=param_layout(model_cfg), log=log)
@@ -174,6 +191,28 @@ def run_mesh(cfg: RunConfig, log: Log = None, model_cfg: Optional[ModelConfig] =
         raise ValueError(f"trainer.mesh.sequence={s}: {e}; use trainer.mesh.sequence in "
                          f"{_feedable_sizes(cfg.trainer.sequence_parallel, model_cfg)} (data/fsdp auto), which these processes can feed") from None
     return mesh
+
+
+def _expert_sizes(model_cfg: ModelConfig) -> list[int]:
+    n = jax.device_count()
+    return [e for e in range(1, n + 1) if n % e == 0 and model_cfg.moe.num_experts % e == 0]
+
+
+def check_expert_axis(axes, model_cfg: ModelConfig, s: int) -> None:
+    """trainer.mesh.expert=E, before any work: a mixture of experts whose experts and devices E divides,
+    without sequence parallelism (the expert-parallel layer splits rows, not tokens)."""
+    e = int(axes.get("expert", 1)) if isinstance(axes, Mapping) else 1
+    if e == 1:
+        return
+    if model_cfg.moe is None:
+        raise ValueError(f"trainer.mesh.expert={e}: {model_cfg.model_type} is not a mixture of experts; remove it")
+    ok = _expert_sizes(model_cfg)
+    if e not in ok:
+        raise ValueError(f"trainer.mesh.expert={e} does not divide the {model_cfg.moe.num_experts} experts and "
+                         f"{jax.device_count()} devices; use trainer.mesh.expert in {ok}")
+    if s > 1:
+        raise ValueError(f"trainer.mesh.expert={e} with sequence parallelism (S={s}) is not supported yet; "
+                         "use one of them")
 
 
 def checkpoint_mesh(model_cfg: ModelConfig) -> Mesh:

@@ -81,7 +81,7 @@ class TrainStep:
         self._grad = jax.jit(
             self._grad_step,
             in_shardings=(self.param_shardings, self.frozen_shardings, self.param_shardings, self.row_sharding),
-            out_shardings=(self.param_shardings, replicated),
+            out_shardings=(self.param_shardings, replicated, replicated),
             donate_argnums=(2,),
         )
         self._apply = jax.jit(
@@ -97,16 +97,23 @@ class TrainStep:
 
     # ---- traced functions ---------------------------------------------------------------------------------------
 
-    def _weighted_loss(self, params, batch: MicroBatch) -> jax.Array:
-        """sum(target_weight * nll) over the micro-batch; the weights carry the global normalisation."""
+    def _loss_and_load(self, params, batch: MicroBatch):
+        """(sum(target_weight * nll) over the micro-batch, the weights carrying the global normalisation;
+        tokens routed to each expert [L_sparse, E], an exact sum over micro-batches and devices, or [0, 0]
+        for a dense model)."""
         model = replace_params(self.template, params)
-        hidden = model.hidden_states(batch.input_ids, batch.positions, batch.segment_ids)
-        return weighted_nll(hidden, model.unembed(), batch, self.chunk_size, model.config.final_logit_softcapping)
+        hidden, _, moe_stats = model.hidden_states_and_stats(batch.input_ids, batch.positions, batch.segment_ids)
+        loss = weighted_nll(hidden, model.unembed(), batch, self.chunk_size, model.config.final_logit_softcapping)
+        load = jnp.zeros((0, 0), jnp.float32) if moe_stats is None else moe_stats.expert_counts
+        return loss, load
+
+    def _weighted_loss(self, params, batch: MicroBatch) -> jax.Array:
+        return self._loss_and_load(params, batch)[0]
 
     def _grad_step(self, params, frozen, acc, batch):
-        loss, grads = jax.value_and_grad(lambda p: self._weighted_loss({**frozen, **p}, batch))(params)
+        (loss, load), grads = jax.value_and_grad(lambda p: self._loss_and_load({**frozen, **p}, batch), has_aux=True)(params)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-        return acc, loss
+        return acc, loss, load
 
     def _apply_step(self, params, opt_state, grads):
         if self.offload_opt_state:  # host -> device for the update; out_shardings send it back
@@ -142,26 +149,30 @@ class TrainStep:
 
         return jax.tree.map(put, local)
 
-    def gradients(self, params, micro_batches: list[MicroBatch]):
+    def gradients(self, params, micro_batches: list[MicroBatch], with_load: bool = False):
         """(loss, summed float32 gradients of the trainable parameters) of one global batch given as device
-        micro-batches."""
+        micro-batches; `with_load`: and the tokens routed to each expert [L_sparse, E] over the batch."""
         params, frozen = self.split(params)
         with jax.set_mesh(self.mesh):  # traced under the mesh, so block-boundary constraints keep rows split
             acc = self._zeros(params)
             loss = jnp.zeros((), jnp.float32)
+            load = None
             for batch in micro_batches:
-                acc, micro_loss = self._grad(params, frozen, acc, batch)
+                acc, micro_loss, micro_load = self._grad(params, frozen, acc, batch)
                 loss = loss + micro_loss
-        return loss, acc
+                load = micro_load if load is None else load + micro_load
+        return (loss, acc, load) if with_load else (loss, acc)
 
     def train_step_stats(self, params, opt_state, micro_batches: list[MicroBatch]):
         """One optimizer step, dispatched without waiting; returns (params, opt_state, loss, stats) with
         stats {grad_norm, lr, skipped_steps, consecutive_skips}: arrays of their own, still readable after
         params and opt_state have been donated to the next step."""
-        loss, grads = self.gradients(params, micro_batches)
+        loss, grads, load = self.gradients(params, micro_batches, with_load=True)
         train, frozen = self.split(params)
         with jax.set_mesh(self.mesh):
             train, opt_state, stats = self._apply(train, opt_state, grads)
+        if load is not None and load.size:
+            stats = {**stats, **expert_load_metrics(load)}
         return {**frozen, **train}, opt_state, loss, stats
 
     def eval_loss(self, params, micro_batches: list[MicroBatch]) -> jax.Array:
@@ -192,3 +203,13 @@ class TrainStep:
             "output_bytes": int(stats.output_size_in_bytes),
             "temp_bytes": int(stats.temp_size_in_bytes),
         }
+
+
+@jax.jit
+def expert_load_metrics(load) -> dict:
+    """Tokens per expert [L_sparse, E] of a step -> the load summary logged with it: the most and the mean
+    tokens per expert (over experts, then the worst / the mean over layers), and their ratio in the worst
+    layer (1 = perfectly balanced)."""
+    top, mean = jnp.max(load, axis=-1), jnp.mean(load, axis=-1)
+    return {"expert_load_max": jnp.max(top), "expert_load_mean": jnp.mean(mean),
+            "expert_load_imbalance": jnp.max(top / jnp.maximum(mean, 1e-9))}

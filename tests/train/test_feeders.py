@@ -14,9 +14,9 @@ from jsft.train import setup as run_mesh_module
 from jsft.train.feeders import Feeders, mesh_feeders, row_feeders
 
 
-def _grid(processes: int, per_process: int, data: int, fsdp: int, seq: int) -> np.ndarray:
+def _grid(processes: int, per_process: int, data: int, fsdp: int, seq: int, expert: int = 1) -> np.ndarray:
     devices = [SimpleNamespace(id=i, process_index=i // per_process) for i in range(processes * per_process)]
-    return np.array(devices, dtype=object).reshape(data, fsdp, seq)
+    return np.array(devices, dtype=object).reshape(data, fsdp, seq, expert)  # MESH_AXES order
 
 
 def _all(grid) -> list[Feeders]:
