@@ -88,7 +88,9 @@ def test_gpu_check_cpu_smoke(tmp_path):
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
-    assert [p["impl"] for p in result["parity"]] == ["pallas_gpu", "splash"]
+    # each kernel plain and with window / sinks / softcap
+    assert [(p["impl"], p["features"]) for p in result["parity"]] == [
+        ("pallas_gpu", False), ("pallas_gpu", True), ("splash", False), ("splash", True)]
     for p in result["parity"]:  # packed bf16 rows against the fp32 reference, forward and backward
         assert p["ok"] and set(p["errors"]) == {"out", "dq", "dk", "dv"} and max(p["errors"].values()) < 3e-2
     steps = {s["impl"]: s for s in result["train_step"]}

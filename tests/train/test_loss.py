@@ -250,21 +250,21 @@ def test_final_logit_softcap_inside_the_chunks_matches_capped_full_logits(chunk_
     hidden = hidden * 3  # logits well into tanh's bend
     cap = 2.5
     weights = target_mask(np.ones(seg.shape), np.asarray(seg)).astype(np.float32)
-    slots = causal_targets(weights, np.asarray(ids), capacity=seg.shape[1])
+    pos, target_ids, target_weight = causal_targets(weights, np.asarray(ids), capacity=seg.shape[1])
 
     def chunked(h, u):
-        nll = target_nll(h, u, slots["target_pos"], slots["target_ids"], slots["target_weight"], chunk_size, cap)
-        return jnp.sum(nll * slots["target_weight"])
+        nll = target_nll(h, u, pos, target_ids, target_weight, chunk_size, cap)
+        return jnp.sum(nll * target_weight)
 
     def full(h, u):
         logits = cap * jnp.tanh(jnp.einsum("btd,dv->btv", h, u) / cap)
-        picked = jnp.take_along_axis(logits, jnp.asarray(slots["target_pos"])[..., None], axis=1)
+        picked = jnp.take_along_axis(logits, jnp.asarray(pos)[..., None], axis=1)
         logp = jax.nn.log_softmax(picked, axis=-1)
-        nll = -jnp.take_along_axis(logp, jnp.asarray(slots["target_ids"])[..., None], axis=-1)[..., 0]
-        return jnp.sum(nll * slots["target_weight"])
+        nll = -jnp.take_along_axis(logp, jnp.asarray(target_ids)[..., None], axis=-1)[..., 0]
+        return jnp.sum(nll * target_weight)
 
     np.testing.assert_allclose(chunked(hidden, unembed), full(hidden, unembed), rtol=1e-6)
     for g, e in zip(jax.grad(chunked, (0, 1))(hidden, unembed), jax.grad(full, (0, 1))(hidden, unembed)):
         np.testing.assert_allclose(g, e, atol=1e-5, rtol=1e-5)
-    uncapped = target_nll(hidden, unembed, slots["target_pos"], slots["target_ids"], slots["target_weight"], chunk_size)
-    assert abs(float(jnp.sum(uncapped * slots["target_weight"])) - float(full(hidden, unembed))) > 1e-2  # the cap acts
+    uncapped = target_nll(hidden, unembed, pos, target_ids, target_weight, chunk_size)
+    assert abs(float(jnp.sum(uncapped * target_weight)) - float(full(hidden, unembed))) > 1e-2  # the cap acts

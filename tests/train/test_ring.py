@@ -165,7 +165,7 @@ def _attention_loss_and_grads(mode, s, impl="blockwise", zigzag=False):
     from jsft_testing import dense_attention
 
     rows = _rows(np.random.default_rng(1))
-    seg, pos = jnp.asarray(rows["segment_ids"]), jnp.asarray(rows["positions"])
+    seg, pos = jnp.asarray(rows.segment_ids), jnp.asarray(rows.positions)
     keys = jax.random.split(jax.random.PRNGKey(3), 4)
     q, k, v = (jax.random.normal(key, (8, T, n, 16)) for key, n in zip(keys, (4, 2, 2)))
     sinks = jnp.asarray([0.5, -1.0, 2.0, 0.0], jnp.float32)
