@@ -94,7 +94,7 @@ def test_bf16_compute_matches_across_sequence_sizes():
 def test_rows_are_split_over_the_sequence_axis_and_parameters_over_all_devices():
     cfg = _config()
     mesh = make_mesh({"sequence": 4}, devices=jax.devices()[:8])
-    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "sequence": 4}
+    assert dict(mesh.shape) == {"data": 1, "expert": 1, "fsdp": 2, "sequence": 4}  # every mesh names all axes
     model = init_model(cfg, seed=0, mesh=mesh)
     step = TrainStep(model, make_optimizer(OptimConfig(), 10), mesh, chunk_size=32)
     mb = step.device_batch(_micro_batch(_rows(np.random.default_rng(0)), 4))
