@@ -16,7 +16,7 @@ from jsft.generate import Generator, _generate_jit, _run, cut_at_eos, decode_ste
 from jsft.models.params import param_arrays
 from jsft.sharding import make_mesh
 
-from multiprocess import run_processes
+from jsft_processes import run_processes
 
 # different lengths; one is longer than MIN_BUCKET, so the batch pads to 32
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 39)), [100, 3, 4]]

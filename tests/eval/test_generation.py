@@ -21,7 +21,7 @@ from jsft.sharding import make_mesh
 from jsft.train.loop import train
 
 from jsft_testing import sft_overrides
-from multiprocess import run_processes
+from jsft_processes import run_processes
 
 WORKER_KEYS = ["trainer.val_generations=5", "trainer.val_max_new_tokens=12", "data.max_length=512",
                "data.micro_batch_size_per_gpu=1"]

@@ -16,7 +16,7 @@ from jsft.config import load_config
 from jsft.train.loop import train
 
 from jsft_testing import losses, sft_overrides, short_conversations
-from multiprocess import free_port, run_processes
+from jsft_processes import free_port, run_processes
 
 STEPS = {"trainer.total_training_steps": 3, "data.train_batch_size": 8, "trainer.save_freq": 0}
 

@@ -176,7 +176,7 @@ def test_two_processes_train_and_export_lora_like_one(sft_setup, tmp_path):
     adapter equal the single-process run's."""
     from safetensors.numpy import load_file
 
-    from multiprocess import run_processes
+    from jsft_processes import run_processes
 
     job = {"model.lora_rank": 8, "model.lora_alpha": 16, "model.target_modules": "[q_proj,v_proj,up_proj]",
            "trainer.total_training_steps": 3, "data.train_batch_size": 8, "trainer.export_hf": True}

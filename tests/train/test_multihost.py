@@ -10,7 +10,7 @@ from jsft.config import load_config
 from jsft.train.loop import train
 
 from jsft_testing import sft_overrides
-from multiprocess import run_processes
+from jsft_processes import run_processes
 
 EXTRA = {"trainer.total_training_steps": 4, "data.train_batch_size": 8, "trainer.save_freq": 2}
 

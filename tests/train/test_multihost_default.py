@@ -4,7 +4,7 @@ and a failure on one process: the other stops promptly instead of waiting for ja
 import sys
 import time
 
-from multiprocess import jax_env, run_processes, start_processes, wait_all
+from jsft_processes import jax_env, run_processes, start_processes, wait_all
 
 SHRUNK = ["trainer.total_training_steps=2", "trainer.test_freq=2", "demo.num_train=32", "demo.num_val=2",
           "demo.max_new_tokens=8", "trainer.val_max_new_tokens=8"]

@@ -233,7 +233,7 @@ def _two_processes(overrides: list[str]) -> list[str]:
     """`python -m jsft.train` as 2 processes x 4 CPU devices; their outputs (both must exit 0)."""
     import sys
 
-    from multiprocess import run_processes
+    from jsft_processes import run_processes
 
     outputs = run_processes([[sys.executable, "-m", "jsft.train", *overrides]] * 2)
     assert "2 process(es)" in outputs[0]

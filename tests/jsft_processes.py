@@ -1,6 +1,7 @@
-"""Run one job as N local processes under jax.distributed (127.0.0.1, gloo), as the multi-host tests do.
+"""(Not named multiprocess.py: that would shadow the `multiprocess` package that `datasets` imports.)
+Run one job as N local processes under jax.distributed (127.0.0.1, gloo), as the multi-host tests do.
 
-    from multiprocess import run_processes
+    from jsft_processes import run_processes
     outputs = run_processes([[sys.executable, "-m", "jsft.train", *overrides]] * 2)
 
 Each process gets JAX_COORDINATOR_ADDRESS=127.0.0.1:<free port>, JAX_NUM_PROCESSES, JAX_PROCESS_ID, its own
