@@ -61,6 +61,12 @@ class ModelSection:
     use_rslora: bool = False  # scale = lora_alpha / sqrt(lora_rank) (PEFT's use_rslora)
     lora_adapter_path: Optional[str] = None  # start from this PEFT adapter dir (it sets rank, alpha, targets)
     frozen_param_dtype: Optional[str] = None  # LoRA: dtype of the frozen base (bfloat16 halves it); None = param_dtype
+    # mixtures of experts (docs/training.md "Mixtures of experts: router losses"); set on a dense model = error
+    # load-balancing loss coefficient; None = as transformers: the checkpoint's router_aux_loss_coef where its
+    # output_router_logits is true, else 0
+    router_aux_loss_coef: Optional[float] = None
+    router_z_loss_coef: float = 0.0  # router z-loss (ST-MoE: mean logsumexp(router logits)^2) coefficient
+    moe_capacity_factor: Optional[float] = None  # None = dropless; cf > 0: each expert takes ceil(cf*tokens*k/E)
 
 
 @dataclass
@@ -269,6 +275,24 @@ def _check_model(m: ModelSection) -> None:
                          "drop one of them (or set enable_gradient_checkpointing=false)")
     _choice("model.attention_impl", m.attention_impl, ["auto", *ATTENTION_IMPLEMENTATIONS])
     _check_lora(m)
+    _check_moe_keys(m)
+
+
+MOE_KEYS = ("router_aux_loss_coef", "router_z_loss_coef", "moe_capacity_factor")  # model.* keys of MoE runs only
+
+
+def moe_keys_set(m: ModelSection) -> list[str]:
+    """The MoE keys this run sets away from their defaults (refused on a dense model by the set-up)."""
+    return [f"model.{k}" for k in MOE_KEYS if getattr(m, k) not in (None, 0, 0.0)]
+
+
+def _check_moe_keys(m: ModelSection) -> None:
+    for key in ("router_aux_loss_coef", "router_z_loss_coef"):
+        value = getattr(m, key)
+        if value is not None and not value >= 0:
+            raise ValueError(f"model.{key}={value} must be >= 0")
+    if m.moe_capacity_factor is not None and not m.moe_capacity_factor > 0:
+        raise ValueError(f"model.moe_capacity_factor={m.moe_capacity_factor} must be > 0 (or null: dropless)")
 
 
 def lora_enabled(m: ModelSection) -> bool:

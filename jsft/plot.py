@@ -6,7 +6,9 @@ Usage:
 Reads `<run_dir>/metrics.jsonl` (and the clip threshold from `<run_dir>/config.yaml`) and writes, into DIR
 (default `<run_dir>/plots`), one PNG per panel that has data: loss.png (train and val loss, log axis),
 lr.png (the schedule), grad_norm.png (with the clip threshold), padding_efficiency.png, step_time.png and
-tokens_per_sec.png (steps that compiled a new program left out), one val_<name>.png per other val/* metric
+tokens_per_sec.png (steps that compiled a new program left out); for a mixture of experts router_losses.png
+(train/aux_loss, train/z_loss), expert_load.png (most and mean tokens per expert) and moe_dropped.png (with
+model.moe_capacity_factor); one val_<name>.png per other val/* metric
 that changes (e.g. val_tool_call_parse_rate.png), and overview.png with all of them side by side. Series
 with few points are drawn with markers; series that never change are not drawn.
 """
@@ -52,6 +54,10 @@ FIXED_PANELS = [
     Panel("padding_efficiency", "padding efficiency (real / computed tokens)", ("train/padding_efficiency",)),
     Panel("step_time", "step time, compile steps left out", ("train/step_time",), ylabel="s"),
     Panel("tokens_per_sec", "tokens / s, compile steps left out", ("train/tokens_per_sec",)),
+    # mixtures of experts only (absent from a dense run's metrics, so not drawn there)
+    Panel("router_losses", "router losses (before their coefficients)", ("train/aux_loss", "train/z_loss"), log_y=True),
+    Panel("expert_load", "tokens per expert (worst layer's most; mean)", ("train/expert_load_max", "train/expert_load_mean")),
+    Panel("moe_dropped", "fraction of expert assignments dropped by capacity", ("train/moe_dropped_fraction",)),
 ]
 
 

@@ -149,9 +149,11 @@ def verl_lr_lambda(optim_cfg, total_steps: int):
     return factor
 
 
-def masked_token_mean_nll(model, samples) -> "torch.Tensor":
+def masked_token_mean_nll(model, samples, router_aux: bool = False):
     """Token-mean cross-entropy over `samples`, each right-padded in one batch with an attention mask; the
-    logits at t predict token t + 1, counted where loss_mask[t + 1] = 1."""
+    logits at t predict token t + 1, counted where loss_mask[t + 1] = 1. `router_aux` (a mixture of experts):
+    transformers' own loss instead, from labels (-100 where not a target; it shifts them itself) with
+    output_router_logits, i.e. (CE + router_aux_loss_coef x aux_loss, aux_loss)."""
     import torch
 
     width = max(len(ids) for ids, _ in samples)
@@ -160,15 +162,21 @@ def masked_token_mean_nll(model, samples) -> "torch.Tensor":
     mask = torch.zeros(len(samples), width)
     for i, (x, m) in enumerate(samples):
         ids[i, : len(x)], attn[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1, torch.tensor(m, dtype=torch.float32)
+    if router_aux:
+        labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+        out = model(input_ids=ids, attention_mask=attn, labels=labels, output_router_logits=True)
+        return out.loss, out.aux_loss
     logits = model(input_ids=ids, attention_mask=attn).logits
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
     return (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
 
 
-def torch_sft_losses(model, trainable, cfg, steps: int) -> list[float]:
+def torch_sft_losses(model, trainable, cfg, steps: int, router_aux: bool = False) -> list:
     """The veRL-style torch reference, built from jsft's tokenized samples only: per step, the global batch's
     samples in the order the pipeline documents (step_sample_order), the token-mean CE over all of them
-    (masked_token_mean_nll), torch AdamW over `trainable` with clipping and veRL's lr schedule (LambdaLR)."""
+    (masked_token_mean_nll), torch AdamW over `trainable` with clipping and veRL's lr schedule (LambdaLR).
+    `router_aux`: the objective is transformers' CE + coef x load-balancing loss, and each step gives
+    (that loss, the load-balancing loss)."""
     import torch
 
     trainable = list(trainable)
@@ -179,13 +187,14 @@ def torch_sft_losses(model, trainable, cfg, steps: int) -> list[float]:
     order = step_sample_order(len(samples), cfg.data.train_batch_size, cfg.data.seed, cfg.data.shuffle, steps)
     out = []
     for indices in order:
-        loss = masked_token_mean_nll(model, [samples[i] for i in indices])
+        loss = masked_token_mean_nll(model, [samples[i] for i in indices], router_aux)
+        loss, aux = loss if router_aux else (loss, None)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.optim.clip_grad)
         opt.step()
         schedule.step()
-        out.append(loss.item())
+        out.append(loss.item() if aux is None else (loss.item(), aux.item()))
     return out
 
 

@@ -192,9 +192,10 @@ def router_stats(logits, ids, mask, num_experts: int, dropped) -> MoeStats:
 
 def load_balancing_loss(stats: MoeStats):
     """transformers' `load_balancing_loss_func` (Switch Transformer) from stats summed over layers, tokens and
-    devices: E * sum_e (count_e / rows) * (prob_e / rows), rows = real tokens summed over layers."""
+    devices: E * sum_e (count_e / rows) * (prob_e / rows), rows = real tokens summed over layers (0 for
+    stats of no real token, e.g. a padding micro-batch)."""
     e = stats.expert_counts.shape[-1]
-    rows = jnp.sum(stats.tokens)
+    rows = jnp.maximum(jnp.sum(stats.tokens), 1.0)
     counts = stats.expert_counts.reshape(-1, e).sum(0)
     probs = stats.prob_sum.reshape(-1, e).sum(0)
     return e * jnp.sum(counts * probs) / (rows * rows)

@@ -154,7 +154,7 @@ class Trainer:
                                                    self.model.config)
         self.optimizer = make_optimizer(cfg.optim, self.total_steps)
         self.step_fn = TrainStep(self.model, self.optimizer, self.mesh, chunk_size=cfg.trainer.loss_chunk_size,
-                                 offload_opt_state=cfg.optim.offload_state)
+                                 offload_opt_state=cfg.optim.offload_state, moe=run.moe)
         self.params = param_arrays(self.model)
         self.opt_state = self.step_fn.init_opt_state(self.params)
         self.generation_validation = None

@@ -6,17 +6,29 @@ slots (hidden state t-1 predicts token t); both are computed on the host, from G
 jsft/data/batch.py (`loss_weights`, `causal_targets`). This module only scores those slots:
 `target_nll` gathers the hidden states at `target_pos` and computes logits there alone, chunk by chunk
 over the vocabulary, never materialising [tokens, vocab] fp32 logits.
+
+A mixture of experts adds its router losses (`MoeObjective`, `router_losses`) to that cross-entropy. They
+are computed from the router statistics of one micro-batch (`MoeStats`: sums over its real tokens on all
+devices) and scaled by the step's real-token count, so that over the micro-batches they add up to:
+  z-loss    the mean over the step's real tokens and sparse layers of logsumexp(router logits)^2: a token
+            mean, exact however the step is split;
+  aux loss  transformers' load-balancing loss of each micro-batch, weighted by its share of the step's real
+            tokens: a product of two token sums, so not additive over micro-batches; with one micro-batch it
+            is exactly transformers' value on the whole batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from jsft.data.batch import MicroBatch
 from jsft.models.decoder import softcap as cap_logits
+from jsft.models.moe import MoeStats, load_balancing_loss, z_loss
 from jsft.sharding import constrain
 
 
@@ -48,6 +60,35 @@ def weighted_nll(hidden, unembed, batch: MicroBatch, chunk_size: int, softcap=No
     """sum(target_weight * nll) of one micro-batch; the weights carry the global normalisation."""
     nll = target_nll(hidden, unembed, batch.target_pos, batch.target_ids, batch.target_weight, chunk_size, softcap)
     return jnp.sum(nll * batch.target_weight)
+
+
+@dataclass(frozen=True)
+class MoeObjective:
+    """How a mixture of experts trains: the objective is cross-entropy + aux_coef x load-balancing loss +
+    z_coef x router z-loss; capacity_factor None is dropless dispatch (as transformers), cf > 0 caps each
+    expert at ceil(cf x tokens x top_k / E) assignments per micro-batch in training (the rest dropped)."""
+
+    aux_coef: float = 0.0
+    z_coef: float = 0.0
+    capacity_factor: Optional[float] = None
+
+    def describe(self, aux_source: str = "") -> str:
+        dispatch = ("dropless dispatch" if self.capacity_factor is None else
+                    f"capacity-bounded dispatch in training (model.moe_capacity_factor={self.capacity_factor}; "
+                    "dropped assignments logged as train/moe_dropped; validation and generation dropless)")
+        return (f"mixture of experts: loss = cross-entropy + {self.aux_coef:g} x load-balancing loss{aux_source} + "
+                f"{self.z_coef:g} x router z-loss (train/loss is the cross-entropy, train/aux_loss and "
+                f"train/z_loss the router losses before their coefficients); {dispatch}")
+
+
+def router_losses(stats: MoeStats, step_tokens) -> tuple[jax.Array, jax.Array]:
+    """(load-balancing loss, z-loss) of one micro-batch as its parts of the step's: summed over the step's
+    micro-batches they give the token-share-weighted load-balancing loss and the step's z-loss (see the
+    module docstring). stats: the micro-batch's, stacked over the sparse layers [L_s, ...]; step_tokens:
+    real tokens of the whole step (all micro-batches and devices)."""
+    share = stats.tokens[0] / step_tokens  # every sparse layer routes the same real tokens
+    z_sum, _ = z_loss(stats)
+    return load_balancing_loss(stats) * share, z_sum / (step_tokens * stats.tokens.shape[0])
 
 
 # Chunks run over the VOCABULARY, not over tokens, because of FSDP: every token chunk would need the

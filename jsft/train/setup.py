@@ -1,6 +1,6 @@
 """The run's set-up: what a run config implies, resolved once, before any data is read or weight exists.
 
-    cfg -> tokenizer (+ stop tokens) -> model config -> LoRA spec -> sequence-parallel choice -> mesh
+    cfg -> tokenizer (+ stop tokens) -> model config (+ MoE objective) -> LoRA spec -> sequence-parallel choice -> mesh
         -> feeders + batch layout -> device memory -> remat policy (auto: compiled by the planner)
 
 `resolve` returns a frozen `RunSetup` that the trainer (jsft/train/loop.py), `python -m jsft.plan`,
@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 from jax.sharding import Mesh
 
-from jsft.config import RunConfig, row_length, sequence_parallel_size
+from jsft.config import ModelSection, RunConfig, moe_keys_set, row_length, sequence_parallel_size
 from jsft.data.pipeline import BatchLayout
 from jsft.data.tokenizer import load_tokenizer, stop_token_ids, stop_tokens
 from jsft.models import lora, sequence_parallel
@@ -37,6 +37,7 @@ from jsft.models.params import param_layout
 from jsft.sharding import AUTO, make_mesh
 from jsft.train import planner, remat
 from jsft.train.feeders import Feeders, mesh_feeders
+from jsft.train.loss import MoeObjective
 
 Log = Optional[Callable[[str], None]]
 
@@ -59,6 +60,7 @@ class RunSetup:
     device_memory: tuple[int, str]  # bytes of one of this process's devices, and where the figure comes from
     remat_policy: str  # none | dots_saveable | full (auto resolved)
     remat_choice: Optional[remat.RematChoice]  # model.remat_policy=auto's compiled figures; None when fixed
+    moe: Optional[MoeObjective] = None  # a mixture of experts' router losses and dispatch; None: a dense model
 
     @property
     def param_dtype(self) -> str:
@@ -82,7 +84,7 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     if tok is not None and len(tok) > model_cfg.vocab_size:
         raise ValueError(f"the tokenizer has {len(tok)} tokens but the model's vocab_size is {model_cfg.vocab_size}: "
                          "they do not belong together")
-    check_moe(model_cfg, cfg.model.path)
+    moe = check_moe(model_cfg, cfg.model, log)
     spec = lora.spec_from_run_config(cfg.model)  # reads a starting adapter's adapter_config.json
     if spec and cfg.model.lora_adapter_path and cfg.model.path:  # before reading any weight
         lora.check_adapter(cfg.model.lora_adapter_path, model_cfg, spec)
@@ -99,7 +101,7 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
         layout=BatchLayout.from_config(cfg.data, feeders.row_blocks),
         # this process's devices: jax refuses memory_stats of another process's (jax.devices()[0] on process 1)
         device_memory=remat.device_memory(cfg.trainer.device_memory, jax.local_devices()),
-        remat_policy=policy or "auto", remat_choice=None,
+        remat_policy=policy or "auto", remat_choice=None, moe=moe,
     )
     if policy is not None:
         return run
@@ -109,16 +111,26 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     return dataclasses.replace(run, remat_policy=choice.policy, remat_choice=choice)
 
 
-def check_moe(model_cfg: ModelConfig, path: Optional[str]) -> None:
-    """A mixture of experts trains with the cross-entropy alone (dropless routing, as transformers). Where
-    its config asks transformers to add the router load-balancing loss (output_router_logits), jsft, which
-    does not add it yet, refuses rather than train a different objective."""
-    if model_cfg.moe is not None and model_cfg.output_router_logits and model_cfg.router_aux_loss_coef:
-        raise ValueError(
-            f"{path or 'model.init'}: {model_cfg.model_type} output_router_logits=true asks for the router "
-            f"load-balancing loss (router_aux_loss_coef={model_cfg.router_aux_loss_coef}), which jsft does not add "
-            "yet; set output_router_logits=false (or router_aux_loss_coef=0) in its config.json to train on the "
-            "cross-entropy alone")
+def check_moe(model_cfg: ModelConfig, m: ModelSection, log: Log = None) -> Optional[MoeObjective]:
+    """A mixture of experts' objective and dispatch from the model.* MoE keys (None for a dense model, which
+    must set none of them). model.router_aux_loss_coef unset applies the load-balancing loss as transformers
+    does: the checkpoint config's router_aux_loss_coef where its output_router_logits is true, else none."""
+    if model_cfg.moe is None:
+        keys = moe_keys_set(m)
+        if keys:
+            raise ValueError(f"{keys[0]}={getattr(m, keys[0].split('.')[1])}: {model_cfg.model_type} is not a mixture "
+                             f"of experts (it has no router); remove {', '.join(keys)}")
+        return None
+    if m.router_aux_loss_coef is not None:
+        aux, source = m.router_aux_loss_coef, " (model.router_aux_loss_coef)"
+    elif model_cfg.output_router_logits:
+        aux, source = model_cfg.router_aux_loss_coef, " (the checkpoint's router_aux_loss_coef: output_router_logits=true)"
+    else:
+        aux, source = 0.0, " (the checkpoint's output_router_logits=false, as transformers)"
+    moe = MoeObjective(float(aux), float(m.router_z_loss_coef), m.moe_capacity_factor)
+    if log is not None:
+        log(moe.describe(source))
+    return moe
 
 
 def run_tokenizer(cfg: RunConfig, path: Optional[str] = None):

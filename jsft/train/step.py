@@ -8,14 +8,25 @@ hosts. The micro-batch count follows the data, so accumulation is a Python loop 
 (one per micro-batch shape, see trainer.shape_buckets), not a scan that would recompile for every count.
 Only the trainable parameters (all, or the LoRA adapters: lora.trainable_names) are differentiated,
 accumulated and optimised; the frozen rest is a plain input of the grad step.
+
+A mixture of experts differentiates cross-entropy + its router losses (loss.py `MoeObjective`,
+`router_losses`); each micro-step also gets the step's real-token count (counted on the devices from the
+micro-batches' segment ids before the first micro-step), which scales the router losses. The figures
+logged apart (cross-entropy, router losses, expert load, dropped assignments) are summed over the
+micro-steps like the gradients.
 """
 
 from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jsft.data.batch import MicroBatch
@@ -24,7 +35,7 @@ from jsft.models.lora import trainable_names
 from jsft.models.params import param_arrays, param_shardings, replace_params
 from jsft.sharding import row_sharding
 from jsft.train.feeders import mesh_feeders
-from jsft.train.loss import weighted_nll
+from jsft.train.loss import MoeObjective, router_losses, weighted_nll
 from jsft.train.optim import consecutive_skips, current_lr, skipped_steps
 
 HOST_MEMORY = "pinned_host"
@@ -51,9 +62,15 @@ class TrainStep:
 
     def __init__(
         self, model: Decoder, optimizer: optax.GradientTransformation, mesh: Mesh, *, chunk_size: int,
-        offload_opt_state: bool = False,
+        offload_opt_state: bool = False, moe: Optional[MoeObjective] = None,
     ):
+        """`moe`: a mixture of experts' router losses and dispatch (default: cross-entropy alone, dropless)."""
         self.template = model  # structure and static config; parameters are passed as a flat dict
+        self.moe = (moe or MoeObjective()) if model.config.moe is not None else None
+        # training's model: capacity-bounded dispatch where asked; validation keeps the template's (dropless)
+        self.train_template = model
+        if self.moe is not None and self.moe.capacity_factor is not None:
+            self.train_template = with_capacity_factor(model, self.moe.capacity_factor)
         self.trainable = set(trainable_names(model))
         params, _ = self.split(param_arrays(model))
         self.optimizer, self.mesh, self.chunk_size = optimizer, mesh, chunk_size
@@ -80,10 +97,12 @@ class TrainStep:
         )
         self._grad = jax.jit(
             self._grad_step,
-            in_shardings=(self.param_shardings, self.frozen_shardings, self.param_shardings, self.row_sharding),
-            out_shardings=(self.param_shardings, replicated, replicated),
+            in_shardings=(self.param_shardings, self.frozen_shardings, self.param_shardings, self.row_sharding,
+                          replicated),
+            out_shardings=(self.param_shardings, replicated),
             donate_argnums=(2,),
         )
+        self._real_tokens = jax.jit(lambda s: jnp.sum(s > 0, dtype=jnp.float32), out_shardings=replicated)
         self._apply = jax.jit(
             self._apply_step,
             in_shardings=(self.param_shardings, self.opt_shardings, self.param_shardings),
@@ -97,23 +116,40 @@ class TrainStep:
 
     # ---- traced functions ---------------------------------------------------------------------------------------
 
-    def _loss_and_load(self, params, batch: MicroBatch):
+    def _cross_entropy(self, template, params, batch: MicroBatch):
         """(sum(target_weight * nll) over the micro-batch, the weights carrying the global normalisation;
-        tokens routed to each expert [L_sparse, E], an exact sum over micro-batches and devices, or [0, 0]
-        for a dense model)."""
-        model = replace_params(self.template, params)
+        MoeStats stacked over the sparse layers, or None for a dense model)."""
+        model = replace_params(template, params)
         hidden, _, moe_stats = model.hidden_states_and_stats(batch.input_ids, batch.positions, batch.segment_ids)
         loss = weighted_nll(hidden, model.unembed(), batch, self.chunk_size, model.config.final_logit_softcapping)
-        load = jnp.zeros((0, 0), jnp.float32) if moe_stats is None else moe_stats.expert_counts
-        return loss, load
+        return loss, moe_stats
+
+    def _objective(self, params, batch: MicroBatch, step_tokens):
+        """(what is differentiated: the cross-entropy + the router losses x their coefficients; the
+        micro-batch's figures, each a sum over micro-batches: loss (the cross-entropy), and for a mixture of
+        experts aux_loss, z_loss (before coefficients), load [L_sparse, E] (tokens routed to each expert)
+        and dropped (assignments dropped by capacity, all layers))."""
+        ce, stats = self._cross_entropy(self.train_template, params, batch)
+        if stats is None:
+            return ce, {"loss": ce}
+        aux, z = router_losses(stats, step_tokens)
+        total = ce
+        if self.moe.aux_coef:
+            total = total + self.moe.aux_coef * aux
+        if self.moe.z_coef:
+            total = total + self.moe.z_coef * z
+        figures = {"loss": ce, "aux_loss": aux, "z_loss": z, "load": stats.expert_counts,
+                   "dropped": jnp.sum(stats.dropped)}
+        return total, jax.lax.stop_gradient(figures)
 
     def _weighted_loss(self, params, batch: MicroBatch) -> jax.Array:
-        return self._loss_and_load(params, batch)[0]
+        return self._cross_entropy(self.template, params, batch)[0]
 
-    def _grad_step(self, params, frozen, acc, batch):
-        (loss, load), grads = jax.value_and_grad(lambda p: self._loss_and_load({**frozen, **p}, batch), has_aux=True)(params)
+    def _grad_step(self, params, frozen, acc, batch, step_tokens):
+        (_, figures), grads = jax.value_and_grad(
+            lambda p: self._objective({**frozen, **p}, batch, step_tokens), has_aux=True)(params)
         acc = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads)
-        return acc, loss, load
+        return acc, figures
 
     def _apply_step(self, params, opt_state, grads):
         if self.offload_opt_state:  # host -> device for the update; out_shardings send it back
@@ -149,30 +185,37 @@ class TrainStep:
 
         return jax.tree.map(put, local)
 
-    def gradients(self, params, micro_batches: list[MicroBatch], with_load: bool = False):
-        """(loss, summed float32 gradients of the trainable parameters) of one global batch given as device
-        micro-batches; `with_load`: and the tokens routed to each expert [L_sparse, E] over the batch."""
+    def step_tokens(self, micro_batches: list[MicroBatch]) -> jax.Array:
+        """Real (non-padding) tokens of a step over all its micro-batches and devices (a device scalar; 1 for
+        a dense model, which has no router losses to scale)."""
+        if self.moe is None:
+            return jnp.ones((), jnp.float32)
+        with jax.set_mesh(self.mesh):
+            return sum(self._real_tokens(b.segment_ids) for b in micro_batches)
+
+    def gradients(self, params, micro_batches: list[MicroBatch], with_figures: bool = False):
+        """(cross-entropy, summed float32 gradients of the trainable parameters' objective) of one global batch
+        given as device micro-batches; `with_figures`: and the figures of `_objective` summed over them."""
         params, frozen = self.split(params)
+        step_tokens = self.step_tokens(micro_batches)
         with jax.set_mesh(self.mesh):  # traced under the mesh, so block-boundary constraints keep rows split
             acc = self._zeros(params)
-            loss = jnp.zeros((), jnp.float32)
-            load = None
+            figures = None
             for batch in micro_batches:
-                acc, micro_loss, micro_load = self._grad(params, frozen, acc, batch)
-                loss = loss + micro_loss
-                load = micro_load if load is None else load + micro_load
-        return (loss, acc, load) if with_load else (loss, acc)
+                acc, micro = self._grad(params, frozen, acc, batch, step_tokens)
+                figures = micro if figures is None else jax.tree.map(jnp.add, figures, micro)
+        return (figures["loss"], acc, figures) if with_figures else (figures["loss"], acc)
 
     def train_step_stats(self, params, opt_state, micro_batches: list[MicroBatch]):
         """One optimizer step, dispatched without waiting; returns (params, opt_state, loss, stats) with
         stats {grad_norm, lr, skipped_steps, consecutive_skips}: arrays of their own, still readable after
         params and opt_state have been donated to the next step."""
-        loss, grads, load = self.gradients(params, micro_batches, with_load=True)
+        loss, grads, figures = self.gradients(params, micro_batches, with_figures=True)
         train, frozen = self.split(params)
         with jax.set_mesh(self.mesh):
             train, opt_state, stats = self._apply(train, opt_state, grads)
-        if load is not None and load.size:
-            stats = {**stats, **expert_load_metrics(load)}
+        if self.moe is not None:
+            stats = {**stats, **moe_metrics(figures, self.moe.capacity_factor is not None)}
         return {**frozen, **train}, opt_state, loss, stats
 
     def eval_loss(self, params, micro_batches: list[MicroBatch]) -> jax.Array:
@@ -185,7 +228,7 @@ class TrainStep:
         train, frozen = self.split(params)
         acc = jax.eval_shape(self._zeros, train)
         with jax.set_mesh(self.mesh):
-            return self._grad.lower(train, frozen, acc, example_batch)
+            return self._grad.lower(train, frozen, acc, example_batch, jax.ShapeDtypeStruct((), jnp.float32))
 
     def lower_update(self, params, opt_state):
         """The optimizer update lowered (arrays or ShapeDtypeStructs), for its compiled memory analysis."""
@@ -205,11 +248,25 @@ class TrainStep:
         }
 
 
-@jax.jit
-def expert_load_metrics(load) -> dict:
-    """Tokens per expert [L_sparse, E] of a step -> the load summary logged with it: the most and the mean
-    tokens per expert (over experts, then the worst / the mean over layers), and their ratio in the worst
-    layer (1 = perfectly balanced)."""
+def with_capacity_factor(model: Decoder, capacity_factor: float) -> Decoder:
+    """The same model (the same parameter arrays) whose MoE layers dispatch with `capacity_factor`."""
+    copy = nnx.merge(*nnx.split(model))
+    config = copy.config
+    copy.config = dataclasses.replace(config, moe=dataclasses.replace(config.moe, capacity_factor=capacity_factor))
+    return copy
+
+
+@partial(jax.jit, static_argnames="capacity")
+def moe_metrics(figures: dict, capacity: bool) -> dict:
+    """A step's summed MoE figures -> what is logged with it: the router losses (before coefficients); the
+    expert load from the tokens per expert [L_sparse, E]: the most and the mean tokens per expert (over
+    experts, then the worst / the mean over layers) and their ratio in the worst layer (1 = perfectly
+    balanced); with capacity-bounded dispatch, the assignments dropped (all layers) and their fraction."""
+    load = figures["load"]
     top, mean = jnp.max(load, axis=-1), jnp.mean(load, axis=-1)
-    return {"expert_load_max": jnp.max(top), "expert_load_mean": jnp.mean(mean),
-            "expert_load_imbalance": jnp.max(top / jnp.maximum(mean, 1e-9))}
+    out = {"aux_loss": figures["aux_loss"], "z_loss": figures["z_loss"], "expert_load_max": jnp.max(top),
+           "expert_load_mean": jnp.mean(mean), "expert_load_imbalance": jnp.max(top / jnp.maximum(mean, 1e-9))}
+    if capacity:  # load counts every real assignment (top-k per token and sparse layer), dropped or not
+        out["moe_dropped"] = figures["dropped"]
+        out["moe_dropped_fraction"] = figures["dropped"] / jnp.maximum(jnp.sum(load), 1.0)
+    return out

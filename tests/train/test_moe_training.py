@@ -51,10 +51,3 @@ def test_an_impossible_expert_axis_is_refused_at_start(moe_setup, tmp_path):
     with pytest.raises(ValueError, match=r"trainer.mesh.expert=8 does not divide the 4 experts .* in \[1, 2, 4\]"):
         train(cfg)
 
-
-def test_moe_router_aux_loss_is_refused_at_start(moe_setup, tmp_path):
-    path = tmp_path / "aux"
-    make_tiny_hf(path, "qwen3_moe", vocab_size=768, output_router_logits=True)
-    cfg = load_config(None, sft_overrides({**moe_setup, "model": str(path)}, tmp_path / "run"))
-    with pytest.raises(ValueError, match="output_router_logits=true"):
-        train(cfg)
