@@ -15,6 +15,7 @@ from jsft.config import load_config
 from jsft.data.batch import BatchSpec, prepare_step
 from jsft.data.pipeline import build_train_batches
 from jsft.data.tokenizer import load_tokenizer
+from jsft.models.config import ModelConfig
 from jsft.models.params import param_arrays
 from jsft.plot import panels, read_series
 from jsft.sharding import make_mesh
@@ -35,7 +36,7 @@ ONE_MICRO_BATCH = {"data.train_batch_size": 8, "optim.lr": 2e-3, "optim.lr_sched
 
 @pytest.fixture(scope="module")
 def moe_aux_setup(sft_setup, tmp_path_factory):
-    """A tiny Qwen3-MoE (a dense layer among 2 MoE layers) whose config asks transformers for the aux loss."""
+    """A tiny Qwen3-MoE (2 layers, the second dense) whose config asks transformers for the aux loss."""
     path = tmp_path_factory.mktemp("moe_aux") / "qwen3_moe"
     make_tiny_hf(path, "qwen3_moe", vocab_size=768, mlp_only_layers=[1], output_router_logits=True,
                  router_aux_loss_coef=AUX_COEF)
@@ -142,9 +143,10 @@ def test_capacity_bounded_training_logs_its_drops(moe_aux_setup, tmp_path):
                  "model.router_z_loss_coef": 1e-3, "model.router_aux_loss_coef": 0.0}
     cfg = load_config(None, sft_overrides(moe_aux_setup, tmp_path / "run", **overrides))
     train(cfg)
+    sparse = sum(ModelConfig.from_pretrained(moe_aux_setup["model"]).sparse_layers)
     for m in _metrics(tmp_path / "run"):
-        assigned = m["train/global_tokens"] * 2 * 2  # real tokens x top-2 x 2 sparse layers
-        assert m["train/expert_load_mean"] * 4 * 2 == pytest.approx(assigned)
+        assigned = m["train/global_tokens"] * 2 * sparse  # real tokens x top-2 x sparse layers
+        assert m["train/expert_load_mean"] * 4 * sparse == pytest.approx(assigned)
         assert 0 < m["train/moe_dropped"] < assigned
         assert m["train/moe_dropped_fraction"] == pytest.approx(m["train/moe_dropped"] / assigned)
         assert np.isfinite(m["train/loss"]) and m["train/z_loss"] > 0
