@@ -186,10 +186,8 @@ class TrainStep:
         return jax.tree.map(put, local)
 
     def step_tokens(self, micro_batches: list[MicroBatch]) -> jax.Array:
-        """Real (non-padding) tokens of a step over all its micro-batches and devices (a device scalar; 1 for
-        a dense model, which has no router losses to scale)."""
-        if self.moe is None:
-            return jnp.ones((), jnp.float32)
+        """Real (non-padding) tokens of a step over all its micro-batches and devices: a replicated device
+        scalar, which scales the router losses (a dense model ignores it)."""
         with jax.set_mesh(self.mesh):
             return sum(self._real_tokens(b.segment_ids) for b in micro_batches)
 

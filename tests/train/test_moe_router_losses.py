@@ -69,9 +69,19 @@ def test_load_balancing_loss_follows_transformers_training(moe_aux_setup, tmp_pa
     assert chosen["expert_load"] == ("train/expert_load_max", "train/expert_load_mean")
 
 
+_GRADIENTS = {}  # (model, objective, split) -> _step_gradients: each is a compile, shared between tests
+
+
 def _step_gradients(setup, tmp_path, moe: MoeObjective, *, devices: int, **data):
-    """(CE, grads, figures summed over the micro-steps, micro-steps, samples) of the first global batch of 8
-    samples, split as `data` says."""
+    """(CE, grads, figures summed over the micro-steps, micro-steps) of the first global batch of 8 samples,
+    split as `data` says."""
+    key = (setup["model"], moe, devices, tuple(sorted(data.items())))
+    if key not in _GRADIENTS:
+        _GRADIENTS[key] = _compute_step_gradients(setup, tmp_path, moe, devices=devices, **data)
+    return _GRADIENTS[key]
+
+
+def _compute_step_gradients(setup, tmp_path, moe: MoeObjective, *, devices: int, **data):
     overrides = sft_overrides(setup, tmp_path, **{"data.train_batch_size": 8, "trainer.shape_buckets": 1,
                                                   **{f"data.{k}": v for k, v in data.items()}})
     cfg = load_config(None, overrides)
@@ -84,16 +94,16 @@ def _step_gradients(setup, tmp_path, moe: MoeObjective, *, devices: int, **data)
     micro = prepare_step(next(batches), spec).micro_batches
     loss, grads, figures = step.gradients(param_arrays(model), [step.device_batch(mb) for mb in micro],
                                           with_figures=True)
-    samples = tokenized_samples(cfg.data)
-    order = step_sample_order(len(samples), 8, cfg.data.seed, cfg.data.shuffle, 1)[0]
-    return (float(loss), {k: np.asarray(v) for k, v in grads.items()}, jax.tree.map(np.asarray, figures),
-            len(micro), [samples[i] for i in order])
+    return float(loss), {k: np.asarray(v) for k, v in grads.items()}, jax.tree.map(np.asarray, figures), len(micro)
 
 
-def _transformers_z_loss(path, samples) -> float:
-    """mean over real tokens and sparse layers of logsumexp(router logits)^2, from transformers' router logits
-    of the samples right-padded in one batch (numpy)."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+def _transformers_z_loss(setup, tmp_path) -> float:
+    """mean over real tokens and sparse layers of logsumexp(router logits)^2 (numpy), from transformers' router
+    logits of the first step's 8 samples right-padded in one batch."""
+    cfg = load_config(None, sft_overrides(setup, tmp_path, **{"data.train_batch_size": 8}))
+    every = tokenized_samples(cfg.data)
+    samples = [every[i] for i in step_sample_order(len(every), 8, cfg.data.seed, cfg.data.shuffle, 1)[0]]
+    model = transformers.AutoModelForCausalLM.from_pretrained(setup["model"], dtype=torch.float32)
     width = max(len(ids) for ids, _ in samples)
     ids = np.zeros((len(samples), width), np.int64)
     real = np.zeros((len(samples), width), bool)
@@ -119,12 +129,13 @@ def test_z_loss_is_exact_and_invariant_to_the_micro_batch_split(moe_aux_setup, t
     one = _step_gradients(moe_aux_setup, tmp_path, z, devices=8, micro_batch_size_per_gpu=1)
     four = _step_gradients(moe_aux_setup, tmp_path, z, devices=2, micro_batch_size_per_gpu=1, pad_mode="right")
     assert (one[3], four[3]) == (1, 4)  # one micro-step against four accumulated
-    expected = _transformers_z_loss(moe_aux_setup["model"], one[4])
+    expected = _transformers_z_loss(moe_aux_setup, tmp_path)
     assert float(one[2]["z_loss"]) == pytest.approx(expected, rel=1e-5)
     assert float(four[2]["z_loss"]) == pytest.approx(expected, rel=1e-5)
     assert four[0] == pytest.approx(one[0], rel=1e-5)  # the cross-entropy, as ever
     _assert_same_gradients(one[1], four[1])
     ce_only = _step_gradients(moe_aux_setup, tmp_path, MoeObjective(), devices=8, micro_batch_size_per_gpu=1)
+    assert float(ce_only[2]["z_loss"]) == pytest.approx(expected, rel=1e-5)  # logged at coefficient 0 too
     router = one[1]["layers/moe_router"] - ce_only[1]["layers/moe_router"]
     assert np.abs(router).max() > 1e-3 * np.abs(one[1]["layers/moe_router"]).max()  # the z-loss is trained
 
