@@ -1,7 +1,7 @@
 """The run's set-up: what a run config implies, resolved once, before any data is read or weight exists.
 
-    cfg -> tokenizer (+ stop tokens) -> model config (+ MoE objective) -> LoRA spec -> sequence-parallel choice -> mesh
-        -> feeders + batch layout -> device memory -> remat policy (auto: compiled by the planner)
+    cfg -> tokenizer (+ stop tokens) -> model config (+ MoE objective) -> LoRA spec -> sequence-parallel choice
+        -> mesh -> feeders + batch layout -> device memory -> remat policy (auto: compiled by the planner)
 
 `resolve` returns a frozen `RunSetup` that the trainer (jsft/train/loop.py), `python -m jsft.plan`,
 `python -m jsft.export` and `python -m jsft.inspect` read; nothing downstream resolves any of it again.
@@ -124,7 +124,8 @@ def check_moe(model_cfg: ModelConfig, m: ModelSection, log: Log = None) -> Optio
     if m.router_aux_loss_coef is not None:
         aux, source = m.router_aux_loss_coef, " (model.router_aux_loss_coef)"
     elif model_cfg.output_router_logits:
-        aux, source = model_cfg.router_aux_loss_coef, " (the checkpoint's router_aux_loss_coef: output_router_logits=true)"
+        aux = model_cfg.router_aux_loss_coef
+        source = " (the checkpoint's router_aux_loss_coef: output_router_logits=true)"
     else:
         aux, source = 0.0, " (the checkpoint's output_router_logits=false, as transformers)"
     moe = MoeObjective(float(aux), float(m.router_z_loss_coef), m.moe_capacity_factor)
