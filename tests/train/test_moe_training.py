@@ -39,7 +39,7 @@ def test_moe_loss_curve_matches_a_torch_loop(moe_setup, tmp_path, mesh):
     expected = torch_sft_losses(model, model.parameters(), cfg, STEPS)
     np.testing.assert_allclose([m["train/loss"] for m in metrics], expected, rtol=2e-3)
     assert expected[-1] < expected[0]  # it learns
-    for m in metrics:  # tokens per expert: each real token goes to top-2 of 4 experts in each of 2 MoE layers
+    for m in metrics:  # tokens per expert: each real token goes to top-2 of 4 experts in each MoE layer
         real_tokens = m["train/global_tokens"]  # non-padding tokens
         assert m["train/expert_load_mean"] == pytest.approx(real_tokens * 2 / 4)
         assert m["train/expert_load_max"] >= m["train/expert_load_mean"]
