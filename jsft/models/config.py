@@ -440,8 +440,6 @@ def _check_layer_types(hf: transformers.PretrainedConfig) -> None:
 def _check_gpt_oss(hf: transformers.PretrainedConfig) -> None:
     """What transformers' GptOss computes that the decoder would compute differently is refused, naming the field
     (its attention scale is head_dim ** -0.5 and its norms plain RMSNorm, as the decoder's defaults)."""
-    if not getattr(hf, "attention_bias", True):
-        raise ValueError("gpt_oss attention_bias=false is not supported (gpt-oss' q/k/v/o projections have biases)")
     if getattr(hf, "attention_dropout", 0.0):
         raise ValueError(f"gpt_oss attention_dropout={hf.attention_dropout} is not supported (set 0)")
 
