@@ -174,6 +174,18 @@ class ModelConfig:
         return cls.from_hf(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields))
 
     @classmethod
+    def from_dict(cls, fields: dict) -> "ModelConfig":
+        """The inverse of `dataclasses.asdict` after a JSON round trip (a checkpoint's metadata): the tuple fields
+        come back as tuples (hashable: the config is static data of the model), the MoE spec as a MoeSpec."""
+        fields = dict(fields)
+        for name in _TUPLE_FIELDS:
+            if fields.get(name) is not None:
+                fields[name] = _as_tuple(fields[name])
+        if isinstance(fields.get("moe"), dict):
+            fields["moe"] = MoeSpec(**fields["moe"])
+        return cls(**fields)
+
+    @classmethod
     def from_pretrained(cls, path: str) -> "ModelConfig":
         return cls.from_hf(load_hf_config(path))
 
@@ -372,6 +384,14 @@ class ModelConfig:
         keys = [seq_len / 2 if s.window is None else min(seq_len / 2, s.window) for s in self.layer_specs()]
         attention = sum(4 * n * h * kk for kk in keys)
         return 3 * (2 * matmul_params + attention)
+
+
+# fields held as (nested) tuples, which JSON turns into lists
+_TUPLE_FIELDS = ("rope_scaling", "sliding_rope_scaling", "layer_types", "sparse_layers", "mlp_only_layers")
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _first_set(outer, inner, name: str):

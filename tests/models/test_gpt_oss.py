@@ -169,3 +169,25 @@ def test_quantized_checkpoints_of_other_families_are_refused():
     config = transformers.LlamaConfig(quantization_config={"quant_method": "mxfp4"})
     with pytest.raises(ValueError, match=r"llama: quantization_config.quant_method='mxfp4' is not supported"):
         ModelConfig.from_hf(config)
+
+
+def test_checkpoint_metadata_restores_the_config_exactly(oss):
+    """A run's checkpoint keeps the model config as JSON (python -m jsft.export rebuilds the model from it): the
+    MoE spec, layer kinds and rope come back as they were, hashable."""
+    from jsft.train.checkpoint import model_config_from_json, model_config_to_json
+
+    cfg = ModelConfig.from_pretrained(str(oss[0])).replace(quantization="mxfp4")
+    back = model_config_from_json(json.loads(json.dumps(model_config_to_json(cfg))))
+    assert back == cfg and hash(back) == hash(cfg)
+
+
+def test_presets_have_the_released_parameter_counts():
+    """openai/gpt-oss-20b and -120b: 20.91B and 116.83B parameters (model card); 3.61B and 5.13B active
+    without the input embedding (jsft's active count includes it; flops_per_token's matmuls leave it out)."""
+    from jsft.train.planner import PRESETS
+
+    for name, total, active in (("gpt-oss-20b", 20.91, 3.61), ("gpt-oss-120b", 116.83, 5.13)):
+        cfg = ModelConfig.from_init(PRESETS[name])
+        embed = cfg.vocab_size * cfg.hidden_size
+        assert round(cfg.num_params() / 1e9, 2) == total, name
+        assert round((cfg.num_params(active=True) - embed) / 1e9, 2) == active, name
