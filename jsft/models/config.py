@@ -462,6 +462,10 @@ def _check_gpt_oss(hf: transformers.PretrainedConfig) -> None:
     (its attention scale is head_dim ** -0.5 and its norms plain RMSNorm, as the decoder's defaults)."""
     if getattr(hf, "attention_dropout", 0.0):
         raise ValueError(f"gpt_oss attention_dropout={hf.attention_dropout} is not supported (set 0)")
+    for field in ("swiglu_limit", "swiglu_alpha"):  # the clamped SwiGLU the MoE layer implements needs both
+        value = getattr(hf, field, None)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"gpt_oss {field}={value!r} is not supported (jsft's clamped SwiGLU needs a positive number)")
 
 
 def _quantization(hf: transformers.PretrainedConfig) -> Optional[str]:

@@ -158,6 +158,7 @@ def test_parameter_counts_match_transformers(oss):
     ({"quantization_config": {"quant_method": "gptq", "bits": 4}}, r"gpt_oss: quantization_config.quant_method='gptq'"),
     ({"hidden_act": "gelu"}, r"hidden_act 'gelu' is not supported \(only silu for gpt_oss\)"),
     ({"attention_dropout": 0.1}, r"gpt_oss attention_dropout=0.1"),
+    ({"swiglu_limit": 0.0}, r"gpt_oss swiglu_limit=0.0 is not supported"),
     ({"layer_types": [SLIDING, FULL, "chunked_attention", FULL]}, r"gpt_oss: layer_types must list"),
 ])
 def test_configs_jsft_cannot_run_are_refused(overrides, message):
