@@ -277,8 +277,8 @@ class ModelConfig:
             (self.qkv_bias != self.o_bias, "qkv_bias != o_bias (attention_bias covers q/k/v and o together)"),
             (self.qk_norm, "qk_norm=True"),
             (self.attn_logit_softcapping or self.final_logit_softcapping, "a logit softcap"),
-            ((self.sliding_rope_theta or self.rope_theta, self.sliding_rope_scaling) != (self.rope_theta, self.rope_scaling),
-             "a sliding-layer rope different from the full layers'"),
+            ((self.sliding_rope_theta or self.rope_theta, self.sliding_rope_scaling)
+             != (self.rope_theta, self.rope_scaling), "a sliding-layer rope different from the full layers'"),
             (spec is None or not all(self.layer_is_sparse()), "dense MLP layers"),
             (spec is not None and (spec.routing, spec.activation, spec.router_bias, spec.expert_bias)
              != ("topk_softmax", "gpt_oss", True, True), "a router or expert MLP other than gpt-oss'"),
@@ -359,7 +359,8 @@ class ModelConfig:
         dense = (self.num_layers - sparse) * 3 * d * f
         if not sparse:
             return dense
-        experts, fe, e = (self.moe.top_k if active else self.moe.num_experts), self.moe_intermediate_size, self.moe.num_experts
+        e, fe = self.moe.num_experts, self.moe_intermediate_size
+        experts = self.moe.top_k if active else e
         per_expert = 3 * d * fe + ((2 * fe + d) if self.moe.expert_bias else 0)  # gpt-oss: gate_up and down biases
         router = d * e + (e if self.moe.router_bias else 0)
         return dense + sparse * (experts * per_expert + router)
@@ -465,7 +466,7 @@ def _check_gpt_oss(hf: transformers.PretrainedConfig) -> None:
     for field in ("swiglu_limit", "swiglu_alpha"):  # the clamped SwiGLU the MoE layer implements needs both
         value = getattr(hf, field, None)
         if not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(f"gpt_oss {field}={value!r} is not supported (jsft's clamped SwiGLU needs a positive number)")
+            raise ValueError(f"gpt_oss {field}={value!r} is not supported (the clamped SwiGLU needs a positive number)")
 
 
 def _quantization(hf: transformers.PretrainedConfig) -> Optional[str]:
@@ -478,9 +479,9 @@ def _quantization(hf: transformers.PretrainedConfig) -> Optional[str]:
     method = getattr(method, "value", method)  # a QuantizationMethod enum
     allowed = QUANTIZATIONS.get(hf.model_type, ())
     if method not in allowed:
+        which = "allowed: " + ", ".join(allowed) if allowed else "jsft loads unquantized checkpoints of this family"
         raise ValueError(
-            f"{hf.model_type}: quantization_config.quant_method={method!r} is not supported "
-            f"({'allowed: ' + ', '.join(allowed) if allowed else 'jsft loads unquantized checkpoints of this family'}); "
+            f"{hf.model_type}: quantization_config.quant_method={method!r} is not supported ({which}); "
             "dequantize the checkpoint first (e.g. transformers' from_pretrained + save_pretrained)")
     return method
 

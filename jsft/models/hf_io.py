@@ -179,7 +179,7 @@ def hf_tensor_names(key: Key, num_layers: int) -> list[str]:
     return [n + suffix for n in names for suffix in ("_blocks", "_scales")] if key.mxfp4 else names
 
 
-def hf_source(key: Key, files: "SafetensorsDir", name: str):
+def hf_source(key: Key, files: SafetensorsDir, name: str):
     """The (lazy) HF tensor `name` of `key`: a memory-mapped array, or a dequantizing view of an MXFP4 pair."""
     if key.mxfp4:
         return Mxfp4Tensor(files.get(name + "_blocks"), files.get(name + "_scales"), name)
@@ -358,8 +358,8 @@ def load_array(key: Key | Sequence[Key], files: SafetensorsDir, shape, sharding,
         inner, inner_index = (*shape[:axis], *shape[axis + 1:]), (*index[:axis], *index[axis + 1:])
         chosen = range(shape[axis])[index[axis]]
         by_index = {k.part[1]: k for k in parts}
-        return np.stack([read_hf_slice(by_index[j], hf_source(by_index[j], files, name(by_index[j])), inner, inner_index)
-                         for j in chosen], axis=axis)
+        return np.stack([read_hf_slice(k, hf_source(k, files, name(k)), inner, inner_index)
+                         for k in (by_index[j] for j in chosen)], axis=axis)
 
     def shard(index: tuple) -> np.ndarray:
         if not key.per_layer:

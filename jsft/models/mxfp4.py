@@ -44,7 +44,8 @@ class Mxfp4Tensor:
     def __init__(self, blocks: np.ndarray, scales: np.ndarray, name: str = "tensor"):
         if blocks.dtype != np.uint8 or scales.dtype != np.uint8 or blocks.shape[:-1] != scales.shape:
             raise ValueError(f"MXFP4 {name}: {name}_blocks {blocks.dtype}{list(blocks.shape)} and {name}_scales "
-                             f"{scales.dtype}{list(scales.shape)} are not a uint8 blocks/scales pair (blocks[:-1] == scales)")
+                             f"{scales.dtype}{list(scales.shape)} are not a uint8 blocks/scales pair "
+                             "(blocks.shape[:-1] == scales.shape)")
         self.blocks, self.scales, self.name = blocks, scales, name
         self.values_per_block = 2 * blocks.shape[-1]  # two fp4 values per byte
         *prefix, out, groups, _ = blocks.shape

@@ -83,7 +83,8 @@ def _write_mxfp4(src, dst, seed=0) -> dict:
     config = json.loads((src / "config.json").read_text())
     config.update(dtype="bfloat16", quantization_config={
         "quant_method": "mxfp4",
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
+                                   "lm_head"]})
     (dst / "config.json").write_text(json.dumps(config))
     return sd
 
