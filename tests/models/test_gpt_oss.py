@@ -94,6 +94,7 @@ def test_mxfp4_checkpoint_is_dequantized_on_import_and_exported_unquantized(tmp_
     assert ModelConfig.from_pretrained(str(tmp_path / "mxfp4")).quantization == "mxfp4"
     # fsdp splits the hidden dim: a device's slice of gate_up_proj's input axis is a part of one 32-value block
     model = jm.from_pretrained(tmp_path / "mxfp4", dtype="float32", mesh=make_mesh({"fsdp": -1}))
+    assert "experts stored as mxfp4: dequantized to float32 on import" in capsys.readouterr().out
     params = {k: np.asarray(v[...]) for k, v in jm.flat_params(model).items()}
     for i in range(GPT_OSS_TINY["num_hidden_layers"]):
         x = f"model.layers.{i}.mlp.experts."
@@ -173,14 +174,26 @@ def test_quantized_checkpoints_of_other_families_are_refused():
         ModelConfig.from_hf(config)
 
 
-def test_checkpoint_metadata_restores_the_config_exactly(oss):
-    """A run's checkpoint keeps the model config as JSON (python -m jsft.export rebuilds the model from it): the
-    MoE spec, layer kinds and rope come back as they were, hashable."""
-    from jsft.train.checkpoint import model_config_from_json, model_config_to_json
+def test_a_training_checkpoint_exports_through_jsft_export(oss, tmp_path):
+    """A run's checkpoint keeps the model config as JSON; `python -m jsft.export` rebuilds the model from it (MoE
+    spec, layer kinds, rope) and writes the HF checkpoint transformers loads back exactly."""
+    from jsft.export import main
+    from jsft.models.params import flat_params
+    from jsft.train import checkpoint as ckpt
 
-    cfg = ModelConfig.from_pretrained(str(oss[0])).replace(quantization="mxfp4")
-    back = model_config_from_json(json.loads(json.dumps(model_config_to_json(cfg))))
-    assert back == cfg and hash(back) == hash(cfg)
+    path, ref = oss
+    model = jm.from_pretrained(path, dtype="float32")
+    restored = ckpt.model_config_from_json(json.loads(json.dumps(ckpt.model_config_to_json(model.config))))
+    assert restored == model.config and hash(restored) == hash(model.config)
+    manager = ckpt.open_manager(tmp_path / "ckpts")
+    meta = {"step": 2, "model_config": ckpt.model_config_to_json(model.config), "param_dtype": "float32"}
+    ckpt.save(manager, 2, params={name: var[...] for name, var in flat_params(model).items()}, meta=meta)
+    manager.wait_until_finished()
+    manager.close()
+    assert main(["--checkpoint", str(tmp_path / "ckpts" / "2"), "--out", str(tmp_path / "hf")]) == 0
+    sd = _load_hf(tmp_path / "hf").state_dict()
+    for name, value in ref.state_dict().items():
+        assert torch.equal(value, sd[name]), name
 
 
 def test_presets_have_the_released_parameter_counts():
