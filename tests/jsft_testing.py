@@ -226,8 +226,8 @@ def make_tiny_gemma3(path, seed: int = 0, multimodal: bool = False, **overrides)
     return model
 
 
-# gpt-oss as the released config.json writes it (yarn rope in the 4.x `rope_scaling` form, alternating sliding
-# and full layers), shrunk: 4 layers, hidden 64, 4 experts top-2, expert hidden 32 (MXFP4 packs 32 values per
+# gpt-oss from the released config.json's fields (yarn rope given in its 4.x `rope_scaling` form, alternating
+# sliding and full layers), shrunk: 4 layers, hidden 64, 4 experts top-2, expert hidden 32 (MXFP4 packs 32 values per
 # block, so D and F are multiples of 32), a window of 6 on rows of ~40 tokens, a swiglu_limit low enough that
 # the clamps bind at these small weights
 GPT_OSS_TINY = dict(

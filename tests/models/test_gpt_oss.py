@@ -81,6 +81,8 @@ def _write_mxfp4(src, dst, seed=0) -> dict:
     dst.mkdir()
     save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((src / "config.json").read_text())
+    rope = config.pop("rope_parameters")  # the released config.json's 4.x form: rope_theta + rope_scaling
+    config.update(rope_theta=rope.pop("rope_theta"), rope_scaling=rope)
     config.update(dtype="bfloat16", quantization_config={
         "quant_method": "mxfp4",
         "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens",
@@ -91,7 +93,8 @@ def _write_mxfp4(src, dst, seed=0) -> dict:
 
 def test_mxfp4_checkpoint_is_dequantized_on_import_and_exported_unquantized(tmp_path, capsys):
     sd = _write_mxfp4(tmp_path / "src", tmp_path / "mxfp4")
-    assert ModelConfig.from_pretrained(str(tmp_path / "mxfp4")).quantization == "mxfp4"
+    cfg = ModelConfig.from_pretrained(str(tmp_path / "mxfp4"))
+    assert cfg.quantization == "mxfp4" and cfg.rope_theta == 150000.0 and dict(cfg.rope_scaling)["factor"] == 32.0
     # fsdp splits the hidden dim: a device's slice of gate_up_proj's input axis is a part of one 32-value block
     model = jm.from_pretrained(tmp_path / "mxfp4", dtype="float32", mesh=make_mesh({"fsdp": -1}))
     assert "experts stored as mxfp4: dequantized to float32 on import" in capsys.readouterr().out
