@@ -235,6 +235,41 @@ def make_tiny_gemma3(path, seed: int = 0, multimodal: bool = False, **overrides)
     return model
 
 
+# gpt-oss from the released config.json's fields (yarn rope given in its 4.x `rope_scaling` form, alternating
+# sliding and full layers), shrunk: 4 layers, hidden 64, 4 experts top-2, expert hidden 32 (MXFP4 packs 32 values per
+# block, so D and F are multiples of 32), a window of 6 on rows of ~40 tokens, a swiglu_limit low enough that
+# the clamps bind at these small weights
+GPT_OSS_TINY = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=32, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=6,
+    layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=131072, rope_theta=150000.0,
+    rope_scaling={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                  "original_max_position_embeddings": 4096},
+    swiglu_limit=0.25, attention_bias=True,
+)
+
+
+def make_tiny_gpt_oss(path, seed: int = 0, **overrides):
+    """A tiny random GptOssForCausalLM (fp32 safetensors): sinks, every bias and the norms moved away from their
+    (zero / one / small) init, routers far from uniform so top-k choices are not near-ties."""
+    import torch
+    import transformers
+
+    config = transformers.GptOssConfig(**{**GPT_OSS_TINY, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "router.bias")):
+                p.normal_(0.0, 1.0)
+            elif name.endswith("router.weight"):
+                p.normal_(0.0, 0.5)
+            elif "norm" in name or "bias" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return model
+
+
 def dense_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, window=None, sinks=None, softcap=None, scale=None):
     """The plain dense definition, written here independently of jsft: the [B, T, S] mask materialised, one
     extra softmax column per head for the sink, q.k scaled, then capped, then masked."""

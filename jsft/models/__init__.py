@@ -1,4 +1,4 @@
-"""Llama/Qwen/Mistral/Gemma 3 decoders in Flax NNX, with Hugging Face safetensors import and export (hf_export.py).
+"""Llama/Qwen/Mistral/Gemma 3 and MoE (Qwen3-MoE, Mixtral, gpt-oss) decoders in Flax NNX, with Hugging Face safetensors import and export (hf_export.py).
 
     import jsft.models as jm
     model = jm.from_pretrained("hf_dir", dtype="float32")
@@ -47,6 +47,9 @@ def from_pretrained(
     if cfg.text_of is not None:
         print(f"{path}: a multimodal {cfg.text_of} checkpoint: loading its text stack ({prefix}*); the vision "
               f"tower is not loaded, and exports are {ARCHITECTURES[cfg.model_type]} text models")
+    if cfg.quantization is not None:
+        print(f"{path}: {cfg.model_type} experts stored as {cfg.quantization}: dequantized to {param_dtype} on import "
+              "(exports are unquantized)")
     abstract = abstract_model(
         cfg, dtype=dtype, param_dtype=param_dtype, remat_policy=remat_policy, attention_impl=attention_impl,
         sequence_parallel=sequence_parallel,

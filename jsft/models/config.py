@@ -1,10 +1,11 @@
 """ModelConfig: the decoder's hyperparameters, read from a Hugging Face config and written back.
 
 One decoder covers Llama 2/3/3.1/3.2, Qwen2/2.5, Qwen3, Mistral-style and Gemma 3 configs (`gemma3_text`, and
-the text stack of multimodal `gemma3` checkpoints), and the mixtures of experts Qwen3-MoE and Mixtral (the
-MoE MLP of jsft/models/moe.py in their sparse layers). Anything the decoder does not implement (sliding windows
-outside Gemma 3, unknown rope types, MLP biases, other activations) raises here, so an unsupported checkpoint
-never trains silently wrong.
+the text stack of multimodal `gemma3` checkpoints), and the mixtures of experts Qwen3-MoE, Mixtral and gpt-oss
+(the MoE MLP of jsft/models/moe.py in their sparse layers; gpt-oss adds attention sinks, q/k/v/o biases and
+alternating sliding/full layers). Anything the decoder does not implement (sliding windows outside Gemma 3 and
+gpt-oss, unknown rope types, MLP biases, other activations, quantized checkpoints other than gpt-oss' MXFP4
+experts) raises here, so an unsupported checkpoint never trains silently wrong.
 
 Layers may differ in their attention: `layer_specs()` is the one place that turns the config into one
 LayerSpec per layer (window, rope), which the decoder stacks into per-layer arrays of its scanned stack.
@@ -23,9 +24,15 @@ import transformers
 
 from jsft.models.moe import MoeSpec, expert_hidden_size, sparse_layers
 
-SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3", "qwen3_moe", "mixtral")
-# mixtures of experts: the MLP of their sparse layers is jsft.models.moe (gpt_oss is not wired yet)
-MOE = ("qwen3_moe", "mixtral")
+SUPPORTED_MODEL_TYPES = (
+    "llama", "qwen2", "qwen3", "mistral", "gemma3_text", "gemma3", "qwen3_moe", "mixtral", "gpt_oss",
+)
+# mixtures of experts: the MLP of their sparse layers is jsft.models.moe
+MOE = ("qwen3_moe", "mixtral", "gpt_oss")
+# families whose layers differ by `layer_types` (sliding / full windows)
+PER_LAYER_ATTENTION = ("gemma3_text", "gpt_oss")
+# quantized checkpoints jsft reads (dequantized on import; exports are never quantized): family -> methods
+QUANTIZATIONS = {"gpt_oss": ("mxfp4",)}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 FULL, SLIDING = "full_attention", "sliding_attention"  # HF's layer_types
 # Gemma 3: (1 + w) RMSNorm, post-attention and pre/post-feed-forward norms, embeddings x sqrt(D), gelu-tanh
@@ -84,6 +91,9 @@ class ModelConfig:
     decoder_sparse_step: int = 1
     router_aux_loss_coef: float = 0.0
     output_router_logits: bool = False
+    # how the checkpoint stores its weights: None, or "mxfp4" (gpt-oss' expert projections as blocks + scales,
+    # dequantized on import); an export is always unquantized (hf_export.save_pretrained drops it)
+    quantization: Optional[str] = None
 
     # ---- Hugging Face <-> jsft ----------------------------------------------------------------------------
 
@@ -95,21 +105,28 @@ class ModelConfig:
         outer, text_of = hf, None
         if mt == "gemma3":  # multimodal: its text stack (the vision tower is not loaded)
             hf, text_of, mt = hf.get_text_config(), "gemma3", "gemma3_text"
-        gemma = mt in GEMMA
+        gemma, oss = mt in GEMMA, mt == "gpt_oss"
         act = getattr(hf, "hidden_activation" if gemma else "hidden_act", "silu")
         if act not in (("gelu_pytorch_tanh",) if gemma else ("silu",)):
             raise ValueError(f"hidden_act '{act}' is not supported (only {'gelu_pytorch_tanh' if gemma else 'silu'} for {mt})")
         if getattr(hf, "mlp_bias", False):
             raise ValueError("mlp_bias=true is not supported")
+        quantization = _quantization(hf)
         moe = _moe_fields(hf) if mt in MOE else {}
-        if gemma:
-            _check_gemma(hf)
+        if mt in PER_LAYER_ATTENTION:
+            _check_layer_types(hf)
         else:
             _check_no_sliding_window(hf)
+        if gemma:
+            _check_gemma(hf)
+        if oss:
+            _check_gpt_oss(hf)
         rope = _rope_by_type(hf) if gemma else {FULL: _rope_from_hf(hf, None)}
+        if oss:  # one rope for the sliding and the full layers
+            rope[SLIDING] = rope[FULL]
         attention_bias = bool(getattr(hf, "attention_bias", False))
         head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-        layer_types = tuple(hf.layer_types) if gemma else None
+        layer_types = tuple(hf.layer_types) if mt in PER_LAYER_ATTENTION else None
         sliding = layer_types is not None and SLIDING in layer_types
         return cls(
             model_type=mt,
@@ -124,7 +141,7 @@ class ModelConfig:
             rope_theta=rope[FULL][0],
             rope_scaling=rope[FULL][1],
             qkv_bias=mt == "qwen2" or attention_bias,
-            o_bias=(mt in ("llama", "qwen3", "qwen3_moe") or gemma) and attention_bias,
+            o_bias=(mt in ("llama", "qwen3", "qwen3_moe", "gpt_oss") or gemma) and attention_bias,
             qk_norm=mt in ("qwen3", "qwen3_moe") or gemma,
             tie_word_embeddings=bool(outer.tie_word_embeddings),
             max_position_embeddings=hf.max_position_embeddings,
@@ -136,13 +153,15 @@ class ModelConfig:
             torch_dtype=_dtype_name(getattr(outer, "dtype", None) or vars(outer).get("torch_dtype")),
             layer_types=layer_types,
             sliding_window=hf.sliding_window if sliding else None,
-            sliding_rope_theta=rope[SLIDING][0] if gemma else None,
-            sliding_rope_scaling=rope[SLIDING][1] if gemma else None,
+            sliding_rope_theta=rope[SLIDING][0] if SLIDING in rope else None,
+            sliding_rope_scaling=rope[SLIDING][1] if SLIDING in rope else None,
             query_pre_attn_scalar=hf.query_pre_attn_scalar if gemma else None,
             attn_logit_softcapping=getattr(hf, "attn_logit_softcapping", None),
             final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
+            attention_sinks=oss,
             hidden_act=act,
             text_of=text_of,
+            quantization=quantization,
             **moe,
         )
 
@@ -155,6 +174,18 @@ class ModelConfig:
         return cls.from_hf(transformers.AutoConfig.for_model(fields.pop("model_type"), **fields))
 
     @classmethod
+    def from_dict(cls, fields: dict) -> "ModelConfig":
+        """The inverse of `dataclasses.asdict` after a JSON round trip (a checkpoint's metadata): the tuple fields
+        come back as tuples (hashable: the config is static data of the model), the MoE spec as a MoeSpec."""
+        fields = dict(fields)
+        for name in _TUPLE_FIELDS:
+            if fields.get(name) is not None:
+                fields[name] = _as_tuple(fields[name])
+        if isinstance(fields.get("moe"), dict):
+            fields["moe"] = MoeSpec(**fields["moe"])
+        return cls(**fields)
+
+    @classmethod
     def from_pretrained(cls, path: str) -> "ModelConfig":
         return cls.from_hf(load_hf_config(path))
 
@@ -163,6 +194,8 @@ class ModelConfig:
         of a multimodal gemma3 checkpoint becomes a text-only `gemma3_text` config."""
         if self.model_type in GEMMA:
             return self._gemma_to_hf()
+        if self.model_type == "gpt_oss":
+            return self._gpt_oss_to_hf()
         if self.layer_types is not None or self.attention_sinks or self.attn_logit_softcapping or self.final_logit_softcapping:
             raise ValueError(f"per-layer windows, sinks and softcaps are not expressible as model_type {self.model_type}")
         if self.model_type == "qwen2" and not self.qkv_bias:
@@ -235,6 +268,39 @@ class ModelConfig:
             final_logit_softcapping=self.final_logit_softcapping,
         )
 
+    def _gpt_oss_to_hf(self) -> transformers.PretrainedConfig:
+        """A GptOssConfig; what it cannot express (no sinks, partial biases, q/k norms, a second rope for the
+        sliding layers, a softcap, a router or experts other than gpt-oss') raises, naming the field."""
+        spec = self.moe
+        problems = [
+            (not self.attention_sinks, "attention_sinks=False (gpt-oss always has sinks)"),
+            (self.qkv_bias != self.o_bias, "qkv_bias != o_bias (attention_bias covers q/k/v and o together)"),
+            (self.qk_norm, "qk_norm=True"),
+            (self.attn_logit_softcapping or self.final_logit_softcapping, "a logit softcap"),
+            ((self.sliding_rope_theta or self.rope_theta, self.sliding_rope_scaling)
+             != (self.rope_theta, self.rope_scaling), "a sliding-layer rope different from the full layers'"),
+            (spec is None or not all(self.layer_is_sparse()), "dense MLP layers"),
+            (spec is not None and (spec.routing, spec.activation, spec.router_bias, spec.expert_bias)
+             != ("topk_softmax", "gpt_oss", True, True), "a router or expert MLP other than gpt-oss'"),
+        ]
+        for bad, what in problems:
+            if bad:
+                raise ValueError(f"gpt_oss cannot express {what}")
+        return transformers.GptOssConfig(
+            **self._common_hf_fields(),
+            hidden_act="silu",
+            attention_bias=self.qkv_bias,
+            layer_types=list(self.layer_types or (FULL,) * self.num_layers),
+            sliding_window=self.sliding_window,
+            rope_parameters=_rope_parameters(self.rope_theta, self.rope_scaling),
+            num_local_experts=spec.num_experts,
+            num_experts_per_tok=spec.top_k,
+            swiglu_alpha=spec.swiglu_alpha,
+            swiglu_limit=spec.swiglu_limit,
+            router_aux_loss_coef=self.router_aux_loss_coef,
+            output_router_logits=self.output_router_logits,
+        )
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -293,8 +359,11 @@ class ModelConfig:
         dense = (self.num_layers - sparse) * 3 * d * f
         if not sparse:
             return dense
-        experts = self.moe.top_k if active else self.moe.num_experts
-        return dense + sparse * (experts * 3 * d * self.moe_intermediate_size + d * self.moe.num_experts)
+        e, fe = self.moe.num_experts, self.moe_intermediate_size
+        experts = self.moe.top_k if active else e
+        per_expert = 3 * d * fe + ((2 * fe + d) if self.moe.expert_bias else 0)  # gpt-oss: gate_up and down biases
+        router = d * e + (e if self.moe.router_bias else 0)
+        return dense + sparse * (experts * per_expert + router)
 
     def num_params(self, active: bool = False) -> int:
         """All parameters; `active`: those one token uses (MoE: top-k experts), the figure for MFU."""
@@ -316,6 +385,14 @@ class ModelConfig:
         keys = [seq_len / 2 if s.window is None else min(seq_len / 2, s.window) for s in self.layer_specs()]
         attention = sum(4 * n * h * kk for kk in keys)
         return 3 * (2 * matmul_params + attention)
+
+
+# fields held as (nested) tuples, which JSON turns into lists
+_TUPLE_FIELDS = ("rope_scaling", "sliding_rope_scaling", "layer_types", "sparse_layers", "mlp_only_layers")
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def _first_set(outer, inner, name: str):
@@ -369,11 +446,44 @@ def _moe_fields(hf: transformers.PretrainedConfig) -> dict:
 def _check_gemma(hf: transformers.PretrainedConfig) -> None:
     if getattr(hf, "use_bidirectional_attention", False):
         raise ValueError("use_bidirectional_attention=true is not supported (jsft trains causal LMs)")
+
+
+def _check_layer_types(hf: transformers.PretrainedConfig) -> None:
+    """Gemma 3 and gpt-oss: `layer_types` lists one of full / sliding attention per layer."""
     unknown = set(hf.layer_types) - {FULL, SLIDING}
     if unknown or len(hf.layer_types) != hf.num_hidden_layers:
-        raise ValueError(f"layer_types must list {hf.num_hidden_layers} of {FULL} / {SLIDING}, got {hf.layer_types}")
+        raise ValueError(f"{hf.model_type}: layer_types must list {hf.num_hidden_layers} of {FULL} / {SLIDING}, "
+                         f"got {hf.layer_types}")
     if SLIDING in hf.layer_types and not hf.sliding_window:
-        raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        raise ValueError(f"{hf.model_type}: layer_types has sliding_attention layers but sliding_window is not set")
+
+
+def _check_gpt_oss(hf: transformers.PretrainedConfig) -> None:
+    """What transformers' GptOss computes that the decoder would compute differently is refused, naming the field
+    (its attention scale is head_dim ** -0.5 and its norms plain RMSNorm, as the decoder's defaults)."""
+    if getattr(hf, "attention_dropout", 0.0):
+        raise ValueError(f"gpt_oss attention_dropout={hf.attention_dropout} is not supported (set 0)")
+    for field in ("swiglu_limit", "swiglu_alpha"):  # the clamped SwiGLU the MoE layer implements needs both
+        value = getattr(hf, field, None)
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"gpt_oss {field}={value!r} is not supported (the clamped SwiGLU needs a positive number)")
+
+
+def _quantization(hf: transformers.PretrainedConfig) -> Optional[str]:
+    """The checkpoint's `quantization_config.quant_method` where jsft can dequantize it on import (gpt-oss'
+    MXFP4 experts), else a refusal naming the family and the field."""
+    quant = getattr(hf, "quantization_config", None)
+    if not quant:
+        return None
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    method = getattr(method, "value", method)  # a QuantizationMethod enum
+    allowed = QUANTIZATIONS.get(hf.model_type, ())
+    if method not in allowed:
+        which = "allowed: " + ", ".join(allowed) if allowed else "jsft loads unquantized checkpoints of this family"
+        raise ValueError(
+            f"{hf.model_type}: quantization_config.quant_method={method!r} is not supported ({which}); "
+            "dequantize the checkpoint first (e.g. transformers' from_pretrained + save_pretrained)")
+    return method
 
 
 def _rope_by_type(hf: transformers.PretrainedConfig) -> dict:

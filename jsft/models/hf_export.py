@@ -45,11 +45,16 @@ def save_pretrained(
     defaults to the source checkpoint's dtype (for imported models) or the parameter dtype.
     `generation_config` (a dict) replaces the one derived from the model config. Multi-host: every process
     calls it; process 0 writes. Device memory beyond the parameters stays near one layer's largest tensor
-    (hf_io.hf_tensors)."""
+    (hf_io.hf_tensors). A quantized source (gpt-oss' MXFP4 experts) is exported unquantized in `dtype`."""
     cfg = model.config
     dtype = jnp.dtype(dtype or cfg.torch_dtype or model.param_dtype)
     out = Path(out_dir)
     writer = jax.process_index() == 0
+    if cfg.quantization is not None:  # e.g. gpt-oss' MXFP4 experts: written dequantized, no quantization_config
+        if writer:
+            print(f"the source checkpoint stored its experts as {cfg.quantization}; exporting them unquantized in "
+                  f"{dtype} (config.json without quantization_config: transformers loads {out} as a plain model)")
+        cfg = cfg.replace(quantization=None)
     if writer and cfg.text_of is not None:
         print(f"exporting the text stack of a multimodal {cfg.text_of} model as a {ARCHITECTURES[cfg.model_type]} "
               f"text model (model_type {cfg.model_type}; no vision tower) to {out}")
@@ -114,6 +119,7 @@ ARCHITECTURES = {
     "gemma3_text": "Gemma3ForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "mixtral": "MixtralForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 

@@ -24,6 +24,7 @@ import ml_dtypes
 import numpy as np
 
 from jsft.models.config import GEMMA, ModelConfig
+from jsft.models.mxfp4 import Mxfp4Tensor
 
 # ---- the key table ------------------------------------------------------------------------------------------
 # One row per tensor: jsft path, HF name ("{i}" marks per-layer tensors, which jsft stacks on a leading
@@ -31,10 +32,15 @@ from jsft.models.config import GEMMA, ModelConfig
 #   "linear": torch Linear weights are [out, in]; jsft keeps [in, out] split into named axes (q_proj
 #             [D, N, H], o_proj [N, H, D]), so jsft = hf.T.reshape(jsft shape) and hf = jsft.reshape(hf.T shape).T
 #   "same":   identical up to a reshape (q_bias [N*H] <-> [N, H]).
+#   "interleaved": gpt-oss' fused gate/up: HF [..., 2F] holds gate at even and up at odd positions of its last
+#             axis (transformers' `gate_up[..., ::2]`, `[..., 1::2]`); jsft keeps [..., 2, F] (gate [..., 0, :]).
 # Mixtures of experts: an HF tensor per expert ("{e}" in its name) stacks on a leading experts axis after
 # the layers axis (jsft [layers, E, ...]); `layers` lists the HF layers a stack holds (a Qwen3-MoE's dense
 # and sparse MLPs stack over their own layers); `part` = (axis, index): the HF tensor is that slice of the
 # per-expert jsft tensor (gate and up are the two halves of jsft's fused gate_up_proj [D, 2, F]).
+# gpt-oss stores each layer's experts as one tensor (experts=0: the experts axis is part of the HF shape);
+# `mxfp4`: the checkpoint stores that tensor as MXFP4 `<hf>_blocks` + `<hf>_scales` (jsft/models/mxfp4.py),
+# dequantized on import; `hf_shape` is the dequantized one. Exports never quantize (hf_export drops it).
 
 
 @dataclass(frozen=True)
@@ -46,6 +52,7 @@ class Key:
     layers: Optional[tuple[int, ...]] = None  # the HF layers stacked in jsft's layers axis (None: all)
     experts: int = 0  # > 0: one HF tensor per expert, stacked on jsft's axis 1
     part: Optional[tuple[int, int]] = None  # (axis, index) of the per-expert jsft tensor this HF tensor fills
+    mxfp4: bool = False  # stored as MXFP4 blocks + scales
 
     @property
     def per_layer(self) -> bool:
@@ -122,6 +129,8 @@ def _mlp_keys(cfg: ModelConfig, p: str) -> list[Key]:
         ]
     if cfg.moe is None:
         return keys
+    if cfg.model_type == "gpt_oss":
+        return keys + _gpt_oss_keys(cfg, p)
     router, expert, gate, up, down = _MOE_NAMES[cfg.model_type]
     e, fe = cfg.moe.num_experts, cfg.moe_intermediate_size
     ids = tuple(i for i, s in enumerate(sparse) if s)
@@ -132,6 +141,21 @@ def _mlp_keys(cfg: ModelConfig, p: str) -> list[Key]:
         Key("layers/moe_gate_up_proj", x + gate + ".weight", (fe, d), "linear", ids, e, (1, 0)),
         Key("layers/moe_gate_up_proj", x + up + ".weight", (fe, d), "linear", ids, e, (1, 1)),
         Key("layers/moe_down_proj", x + down + ".weight", (d, fe), "linear", ids, e),
+    ]
+
+
+def _gpt_oss_keys(cfg: ModelConfig, p: str) -> list[Key]:
+    """gpt-oss (transformers' GptOssMLP): a router Linear with bias, and all experts of a layer fused, in [in, out]
+    layout: gate_up_proj [E, D, 2F] (gate/up interleaved) + bias [E, 2F], down_proj [E, F, D] + bias [E, D]."""
+    e, d, f = cfg.moe.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    x, q = p + "mlp.experts.", cfg.quantization == "mxfp4"
+    return [
+        Key("layers/moe_router", p + "mlp.router.weight", (e, d), "linear"),
+        Key("layers/moe_router_bias", p + "mlp.router.bias", (e,), "same"),
+        Key("layers/moe_gate_up_proj", x + "gate_up_proj", (e, d, 2 * f), "interleaved", mxfp4=q),
+        Key("layers/moe_gate_up_bias", x + "gate_up_proj_bias", (e, 2 * f), "interleaved"),
+        Key("layers/moe_down_proj", x + "down_proj", (e, f, d), "same", mxfp4=q),
+        Key("layers/moe_down_bias", x + "down_proj_bias", (e, d), "same"),
     ]
 
 
@@ -150,15 +174,24 @@ def text_prefix(cfg: ModelConfig, available: set[str]) -> str:
 
 
 def hf_tensor_names(key: Key, num_layers: int) -> list[str]:
-    if not key.per_layer:
-        return [key.hf]
-    return [key.name(i, e) for i in key.layer_ids(num_layers) for e in range(max(key.experts, 1))]
+    names = [key.hf] if not key.per_layer else [
+        key.name(i, e) for i in key.layer_ids(num_layers) for e in range(max(key.experts, 1))]
+    return [n + suffix for n in names for suffix in ("_blocks", "_scales")] if key.mxfp4 else names
+
+
+def hf_source(key: Key, files: SafetensorsDir, name: str):
+    """The (lazy) HF tensor `name` of `key`: a memory-mapped array, or a dequantizing view of an MXFP4 pair."""
+    if key.mxfp4:
+        return Mxfp4Tensor(files.get(name + "_blocks"), files.get(name + "_scales"), name)
+    return files.get(name)
 
 
 def to_hf_layout(key: Key, x: np.ndarray) -> np.ndarray:
     """One (unstacked) jsft tensor -> its HF tensor."""
     if key.layout == "linear":
         return np.ascontiguousarray(x.reshape(key.hf_shape[::-1]).T)
+    if key.layout == "interleaved":  # [..., 2, F] -> [..., F, 2] -> [..., 2F]: gate, up, gate, up, ...
+        return np.ascontiguousarray(np.swapaxes(x, -1, -2)).reshape(key.hf_shape)
     return x.reshape(key.hf_shape)
 
 
@@ -167,6 +200,8 @@ def read_hf_slice(key: Key, tensor: np.ndarray, jsft_shape: Sequence[int], index
     columns that the slice needs. `jsft_shape` merges group-wise into the HF axes (reversed for "linear")."""
     if tuple(tensor.shape) != key.hf_shape:
         raise ValueError(f"{key.hf}: expected shape {key.hf_shape}, the checkpoint has {tuple(tensor.shape)}")
+    if key.layout == "interleaved":
+        return _read_interleaved(tensor, jsft_shape, index)
     merged_shape = key.hf_shape[::-1] if key.layout == "linear" else key.hf_shape
     merged_index, block_shape, residual = [], [], []
     for dims in _groups(jsft_shape, merged_shape):
@@ -187,6 +222,17 @@ def read_hf_slice(key: Key, tensor: np.ndarray, jsft_shape: Sequence[int], index
     else:
         block = np.asarray(tensor[tuple(merged_index)])
     return block.reshape(block_shape)[tuple(residual)]
+
+
+def _read_interleaved(tensor, jsft_shape: Sequence[int], index: tuple) -> np.ndarray:
+    """jsft[index] of an "interleaved" tensor: jsft [*lead, 2, F] from HF [*lead, 2F]; reads only the lead slices
+    and the columns 2f, 2f + 1 of the F slice."""
+    *lead, pair, f = index
+    start, stop, step = f.indices(jsft_shape[-1])
+    columns = slice(2 * start, 2 * stop) if step == 1 else slice(None)
+    block = np.asarray(tensor[(*lead, columns)])  # [*lead', 2F']
+    block = np.swapaxes(block.reshape(*block.shape[:-1], -1, 2), -1, -2)  # [*lead', 2, F']
+    return block[..., pair, slice(None) if step == 1 else f]
 
 
 def _groups(shape: Sequence[int], merged_shape: Sequence[int]) -> list[list[int]]:
@@ -307,13 +353,13 @@ def load_array(key: Key | Sequence[Key], files: SafetensorsDir, shape, sharding,
     def tensor(name, shape, index, part_key):
         """One unstacked jsft tensor's slice, assembled from its parts where it has several."""
         if part_key.part is None:
-            return read_hf_slice(part_key, files.get(name(part_key)), shape, index)
+            return read_hf_slice(part_key, hf_source(part_key, files, name(part_key)), shape, index)
         axis = part_key.part[0]
         inner, inner_index = (*shape[:axis], *shape[axis + 1:]), (*index[:axis], *index[axis + 1:])
         chosen = range(shape[axis])[index[axis]]
         by_index = {k.part[1]: k for k in parts}
-        return np.stack([read_hf_slice(by_index[j], files.get(name(by_index[j])), inner, inner_index)
-                         for j in chosen], axis=axis)
+        return np.stack([read_hf_slice(k, hf_source(k, files, name(k)), inner, inner_index)
+                         for k in (by_index[j] for j in chosen)], axis=axis)
 
     def shard(index: tuple) -> np.ndarray:
         if not key.per_layer:

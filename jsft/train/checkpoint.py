@@ -61,10 +61,7 @@ def model_config_to_json(cfg: ModelConfig) -> dict:
 
 
 def model_config_from_json(d: dict) -> ModelConfig:
-    d = dict(d)
-    if d.get("rope_scaling") is not None:
-        d["rope_scaling"] = tuple(tuple(kv) for kv in d["rope_scaling"])
-    return ModelConfig(**d)
+    return ModelConfig.from_dict(d)
 
 
 def locate(path: str | Path, step: Optional[int] = None) -> tuple[ocp.CheckpointManager, int]:

@@ -30,6 +30,11 @@ _LLAMA31_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_f
                      original_max_position_embeddings=8192)
 _GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+_GPT_OSS = dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
+                num_key_value_heads=8, head_dim=64, num_experts_per_tok=4, sliding_window=128, attention_bias=True,
+                rope_theta=150000.0, rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                                       truncate=False, original_max_position_embeddings=4096),
+                max_position_embeddings=131072, rms_norm_eps=1e-5, swiglu_limit=7.0, tie_word_embeddings=False)
 # HF config fields of common models, for planning without a checkpoint (`--preset`; fills model.init).
 PRESETS = {
     "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
@@ -77,6 +82,10 @@ PRESETS = {
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                          num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
                          num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5),
+    # openai/gpt-oss-{20b,120b} config.json: top-4 experts with biases, alternating sliding (128) / full layers with
+    # sinks, yarn x32 over 4096 positions (the released MXFP4 experts are dequantized on import)
+    "gpt-oss-20b": dict(model_type="gpt_oss", **_GPT_OSS, num_hidden_layers=24, num_local_experts=32),
+    "gpt-oss-120b": dict(model_type="gpt_oss", **_GPT_OSS, num_hidden_layers=36, num_local_experts=128),
 }
 
 def _gib(n: float) -> str:

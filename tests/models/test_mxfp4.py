@@ -43,3 +43,20 @@ def test_checkpoint_pairs_are_dequantized_and_lone_halves_refused():
     assert out["model.layers.0.mlp.experts.down_proj"].shape == (2, 32, 4)
     with pytest.raises(ValueError, match="down_proj_scales is missing"):
         mxfp4.dequantize_checkpoint_tensors({"x.down_proj_blocks": blocks})
+
+
+@pytest.mark.parametrize("index", [
+    (slice(None), slice(None), slice(None)),
+    (slice(1, 3), slice(8, 16), slice(2, 5)),  # part of one 32-value block of the input axis
+    (slice(0, 1), slice(20, 50), slice(None)),  # across a block boundary
+    (slice(None), slice(0, 64, 3), slice(0, 6, 2)),  # strided
+])
+def test_mxfp4_tensor_slices_equal_the_whole_dequantized_tensor(index):
+    """Import reads a device's slice through Mxfp4Tensor, which dequantizes only the blocks it covers."""
+    blocks, scales = _packed()
+    view = mxfp4.Mxfp4Tensor(blocks, scales)
+    whole = mxfp4.dequantize(blocks, scales)
+    assert view.shape == whole.shape == (3, 64, 6)
+    np.testing.assert_array_equal(view[index], whole[index])
+    with pytest.raises(ValueError, match="not a uint8 blocks/scales pair"):
+        mxfp4.Mxfp4Tensor(blocks, scales[..., :1], "experts.down_proj")
