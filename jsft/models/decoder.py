@@ -241,7 +241,8 @@ def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, a
             mesh = jax.sharding.get_abstract_mesh()
             if not mesh.empty and expert_size(mesh) > 1:  # experts split over the expert axis (shard_map)
                 m, stats = moe_expert_parallel(experts, h, cfg.moe, segment_ids > 0, mesh=mesh, expert_axis="expert",
-                                               batch_axes=ACTIVATION_RULES["batch"])
+                                               batch_axes=ACTIVATION_RULES["batch"],
+                                               length_axes=ACTIVATION_RULES["length"])
             else:
                 m, stats = moe_layer.moe(experts, h, cfg.moe, segment_ids > 0)
         else:

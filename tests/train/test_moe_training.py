@@ -27,12 +27,20 @@ def moe_setup(sft_setup, tmp_path_factory):
     return {**sft_setup, "model": str(path)}
 
 
-@pytest.mark.parametrize("mesh", [{"trainer.mesh": "auto"}, {"trainer.mesh.expert": 4}], ids=["auto", "expert4"])
-def test_moe_loss_curve_matches_a_torch_loop(moe_setup, tmp_path, mesh):
-    cfg = load_config(None, sft_overrides(moe_setup, tmp_path / "run", **PARITY, **mesh))
+MESHES = {  # trainer.mesh=auto picks expert=4 (the 4 experts, 8 devices of one process); E=2 beside S=2
+    "auto": ({"trainer.mesh": "auto"}, {"data": 1, "fsdp": 2, "expert": 4}, "expert=4 (auto)"),
+    "expert2_sequence2": ({"trainer.mesh.expert": 2, "trainer.mesh.sequence": 2},
+                          {"data": 1, "fsdp": 2, "sequence": 2, "expert": 2}, "expert=2 (trainer.mesh.expert=2)"),
+}
+
+
+@pytest.mark.parametrize("name", list(MESHES))
+def test_moe_loss_curve_matches_a_torch_loop(moe_setup, tmp_path, name):
+    overrides, mesh, reason = MESHES[name]
+    cfg = load_config(None, sft_overrides(moe_setup, tmp_path / "run", **PARITY, **overrides))
     train(cfg)
     info = json.loads((tmp_path / "run" / "run_info.json").read_text())
-    assert info["mesh"] == ({"data": 1, "fsdp": 8} if mesh == {"trainer.mesh": "auto"} else {"data": 1, "fsdp": 2, "expert": 4})
+    assert info["mesh"] == mesh and reason in info["mesh_reason"]
     metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     model = transformers.AutoModelForCausalLM.from_pretrained(moe_setup["model"], dtype=torch.float32)
