@@ -1,6 +1,7 @@
 """Training a tiny Qwen3-MoE (a dense layer among MoE layers) end to end against a transformers + torch loop."""
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ import transformers
 from jsft.config import load_config
 from jsft.train.loop import train
 
+from jsft_processes import run_processes
 from jsft_testing import make_tiny_hf, sft_overrides, torch_sft_losses
 
 STEPS = 6
@@ -52,6 +54,25 @@ def test_moe_loss_curve_matches_a_torch_loop(moe_setup, tmp_path, name):
         assert m["train/expert_load_mean"] == pytest.approx(real_tokens * 2 / 4)
         assert m["train/expert_load_max"] >= m["train/expert_load_mean"]
         assert m["train/expert_load_imbalance"] >= 1.0
+
+
+def test_two_processes_with_experts_across_them_match_a_torch_loop(moe_setup, tmp_path):
+    """`python -m jsft.train` on 2 processes x 4 devices with 8 experts over trainer.mesh.expert=8: each process
+    holds 4 experts, so every MoE layer's token all-gather and reduce-scatter cross the processes (an expert
+    group of 4 would be one process's devices: jsft/sharding.py's device order)."""
+    path = tmp_path / "moe8"
+    model = make_tiny_hf(path, "qwen3_moe", vocab_size=768, mlp_only_layers=[1], num_experts=8,
+                         num_local_experts=8)
+    overrides = sft_overrides({**moe_setup, "model": str(path)}, tmp_path / "run", **PARITY,
+                              **{"trainer.mesh.expert": 8})
+    cmd = [sys.executable, "-m", "jsft.train", *overrides]
+    outputs = run_processes([cmd, cmd], timeout=900)
+    assert "2 process(es)" in outputs[0]
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["mesh"] == {"data": 1, "fsdp": 1, "expert": 8} and info["processes"] == 2
+    metrics = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    expected = torch_sft_losses(model, model.parameters(), load_config(None, overrides), STEPS)
+    np.testing.assert_allclose([m["train/loss"] for m in metrics], expected, rtol=2e-3)
 
 
 def test_an_impossible_expert_axis_is_refused_at_start(moe_setup, tmp_path):
