@@ -77,10 +77,10 @@ class RunSetup:
 
 
 def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: Optional[int] = None,
-            update: bool = True) -> RunSetup:
+            update: bool = True, moe_kernel: Optional[str] = None) -> RunSetup:
     """The run's set-up, each part once. `tokenizer=False` (jsft.plan) loads one only where model.init needs
-    its vocab size. `budget` / `update`: model.remat_policy=auto's budget (default: the device memory) and
-    whether it also compiles the optimizer update (planner.choose_remat)."""
+    its vocab size. `budget` / `update` / `moe_kernel`: model.remat_policy=auto's budget (default: the device
+    memory), whether it also compiles the optimizer update, and the MoE kernel it plans with (planner.choose_remat)."""
     tok = run_tokenizer(cfg) if tokenizer else None
     model_cfg = model_config(cfg, tok)
     if tok is not None and len(tok) > model_cfg.vocab_size:
@@ -110,7 +110,7 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     )
     if policy is not None:
         return run
-    choice = planner.choose_remat(run, budget, update)  # compiles the step per candidate
+    choice = planner.choose_remat(run, budget, update, moe_kernel)  # compiles the step per candidate
     if log is not None:
         log(choice.describe())
     return dataclasses.replace(run, remat_policy=choice.policy, remat_choice=choice)
