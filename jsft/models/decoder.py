@@ -125,8 +125,12 @@ def _adapter_table(cfg: ModelConfig, rank: int, targets) -> dict[str, tuple]:
     base, table = {**_param_table(cfg), **mlp}, {}
     for name in targets:
         if name in ("gate_proj", "up_proj", "down_proj") and cfg.moe is not None:
-            raise ValueError(f"LoRA on the MLP ({name}) of a mixture of experts ({cfg.model_type}) is not supported; "
-                             "set model.lora.target_modules to attention projections (q_proj,k_proj,v_proj,o_proj)")
+            # PEFT (0.17+) writes expert LoRA only as `target_parameters` on transformers 5's fused 3-D expert
+            # tensors (lora_A [r*E, in], lora_B [out, r*E] per tensor), a layout jsft does not import/export yet
+            raise ValueError(f"LoRA on the MLP ({name}) of a mixture of experts ({cfg.model_type}) is not supported: "
+                             "its experts are fused 3-D tensors that PEFT adapts only via target_parameters, which jsft "
+                             "does not read or write yet; set model.lora.target_modules to attention projections "
+                             "(q_proj,k_proj,v_proj,o_proj), or fine-tune fully")
         shape, axes, _ = base[name]
         n = _INPUT_AXES.get(name, 1)
         a = ((*shape[:n], rank), (*axes[:n], "lora_rank"), _kaiming_uniform(math.prod(shape[:n])))

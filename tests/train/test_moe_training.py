@@ -75,6 +75,32 @@ def test_two_processes_with_experts_across_them_match_a_torch_loop(moe_setup, tm
     np.testing.assert_allclose([m["train/loss"] for m in metrics], expected, rtol=2e-3)
 
 
+def test_lora_on_attention_of_a_moe_follows_a_torch_peft_loop(moe_setup, tmp_path):
+    """A PEFT adapter on q/k/v/o of the tiny Qwen3-MoE (experts frozen), trained with trainer.mesh=auto
+    (expert=4), follows peft on transformers; LoRA on the experts is refused with the reason."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(moe_setup["model"], dtype=torch.float32)
+    adapter = tmp_path / "start"
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                              init_lora_weights=False)).save_pretrained(adapter)
+    cfg = load_config(None, sft_overrides(moe_setup, tmp_path / "run", **{
+        **PARITY, "model.lora_adapter_path": str(adapter), "optim.lr": 5e-3}))
+    train(cfg)
+    info = json.loads((tmp_path / "run" / "run_info.json").read_text())
+    assert info["mesh"] == {"data": 1, "fsdp": 2, "expert": 4}
+    model = peft.PeftModel.from_pretrained(
+        transformers.AutoModelForCausalLM.from_pretrained(moe_setup["model"], dtype=torch.float32), adapter,
+        is_trainable=True)
+    expected = torch_sft_losses(model, [p for p in model.parameters() if p.requires_grad], cfg, STEPS)
+    got = [json.loads(line)["train/loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    np.testing.assert_allclose(got, expected, rtol=2e-3)
+    assert expected[-1] < expected[0]  # it learns
+    with pytest.raises(ValueError, match="fused 3-D tensors that PEFT adapts only via target_parameters"):
+        train(load_config(None, sft_overrides(moe_setup, tmp_path / "experts", **{
+            "model.lora_rank": 4, "model.target_modules": "[q_proj,gate_proj]"})))
+
+
 def test_an_impossible_expert_axis_is_refused_at_start(moe_setup, tmp_path):
     cfg = load_config(None, sft_overrides(moe_setup, tmp_path / "run", **{"trainer.mesh.expert": 8}))
     with pytest.raises(ValueError, match=r"trainer.mesh.expert=8 does not divide the 4 experts .* in \[1, 2, 4\]"):
