@@ -243,7 +243,7 @@ def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, a
         if sparse:
             experts = {k.removeprefix(MOE_PREFIX): v for k, v in p.items() if k.startswith(MOE_PREFIX)}
             mesh = jax.sharding.get_abstract_mesh()
-            if not mesh.empty and expert_size(mesh) > 1:  # experts split over the expert axis (shard_map)
+            if _expert_parallel(mesh, h):  # experts split over the expert axis (shard_map)
                 m, stats = moe_expert_parallel(experts, h, cfg.moe, segment_ids > 0, mesh=mesh, expert_axis="expert",
                                                batch_axes=ACTIVATION_RULES["batch"],
                                                length_axes=ACTIVATION_RULES["length"])
@@ -257,6 +257,16 @@ def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, a
             m = rms_norm(m, p["post_mlp_norm"], eps, off)
         x = x + m
     return (constrain(x, ("batch", "length", None)), cache), stats
+
+
+def _expert_parallel(mesh, h) -> bool:
+    """Whether the MoE layer runs expert-parallel: an expert axis, and rows / tokens of h [B, T, D] that split
+    over the batch / length axes (a decode step's single token on a sequence-split mesh, or a generation
+    batch that does not divide, falls back to the one-device layer, which XLA partitions)."""
+    if mesh.empty or expert_size(mesh) == 1:
+        return False
+    split = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
+    return h.shape[0] % split(ACTIVATION_RULES["batch"]) == 0 and h.shape[1] % split(ACTIVATION_RULES["length"]) == 0
 
 
 def _write_kv(cache, layer, k, v):

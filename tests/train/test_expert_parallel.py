@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from jsft.config import OptimConfig
+from jsft.generate import generate
 from jsft.models.config import ModelConfig
 from jsft.models.lora import LoraSpec, attach
 from jsft.models.params import init_model, param_arrays, replace_params
@@ -64,3 +65,14 @@ def test_lora_on_attention_of_a_mixture_of_experts_under_expert_parallelism():
     assert sorted(ref[1]) == sorted(f"lora_{ab}/{p}" for ab in "ab" for p in spec.targets)  # experts frozen
     assert all(np.abs(g).max() > 0 for g in ref[1].values())
     _assert_same(ref, _loss_and_grads(cfg, {"fsdp": 2, "sequence": 2, "expert": 2}, spec), 1e-5)
+
+
+def test_generation_on_an_expert_and_sequence_mesh():
+    """Validation by generation runs on the training mesh: prompts that do not split over the batch axes and
+    single-token decode steps (T=1 on a sequence axis) fall back to the one-device MoE layer."""
+    cfg = _config()
+    prompts = [[5, 6, 7, 8, 9], list(range(20, 37)), [50, 3, 4]]
+    ref = generate(init_model(cfg, seed=0), prompts, max_new_tokens=4, eos_ids={0})
+    mesh = make_mesh({"fsdp": 2, "sequence": 2, "expert": 2}, devices=jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        assert generate(init_model(cfg, seed=0, mesh=mesh), prompts, max_new_tokens=4, eos_ids={0}) == ref
