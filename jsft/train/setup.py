@@ -254,6 +254,8 @@ def auto_expert_size(model_cfg: ModelConfig, n_devices: int, local_devices: int,
     the E devices (n_tokens x hidden values each way), which is far less at any fine-tuning batch. Memory is
     the same (the fsdp group spans fsdp x expert for the other weights, expert x fsdp for the experts)."""
     moe = model_cfg.moe
+    if moe is None:  # a dense model: no expert axis, the mesh line unchanged
+        return 1, ""
     layout = param_layout(model_cfg)
     expert_params = sum(math.prod(shape) for shape, axes in layout.values() if "experts" in axes)
     share = expert_params / sum(math.prod(shape) for shape, _ in layout.values())

@@ -5,13 +5,16 @@ projections (the experts frozen), and generation runs on such a mesh."""
 
 import jax
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from jsft.config import OptimConfig
 from jsft.generate import generate
 from jsft.models.config import ModelConfig
 from jsft.models.lora import LoraSpec, attach
 from jsft.models.params import init_model, param_arrays, replace_params
-from jsft.sharding import make_mesh
+from jsft.sharding import make_mesh, param_spec
+from jsft.train.planner import PRESETS
+from jsft.train.setup import auto_expert_size
 from jsft.train.optim import make_optimizer
 from jsft.train.step import TrainStep
 
@@ -78,3 +81,19 @@ def test_generation_on_an_expert_and_sequence_mesh():
     mesh = make_mesh({"fsdp": 2, "sequence": 2, "expert": 2}, devices=jax.devices()[:8])
     with jax.set_mesh(mesh):
         assert generate(init_model(cfg, seed=0, mesh=mesh), prompts, max_new_tokens=4, eos_ids={0}) == ref
+
+
+def test_auto_expert_size_and_the_weights_each_axis_splits():
+    """mesh=auto's E: the largest <= 8 dividing the experts and a process's devices (a host's expert group);
+    1 for a dense model. Dense weights split over fsdp x expert, expert weights by expert then fsdp."""
+    moe = ModelConfig.from_init(PRESETS["qwen3-30b-a3b"])
+    assert auto_expert_size(moe, 16, 8)[0] == 8  # 2 hosts of 8 GPUs: one host per expert group
+    assert auto_expert_size(moe, 16, 16)[0] == 8  # capped at MAX_AUTO_EXPERT
+    assert auto_expert_size(moe, 8, 4)[0] == 4 and auto_expert_size(moe, 8, 1)[0] == 1
+    assert auto_expert_size(_config(), 8, 8)[0] == 4  # 4 experts
+    e, why = auto_expert_size(moe, 16, 8)
+    assert "dividing the 128 experts and the 8 devices of a process" in why and "95% of the parameters" in why
+    assert auto_expert_size(ModelConfig.from_init(PRESETS["qwen2.5-0.5b"]), 8, 8) == (1, "")
+    sizes = {"data": 1, "fsdp": 2, "sequence": 1, "expert": 4}
+    assert param_spec(("vocab", "embed"), (151936, 2048), sizes) == P(None, ("fsdp", "expert"))
+    assert param_spec(("experts", "embed", None, "mlp"), (128, 2048, 2, 768), sizes) == P("expert", "fsdp", None, None)
