@@ -44,10 +44,11 @@ PARAM_RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),  # a mixture of experts' expert weights (jsft/models/moe.py), split by expert
 }
 # activations: the batch is split over every data-parallel axis; everything else is replicated, except
-# `replica_batch` + `embed`: rows over data, hidden over fsdp (the embedding lookup's layout, decoder.py).
+# `replica_batch` + `embed`: rows over data, hidden over fsdp x expert (the embedding lookup's layout,
+# decoder.py: the table's hidden dimension is split over that part of the fsdp group, so the lookup is local).
 # `length`: a row's tokens over the sequence axis (size 1 unless trainer.mesh.sequence > 1).
 ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"), "replica_batch": ("data", "expert"), "embed": ("fsdp",), "length": ("sequence",),
+    "batch": ("data", "fsdp", "expert"), "replica_batch": ("data",), "embed": ("fsdp", "expert"), "length": ("sequence",),
 }
 
 # tensors smaller than this are replicated: sharding them saves nothing and costs a collective each
