@@ -15,7 +15,8 @@ that budget when given: the first line then says e.g. `remat auto -> dots_saveab
 The planning itself is jsft/train/planner.py (on the run's set-up, jsft/train/setup.py); this is its command.
 On a CPU host, `--devices N` fakes N devices (jax_num_cpu_devices) so an 8-GPU mesh can be planned on a laptop; the
 figures are then XLA:CPU's buffer assignment, an estimate of a GPU's (fusion choices differ). On the GPU
-host itself they are exact.
+host itself they are exact. A mixture of experts is planned on CPU with a stand-in of ragged_dot's shapes
+for its grouped matmuls (the `moe` line says so; jsft/train/planner.py says why).
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from jsft.train.planner import PRESETS, Plan, report
 def make_plan(cfg, update: bool = True, budget: Optional[int] = None) -> tuple[Plan, dict]:
     """(Plan, description) of a run config on this process's devices (planner.plan_memory for `update`).
     model.remat_policy=auto is resolved as the trainer does, against `budget` when given."""
-    why = []
-    run = setup.resolve(cfg, why.append, tokenizer=False, budget=budget, update=update)  # raises before compiling
+    kernel = planner.planning_moe_kernel()  # a mixture of experts: GPU-shaped grouped matmuls on a CPU host
+    run = setup.resolve(cfg, tokenizer=False, budget=budget, update=update, moe_kernel=kernel)  # raises before compiling
     if run.remat_choice is not None:  # auto: the chosen candidate's plan, compiled while choosing
         plan, about = run.remat_choice.plan
         about = {**about, "remat": f"auto -> {run.remat_policy}"}
     else:
-        plan, about = planner.plan_run(run, run.remat_policy, update=update)
-    return plan, {**about, "why": why[0]}
+        plan, about = planner.plan_run(run, run.remat_policy, update=update, moe_kernel=kernel)
+    return plan, {**about, "why": run.mesh_reason}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -6,11 +6,14 @@ axis whose size it divides, and replicates small tensors (norm scales, biases). 
 MAX_REPLICATED_ELEMENTS or more that no listed dimension lets `fsdp` divide is an error, never a quiet
 full copy on every device. XLA then inserts the all-gathers and reduce-scatters.
 
-The mesh is `{data: D, fsdp: F, sequence: S}`: parameters are sharded over the F*S devices of an fsdp
-group (fsdp and sequence together, so parameter memory does not grow with S) and replicated over the D
-groups (HSDP; D=1 is plain FSDP); the rows of a batch are split over the D*F devices, and each row's
-tokens over the S devices of the `sequence` axis (Ulysses, jsft/models/ulysses.py). `trainer.mesh: auto`
-picks the largest F that divides the devices (over S) and shards every large tensor; S is 1 unless asked.
+The mesh is `{data: D, fsdp: F, sequence: S, expert: E}`: parameters are sharded over the F*S*E devices
+of an fsdp group (fsdp, sequence and expert together, so parameter memory does not grow with S or E) and
+replicated over the D groups (HSDP; D=1 is plain FSDP); a mixture of experts' expert weights are split by
+expert over `expert` and over the F*S devices of the rest of the group inside (torchtitan's
+"dp_shard_mod_ep"). The rows of a batch are split over the D*F*E devices, and each row's tokens over the S
+devices of the `sequence` axis (Ulysses, jsft/models/ulysses.py). `trainer.mesh: auto` picks the largest F
+that divides the devices (over S and E) and shards every large tensor; S is 1 unless asked; E is chosen by
+jsft/train/setup.py (auto_expert_size) for a mixture of experts, 1 for a dense model.
 """
 
 from __future__ import annotations
@@ -41,10 +44,11 @@ PARAM_RULES: dict[str, tuple[str, ...]] = {
     "experts": ("expert",),  # a mixture of experts' expert weights (jsft/models/moe.py), split by expert
 }
 # activations: the batch is split over every data-parallel axis; everything else is replicated, except
-# `replica_batch` + `embed`: rows over data, hidden over fsdp (the embedding lookup's layout, decoder.py).
+# `replica_batch` + `embed`: rows over data, hidden over fsdp x expert (the embedding lookup's layout,
+# decoder.py: the table's hidden dimension is split over that part of the fsdp group, so the lookup is local).
 # `length`: a row's tokens over the sequence axis (size 1 unless trainer.mesh.sequence > 1).
 ACTIVATION_RULES: dict[str, tuple[str, ...]] = {
-    "batch": ("data", "fsdp", "expert"), "replica_batch": ("data", "expert"), "embed": ("fsdp",), "length": ("sequence",),
+    "batch": ("data", "fsdp", "expert"), "replica_batch": ("data",), "embed": ("fsdp", "expert"), "length": ("sequence",),
 }
 
 # tensors smaller than this are replicated: sharding them saves nothing and costs a collective each
@@ -131,10 +135,7 @@ def make_mesh(
         sizes = {"data": 1, "fsdp": n // seq, "sequence": seq, "expert": experts}
         why = f"mesh {_mesh_text(sizes)} (auto without parameter shapes: every other device on fsdp)"
     elif axes == AUTO:
-        sizes, why = auto_mesh_shape(params, n, seq)
-        if experts > 1:
-            sizes = {**sizes, "expert": experts}
-            why = f"mesh {_mesh_text(sizes)} (trainer.mesh.expert={experts}; data/fsdp auto over the rest: {why})"
+        sizes, why = auto_mesh_shape(params, len(devices), seq, experts)
     else:
         sizes = {**mesh_sizes(axes, n // seq), "sequence": seq, "expert": experts}
         if params is not None:
@@ -152,12 +153,14 @@ def make_mesh(
     return jax.make_mesh(shape, MESH_AXES, auto, devices=devices)
 
 
-def _fsdp_group(sizes: Mapping[str, int]) -> tuple[Union[str, tuple[str, ...]], int]:
-    """The mesh axes parameters are sharded over in place of `fsdp`, and their device count: fsdp, or
-    (fsdp, sequence) when S > 1, so the sequence devices hold different parameter shards, not copies."""
-    if sizes.get("sequence", 1) > 1:
-        return ("fsdp", "sequence"), sizes["fsdp"] * sizes["sequence"]
-    return "fsdp", sizes["fsdp"]
+def _fsdp_group(sizes: Mapping[str, int], logical_axes: Sequence[Optional[str]] = ()
+                ) -> tuple[Union[str, tuple[str, ...]], int]:
+    """The mesh axes a parameter is sharded over in place of `fsdp`, and their device count: fsdp, plus
+    sequence and expert where they split something, so those devices hold different parameter shards, not
+    copies. A tensor with an `experts` dimension leaves `expert` out: that axis splits its experts."""
+    axes = ["fsdp"] + [a for a in INNER_AXES if sizes.get(a, 1) > 1 and not (a == "expert" and "experts" in logical_axes)]
+    size = math.prod(sizes.get(a, 1) for a in axes)
+    return (axes[0] if len(axes) == 1 else tuple(axes)), size
 
 
 def _place(logical_axes: Sequence[Optional[str]], shape: Sequence[int], sizes: Mapping[str, int]) -> list:
@@ -172,7 +175,7 @@ def _place(logical_axes: Sequence[Optional[str]], shape: Sequence[int], sizes: M
             continue
         dim = logical_axes.index(name)
         for mesh_axis in mesh_axes:
-            placed, size = _fsdp_group(sizes) if mesh_axis == "fsdp" else (mesh_axis, sizes[mesh_axis])
+            placed, size = _fsdp_group(sizes, logical_axes) if mesh_axis == "fsdp" else (mesh_axis, sizes[mesh_axis])
             if mesh_axis in used or spec[dim] is not None or size == 1:
                 continue
             if shape[dim] % size == 0:
@@ -184,7 +187,7 @@ def _place(logical_axes: Sequence[Optional[str]], shape: Sequence[int], sizes: M
 def left_whole(logical_axes, shape, sizes: Mapping[str, int]) -> bool:
     """True when a large tensor would be replicated over a real (size > 1) fsdp group."""
     sizes = _sizes(sizes)
-    placed, size = _fsdp_group(sizes)
+    placed, size = _fsdp_group(sizes, logical_axes)
     spec = _place(logical_axes, shape, sizes)
     return size > 1 and math.prod(shape) >= MAX_REPLICATED_ELEMENTS and placed not in spec
 
@@ -196,7 +199,7 @@ def param_spec(logical_axes: Sequence[Optional[str]], shape: Sequence[int], mesh
         raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
     sizes = _sizes(mesh)
     if left_whole(logical_axes, shape, sizes):
-        raise ValueError(f"a parameter {list(shape)} {tuple(logical_axes)} cannot be split over fsdp group={_fsdp_group(sizes)[1]} "
+        raise ValueError(f"a parameter {list(shape)} {tuple(logical_axes)} cannot be split over fsdp group={_fsdp_group(sizes, logical_axes)[1]} "
                          f"and would be replicated on every device: use a mesh whose fsdp size divides one of "
                          f"its {', '.join(a for a in logical_axes if a in PARAM_RULES)} dimensions "
                          f"(jsft.sharding.auto_mesh_shape / trainer.mesh={AUTO} finds one)")
@@ -212,20 +215,20 @@ def first_left_whole(params: Layout, sizes: Mapping[str, int]) -> Optional[str]:
     """The first large tensor that this mesh would replicate over fsdp, described; None when all split."""
     for name, (shape, logical_axes) in params.items():
         if left_whole(logical_axes, shape, sizes):
-            return _describe(name, shape, logical_axes, _fsdp_group(_sizes(sizes))[1])
+            return _describe(name, shape, logical_axes, _fsdp_group(_sizes(sizes), logical_axes)[1])
     return None
 
 
-def _with_sequence(sizes: dict[str, int], seq: int) -> dict[str, int]:
-    return {**sizes, "sequence": seq} if seq > 1 else sizes
+def _with_inner(sizes: dict[str, int], seq: int, expert: int = 1) -> dict[str, int]:
+    return {**sizes, **({"sequence": seq} if seq > 1 else {}), **({"expert": expert} if expert > 1 else {})}
 
 
-def working_meshes(params: Layout, n_devices: int, seq: int = 1) -> list[dict[str, int]]:
-    """Every {data, fsdp} (with `sequence: seq` when seq > 1) over `n_devices` that splits each large
-    tensor over the fsdp group, largest fsdp first."""
-    out, rows = [], n_devices // seq
+def working_meshes(params: Layout, n_devices: int, seq: int = 1, expert: int = 1) -> list[dict[str, int]]:
+    """Every {data, fsdp} (with `sequence: seq` / `expert: expert` when > 1) over `n_devices` that splits
+    each large tensor over the fsdp group, largest fsdp first."""
+    out, rows = [], n_devices // (seq * expert)
     for f in sorted((f for f in range(1, rows + 1) if rows % f == 0), reverse=True):
-        sizes = _with_sequence({"data": rows // f, "fsdp": f}, seq)
+        sizes = _with_inner({"data": rows // f, "fsdp": f}, seq, expert)
         if first_left_whole(params, sizes) is None:
             out.append(sizes)
     return out
@@ -238,25 +241,29 @@ def check_layout(params: Layout, sizes: Mapping[str, int]) -> None:
     if bad is None:
         return
     n = math.prod(sizes.values())
-    good = ", ".join(_mesh_text(m) for m in working_meshes(params, n, sizes.get("sequence", 1))[:3])
+    good = ", ".join(_mesh_text(m) for m in working_meshes(params, n, sizes.get("sequence", 1), sizes.get("expert", 1))[:3])
     raise ValueError(
         f"trainer.mesh {_mesh_text(sizes)} cannot shard {bad}: every device would hold a full copy. "
         f"Meshes over {n} devices that shard every tensor: {good} (or trainer.mesh={AUTO})"
     )
 
 
-def auto_mesh_shape(params: Layout, n_devices: int, seq: int = 1) -> tuple[dict[str, int], str]:
-    """({data, fsdp} (+ sequence when seq > 1), why): the largest fsdp that divides `n_devices / seq` and
-    splits every large tensor over fsdp x sequence (the parameters then take 1/(fsdp*seq) of their size per
-    device); the remaining factor replicates over data."""
-    rows = n_devices // seq
-    sizes = working_meshes(params, n_devices, seq)[0]  # fsdp=1 always works at seq=1
+def auto_mesh_shape(params: Layout, n_devices: int, seq: int = 1, expert: int = 1) -> tuple[dict[str, int], str]:
+    """({data, fsdp} (+ sequence / expert when > 1), why): the largest fsdp that divides
+    `n_devices / (seq * expert)` and splits every large tensor over the fsdp group (the parameters then take
+    1/(fsdp*seq*expert) of their size per device); the remaining factor replicates over data."""
+    rows = n_devices // (seq * expert)
+    meshes = working_meshes(params, n_devices, seq, expert)  # fsdp=1 always works at seq=expert=1
+    if not meshes:
+        raise ValueError(f"no mesh over {n_devices} devices with sequence={seq}, expert={expert} splits every large "
+                         f"tensor: {first_left_whole(params, _with_inner({'data': rows, 'fsdp': 1}, seq, expert))}")
+    sizes = meshes[0]
     why = (f"mesh {_mesh_text(sizes)} (trainer.mesh={AUTO}): the largest fsdp dividing {rows} devices "
            f"that splits every parameter of >= {MAX_REPLICATED_ELEMENTS} elements")
     if sizes["fsdp"] < rows:
         bigger = min(f for f in range(sizes["fsdp"] + 1, rows + 1) if rows % f == 0)
         why += (f"; fsdp={bigger} would leave "
-                f"{first_left_whole(params, _with_sequence({'data': rows // bigger, 'fsdp': bigger}, seq))} whole; "
+                f"{first_left_whole(params, _with_inner({'data': rows // bigger, 'fsdp': bigger}, seq, expert))} whole; "
                 f"parameters are replicated over data={sizes['data']} groups (HSDP)")
     return sizes, why
 

@@ -125,8 +125,12 @@ def _adapter_table(cfg: ModelConfig, rank: int, targets) -> dict[str, tuple]:
     base, table = {**_param_table(cfg), **mlp}, {}
     for name in targets:
         if name in ("gate_proj", "up_proj", "down_proj") and cfg.moe is not None:
-            raise ValueError(f"LoRA on the MLP ({name}) of a mixture of experts ({cfg.model_type}) is not supported; "
-                             "set model.lora.target_modules to attention projections (q_proj,k_proj,v_proj,o_proj)")
+            # PEFT (0.17+) writes expert LoRA only as `target_parameters` on transformers 5's fused 3-D expert
+            # tensors (lora_A [r*E, in], lora_B [out, r*E] per tensor), a layout jsft does not import/export yet
+            raise ValueError(f"LoRA on the MLP ({name}) of a mixture of experts ({cfg.model_type}) is not supported: "
+                             "its experts are fused 3-D tensors that PEFT adapts only via target_parameters, which jsft "
+                             "does not read or write yet; set model.lora.target_modules to attention projections "
+                             "(q_proj,k_proj,v_proj,o_proj), or fine-tune fully")
         shape, axes, _ = base[name]
         n = _INPUT_AXES.get(name, 1)
         a = ((*shape[:n], rank), (*axes[:n], "lora_rank"), _kaiming_uniform(math.prod(shape[:n])))
@@ -239,9 +243,10 @@ def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, a
         if sparse:
             experts = {k.removeprefix(MOE_PREFIX): v for k, v in p.items() if k.startswith(MOE_PREFIX)}
             mesh = jax.sharding.get_abstract_mesh()
-            if not mesh.empty and expert_size(mesh) > 1:  # experts split over the expert axis (shard_map)
+            if _expert_parallel(mesh, h):  # experts split over the expert axis (shard_map)
                 m, stats = moe_expert_parallel(experts, h, cfg.moe, segment_ids > 0, mesh=mesh, expert_axis="expert",
-                                               batch_axes=ACTIVATION_RULES["batch"])
+                                               batch_axes=ACTIVATION_RULES["batch"],
+                                               length_axes=ACTIVATION_RULES["length"])
             else:
                 m, stats = moe_layer.moe(experts, h, cfg.moe, segment_ids > 0)
         else:
@@ -252,6 +257,16 @@ def block(p: dict, x, *, cfg: ModelConfig, layer_rope, positions, segment_ids, a
             m = rms_norm(m, p["post_mlp_norm"], eps, off)
         x = x + m
     return (constrain(x, ("batch", "length", None)), cache), stats
+
+
+def _expert_parallel(mesh, h) -> bool:
+    """Whether the MoE layer runs expert-parallel: an expert axis, and rows / tokens of h [B, T, D] that split
+    over the batch / length axes (a decode step's single token on a sequence-split mesh, or a generation
+    batch that does not divide, falls back to the one-device layer, which XLA partitions)."""
+    if mesh.empty or expert_size(mesh) == 1:
+        return False
+    split = lambda axes: math.prod(mesh.shape[a] for a in axes)  # noqa: E731
+    return h.shape[0] % split(ACTIVATION_RULES["batch"]) == 0 and h.shape[1] % split(ACTIVATION_RULES["length"]) == 0
 
 
 def _write_kv(cache, layer, k, v):

@@ -19,6 +19,9 @@ The slot layout depends on `MoeSpec.kernel`:
                 loop over the tiles multiplies each by its expert's weights. Dropless, at most E*(tile_rows-1)
                 padding rows. XLA:CPU lowers ragged_dot to E masked dense matmuls (E times the
                 flops), so this is the CPU default; see BENCHMARKS.md.
+  "plan"        jsft.plan on XLA:CPU only, never trained: ragged_dot's operand and result shapes as one dense
+                matmul, so the compiled memory is what ragged_dot needs on a GPU (XLA:CPU expands ragged_dot to
+                E dense matmuls, and the tiles loop saves a weight copy per tile: both report E-fold memory).
   capacity      with `capacity_factor`, each expert gets C = ceil(cf * S * R / E) slots ([E, C] rows, one batched
                 matmul); assignments past an expert's C-th (in token order) are dropped and counted.
 Padding tokens (mask false) get the sentinel expert E: sorted past every run, never computed, never counted.
@@ -36,7 +39,7 @@ import transformers
 
 ROUTINGS = ("softmax_topk", "topk_softmax")
 ACTIVATIONS = ("silu", "gpt_oss")  # silu(gate) * up; gpt-oss' clamped SwiGLU
-KERNELS = ("auto", "ragged_dot", "tiles")
+KERNELS = ("auto", "ragged_dot", "tiles", "plan")
 MOE_MODEL_TYPES = ("qwen3_moe", "mixtral", "gpt_oss")
 
 
@@ -291,6 +294,8 @@ def _grouped_matmul(xs, w, layout: Layout, kind: str):
     """xs [P, D'] (slots) @ each slot's expert's w [E, D', N] -> [P, N] fp32."""
     if kind == "ragged_dot":
         return jax.lax.ragged_dot(xs, w, layout.groups, preferred_element_type=jnp.float32)
+    if kind == "plan":  # memory stand-in for ragged_dot (see the module docstring): wrong values, right shapes
+        return jnp.matmul(xs, w[0], preferred_element_type=jnp.float32)
     if kind == "tiles":
         # a loop over the tiles, each reading its expert's weights in place: gathering [G, D', N] weight copies
         # for one batched matmul ran ~1.6x slower on XLA:CPU (fwd+bwd, 72 tiles of 128 rows)
@@ -348,7 +353,7 @@ def dispatch_combine(p: dict, x, weights, ids, spec: MoeSpec, *, num_tokens: int
         kind, layout = "capacity", plan_dispatch(ids, e, "capacity", capacity=spec.capacity(num_tokens))
     else:
         kind = spec.resolved_kernel()
-        layout = plan_dispatch(ids, e, kind, tile_rows=spec.tile_rows)
+        layout = plan_dispatch(ids, e, "ragged_dot" if kind == "plan" else kind, tile_rows=spec.tile_rows)
     with jax.named_scope("dispatch"):
         xa = jnp.broadcast_to(x[:, None, :], (s, r, x.shape[-1])).reshape(s * r, -1)  # [A, D]
         xs = _take(xa, layout.source, layout.slot)  # [P, D]

@@ -1,7 +1,8 @@
 """The MoE layer with experts split over a mesh axis (expert parallelism), inside `jax.shard_map`.
 
 Each device of the `expert_axis` holds E / n experts (weights split on their leading `experts` dim) and a
-shard of the tokens (the batch split over `batch_axes`). A device routes its own tokens, all-gathers the
+shard of the tokens (the batch split over `batch_axes`, each row's tokens over `length_axes`: sequence
+parallelism; tokens are independent in the MoE MLP, so a device just sees its local tokens). A device routes its own tokens, all-gathers the
 tokens and their routing over the expert axis, runs the assignments that hit its own experts (the same
 dispatch as on one device: `moe.dispatch_combine`, other experts' assignments are not computed), and a
 reduce-scatter (psum_scatter) sums each token's partial outputs back onto the device that owns it. The
@@ -41,16 +42,21 @@ def check_expert_axis(spec: MoeSpec, mesh: Mesh, expert_axis: str) -> int:
 
 
 def moe_expert_parallel(p: dict, x, spec: MoeSpec, mask=None, *, mesh: Mesh, expert_axis: str = "expert",
-                        batch_axes: tuple[str, ...] | None = None):
-    """As `moe.moe`, with experts split over `expert_axis` and the batch of x [B, T, D] split over
-    `batch_axes` (default: the expert axis alone). If the expert axis is not a batch axis, every device of it
-    sees the same tokens and the partial outputs are summed (psum) instead. Returns (y [B, T, D], MoeStats
-    summed over the whole batch)."""
+                        batch_axes: tuple[str, ...] | None = None, length_axes: tuple[str, ...] = ()):
+    """As `moe.moe`, with experts split over `expert_axis`, the batch of x [B, T, D] split over `batch_axes`
+    (default: the expert axis alone) and its length over `length_axes` (sequence parallelism). If the expert
+    axis is not a batch axis, every device of it sees the same tokens and the partial outputs are summed
+    (psum) instead. Returns (y [B, T, D], MoeStats summed over the whole batch)."""
     n = check_expert_axis(spec, mesh, expert_axis)
     batch_axes = (expert_axis,) if batch_axes is None else tuple(batch_axes)
-    shards = math.prod(mesh.shape[a] for a in batch_axes)
-    if x.shape[0] % shards:
-        raise ValueError(f"MoE: batch {x.shape[0]} does not split over {batch_axes} ({shards} shards)")
+    length_axes = tuple(length_axes)
+    if expert_axis in length_axes:
+        raise ValueError(f"MoE: the expert axis {expert_axis!r} splits rows (batch_axes), not their tokens")
+    for dim, axes in ((0, batch_axes), (1, length_axes)):
+        shards = math.prod(mesh.shape[a] for a in axes)
+        if x.shape[dim] % shards:
+            raise ValueError(f"MoE: x {list(x.shape)} dim {dim} does not split over {axes} ({shards} shards)")
+    token_axes = (*batch_axes, *length_axes)  # every axis that splits tokens: the stats sum over them
     mask = jnp.ones(x.shape[:2], bool) if mask is None else mask
     gathered = expert_axis in batch_axes
     e_local = spec.num_experts // n
@@ -72,12 +78,13 @@ def moe_expert_parallel(p: dict, x, spec: MoeSpec, mask=None, *, mesh: Mesh, exp
             y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
         else:
             y = jax.lax.psum(y, expert_axis)
-        stats = jax.lax.psum(stats, batch_axes)
+        stats = jax.lax.psum(stats, token_axes)
         # each device counted the drops of its own experts
-        dropped = jax.lax.psum(dropped.astype(jnp.float32), tuple(dict.fromkeys((*batch_axes, expert_axis))))
+        dropped = jax.lax.psum(dropped.astype(jnp.float32), tuple(dict.fromkeys((*token_axes, expert_axis))))
         return y.reshape(b, t, d), stats._replace(dropped=dropped)
 
     p_specs = {k: P(expert_axis) if k in EXPERT_PARAMS else P() for k in p}
+    tokens = P(batch_axes, length_axes or None)  # [B, T]: rows over the batch axes, each row's tokens over S
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(p_specs, P(batch_axes), P(batch_axes)), out_specs=(P(batch_axes), P()),
+        local, mesh=mesh, in_specs=(p_specs, tokens, tokens), out_specs=(tokens, P()),
     )(p, x, mask)

@@ -6,10 +6,17 @@ micro-step (forward + backward + gradient accumulation) and optimizer update; `m
 temporaries. `plan_run` plans a resolved run (jsft/train/setup.py) with one remat policy; `choose_remat` is
 model.remat_policy=auto (the cheapest policy that fits, jsft/train/remat.py). `python -m jsft.plan` is the
 command over this module.
+
+A mixture of experts planned on XLA:CPU for a GPU (`moe_kernel="plan"`, what jsft.plan passes on a CPU host)
+compiles its grouped matmuls as a stand-in with ragged_dot's shapes (jsft/models/moe.py): XLA:CPU's own
+lowerings of the MoE kernels report E-fold temporaries (Mixtral-8x7B's tiles: 159 GiB a device) that say
+nothing about a GPU. Everything else (token dispatch, expert-parallel exchanges, the gathered expert weights,
+remat) is the compiled program itself.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Optional
@@ -20,7 +27,7 @@ import jax.numpy as jnp
 from jsft import distributed
 from jsft.data.batch import largest_micro_batch
 from jsft.models.params import abstract_model, flat_params
-from jsft.sharding import mesh_sizes_of, sequence_size
+from jsft.sharding import expert_size, mesh_sizes_of, sequence_size
 from jsft.train import remat
 from jsft.train.loss import target_nll
 from jsft.train.optim import make_optimizer
@@ -189,9 +196,17 @@ def plan_memory(model, optimizer, mesh, *, rows: int, row_length: int, chunk_siz
     )
 
 
-def plan_run(run, remat_policy: str, update: bool = True) -> tuple[Plan, dict]:
-    """The Plan of a resolved run (jsft.train.setup.RunSetup) with this remat policy, and its description."""
+def planning_moe_kernel() -> Optional[str]:
+    """The MoE kernel jsft.plan compiles with on this backend: the GPU-shaped stand-in on CPU, else the run's."""
+    return "plan" if jax.default_backend() == "cpu" else None
+
+
+def plan_run(run, remat_policy: str, update: bool = True, moe_kernel: Optional[str] = None) -> tuple[Plan, dict]:
+    """The Plan of a resolved run (jsft.train.setup.RunSetup) with this remat policy, and its description.
+    `moe_kernel`: compile a mixture of experts with this kernel (planning_moe_kernel) instead of the run's."""
     cfg, model_cfg = run.cfg, run.model_config
+    if moe_kernel and model_cfg.moe is not None:
+        model_cfg = dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, kernel=moe_kernel))
     model = abstract_model(model_cfg, dtype=cfg.model.dtype, param_dtype=run.param_dtype, remat_policy=remat_policy,
                            attention_impl=run.attention_impl, lora=run.lora,
                            sequence_parallel=run.sequence_parallel)  # ring's KV buffers are in the compiled step
@@ -209,16 +224,22 @@ def plan_run(run, remat_policy: str, update: bool = True) -> tuple[Plan, dict]:
     }
     if sequence_size(run.mesh) > 1:
         about["sequence parallel"] = run.sequence_parallel
+    if model_cfg.moe is not None:
+        moe = model_cfg.moe
+        kernel = ("ragged_dot's memory (stand-in compiled on CPU)" if moe.kernel == "plan" else moe.resolved_kernel())
+        about["moe"] = f"{moe.num_experts} experts top-{moe.top_k} over expert={expert_size(run.mesh)}, {kernel}"
     if run.lora:
         spec = run.lora
         about["lora"] = f"r={spec.rank} alpha={spec.alpha:g} on {','.join(spec.targets)} ({cfg.model.param_dtype})"
     return plan, about
 
 
-def choose_remat(run, budget: Optional[int] = None, update: bool = True) -> remat.RematChoice:
+def choose_remat(run, budget: Optional[int] = None, update: bool = True, moe_kernel: Optional[str] = None
+                 ) -> remat.RematChoice:
     """model.remat_policy=auto: compile the run's step per candidate until one fits `budget` (default:
     HEADROOM x the device memory the set-up resolved, the smallest of all hosts, so that every host takes
-    the same choice). `update`: also compile the optimizer update (once, with the first candidate)."""
+    the same choice). `update`: also compile the optimizer update (once, with the first candidate).
+    `moe_kernel`: as plan_run's."""
     if budget is None:
         memory, source = run.device_memory
         smallest = int(distributed.all_hosts([memory >> 20]).min())  # in MiB: all_hosts carries int32
@@ -229,7 +250,7 @@ def choose_remat(run, budget: Optional[int] = None, update: bool = True) -> rema
     update_temp, plans = {}, {}
 
     def peak_of(policy: str) -> int:
-        plan, about = plan_run(run, policy, update=update and not update_temp)
+        plan, about = plan_run(run, policy, update=update and not update_temp, moe_kernel=moe_kernel)
         update_temp.setdefault("bytes", plan.update_temp)  # compiled with the first candidate only
         plan.update_temp = update_temp["bytes"]
         plans[policy] = plan, about

@@ -33,6 +33,7 @@ def run_info(trainer, peak_flops: float) -> dict:
     example = trainer.step_fn.device_batch(largest_micro_batch(layout.rows_per_micro_batch, layout.row_length))
     return {
         "mesh": mesh_sizes_of(trainer.mesh),
+        "mesh_reason": trainer.setup.mesh_reason,  # which mesh and why (trainer.mesh=auto's choice, an expert axis)
         "devices": jax.device_count(),
         "processes": jax.process_count(),
         "backend": jax.default_backend(),

@@ -14,13 +14,16 @@ processes feed which rows); jsft/sharding.py holds the axis table and builds a m
     trainer.mesh.sequence=4          -> (or ulysses_sequence_parallel_size=4) each row's tokens over 4 devices,
                                      data/fsdp as above over the rest; Ulysses, or ring where 4 cannot split the heads;
                                      a group may span processes (jsft/train/feeders.py says who feeds which rows)
+    trainer.mesh.expert=4            -> a mixture of experts' experts over 4 devices (checked: E divides the experts
+                                     and the devices); auto for a mixture of experts: see auto_expert_size
 
-A new mesh axis (e.g. `expert`) is added to jsft/sharding.py's table and chosen here, next to `sequence`.
+A new mesh axis is added to jsft/sharding.py's table and chosen here, next to `sequence` and `expert`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional
 
@@ -34,7 +37,7 @@ from jsft.models import lora, sequence_parallel
 from jsft.models.attention import resolve_impl
 from jsft.models.config import ModelConfig
 from jsft.models.params import param_layout
-from jsft.sharding import AUTO, make_mesh
+from jsft.sharding import AUTO, make_mesh, working_meshes
 from jsft.train import planner, remat
 from jsft.train.feeders import Feeders, mesh_feeders
 from jsft.train.loss import MoeObjective
@@ -54,7 +57,8 @@ class RunSetup:
     lora: Optional[lora.LoraSpec]  # None: full fine-tuning
     attention_impl: str  # model.attention_impl resolved for this backend (auto -> pallas_gpu / splash / blockwise)
     sequence_parallel: str  # ulysses | ring: attention over rows split on the `sequence` axis
-    mesh: Mesh  # {data, fsdp, sequence} over all devices
+    mesh: Mesh  # {data, fsdp, sequence, expert} over all devices
+    mesh_reason: str  # the mesh line: which mesh and why (printed at start, in run_info.json)
     feeders: Feeders  # which processes feed which micro-batch rows
     layout: BatchLayout  # a feeder's micro-batch: rows and row length
     device_memory: tuple[int, str]  # bytes of one of this process's devices, and where the figure comes from
@@ -75,10 +79,10 @@ class RunSetup:
 
 
 def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: Optional[int] = None,
-            update: bool = True) -> RunSetup:
+            update: bool = True, moe_kernel: Optional[str] = None) -> RunSetup:
     """The run's set-up, each part once. `tokenizer=False` (jsft.plan) loads one only where model.init needs
-    its vocab size. `budget` / `update`: model.remat_policy=auto's budget (default: the device memory) and
-    whether it also compiles the optimizer update (planner.choose_remat)."""
+    its vocab size. `budget` / `update` / `moe_kernel`: model.remat_policy=auto's budget (default: the device
+    memory), whether it also compiles the optimizer update, and the MoE kernel it plans with (planner.choose_remat)."""
     tok = run_tokenizer(cfg) if tokenizer else None
     model_cfg = model_config(cfg, tok)
     if tok is not None and len(tok) > model_cfg.vocab_size:
@@ -90,14 +94,17 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
         lora.check_adapter(cfg.model.lora_adapter_path, model_cfg, spec)
     impl = resolve_impl(cfg.model.attention_impl, cfg.model.dtype)  # raises for a kernel this backend lacks
     seq_choice, seq_line = sequence_parallel_choice(cfg, model_cfg, impl)
-    mesh = run_mesh(cfg, log, model_cfg, seq_line)
+    mesh, mesh_reason = mesh_and_reason(cfg, model_cfg, seq_line)
+    if log is not None:
+        log(mesh_reason)
     feeders = mesh_feeders(mesh)
     policy = remat.explicit_policy(cfg.model)
     run = RunSetup(
         cfg=cfg, model_config=model_cfg, tokenizer=tok,
         stop_tokens=stop_tokens(tok) if tok is not None else (),
         stop_token_ids=tuple(stop_token_ids(tok)) if tok is not None else (),
-        lora=spec, attention_impl=impl, sequence_parallel=seq_choice, mesh=mesh, feeders=feeders,
+        lora=spec, attention_impl=impl, sequence_parallel=seq_choice, mesh=mesh, mesh_reason=mesh_reason,
+        feeders=feeders,
         layout=BatchLayout.from_config(cfg.data, feeders.row_blocks),
         # this process's devices: jax refuses memory_stats of another process's (jax.devices()[0] on process 1)
         device_memory=remat.device_memory(cfg.trainer.device_memory, jax.local_devices()),
@@ -105,7 +112,7 @@ def resolve(cfg: RunConfig, log: Log = None, *, tokenizer: bool = True, budget: 
     )
     if policy is not None:
         return run
-    choice = planner.choose_remat(run, budget, update)  # compiles the step per candidate
+    choice = planner.choose_remat(run, budget, update, moe_kernel)  # compiles the step per candidate
     if log is not None:
         log(choice.describe())
     return dataclasses.replace(run, remat_policy=choice.policy, remat_choice=choice)
@@ -184,26 +191,32 @@ def sequence_parallel_choice(cfg: RunConfig, model_cfg: ModelConfig, attention_i
 def run_mesh(cfg: RunConfig, log: Log = None, model_cfg: Optional[ModelConfig] = None,
              seq_line: Optional[str] = None) -> Mesh:
     """trainer.mesh over all devices, chosen (auto) or checked for the run's parameter shapes and heads.
-    `log` receives the mesh line (with the sequence-parallel choice when S > 1)."""
-    model_cfg = model_cfg or model_config(cfg)
+    `log` receives the mesh line (with the sequence-parallel and expert choices when used)."""
+    mesh, why = mesh_and_reason(cfg, model_cfg or model_config(cfg), seq_line)
+    if log is not None:
+        log(why)
+    return mesh
+
+
+def mesh_and_reason(cfg: RunConfig, model_cfg: ModelConfig, seq_line: Optional[str] = None) -> tuple[Mesh, str]:
+    """(the run's mesh, the line saying which and why); raises before any work for a mesh that cannot run."""
     if seq_line is None:
         _, seq_line = sequence_parallel_choice(cfg, model_cfg)
     s = sequence_parallel_size(cfg)
-    log = log if log is None or s == 1 else (lambda line, log=log: log(f"{line}; {seq_line}"))
     axes = cfg.trainer.mesh
-    check_expert_axis(axes, model_cfg, s)
-    if axes == AUTO and model_cfg.moe is not None and log is not None:
-        log(f"trainer.mesh=auto keeps expert=1 for this {model_cfg.model_type}: its expert weights shard over fsdp "
-            f"like the dense ones; trainer.mesh.expert=E in {_expert_sizes(model_cfg)} splits the experts instead")
-    if s > 1:  # the alias key, or trainer.mesh.sequence on top of auto / an explicit {data, fsdp}
-        axes = {**(axes if axes != AUTO else {}), "sequence": s}
-    mesh = make_mesh(axes, jax.devices(), params=param_layout(model_cfg), log=log)
+    check_expert_axis(axes, model_cfg)
+    e, expert_line = expert_choice(axes, model_cfg, s)
+    if s > 1 or e > 1:  # on top of auto / an explicit {data, fsdp}
+        axes = {**(axes if axes != AUTO else {}), **({"sequence": s} if s > 1 else {}), **({"expert": e} if e > 1 else {})}
+    lines = []
+    mesh = make_mesh(axes, jax.devices(), params=param_layout(model_cfg), log=lines.append)
+    why = "; ".join(filter(None, [*lines, seq_line if s > 1 else "", expert_line]))
     try:  # processes that share rows (a sequence group spanning them) must share all of them
         mesh_feeders(mesh)
     except ValueError as e:
         raise ValueError(f"trainer.mesh.sequence={s}: {e}; use trainer.mesh.sequence in "
                          f"{_feedable_sizes(cfg.trainer.sequence_parallel, model_cfg)} (data/fsdp auto), which these processes can feed") from None
-    return mesh
+    return mesh, why
 
 
 def _expert_sizes(model_cfg: ModelConfig) -> list[int]:
@@ -211,9 +224,8 @@ def _expert_sizes(model_cfg: ModelConfig) -> list[int]:
     return [e for e in range(1, n + 1) if n % e == 0 and model_cfg.moe.num_experts % e == 0]
 
 
-def check_expert_axis(axes, model_cfg: ModelConfig, s: int) -> None:
-    """trainer.mesh.expert=E, before any work: a mixture of experts whose experts and devices E divides,
-    without sequence parallelism (the expert-parallel layer splits rows, not tokens)."""
+def check_expert_axis(axes, model_cfg: ModelConfig) -> None:
+    """trainer.mesh.expert=E, before any work: a mixture of experts whose experts and devices E divides."""
     e = int(axes.get("expert", 1)) if isinstance(axes, Mapping) else 1
     if e == 1:
         return
@@ -223,9 +235,54 @@ def check_expert_axis(axes, model_cfg: ModelConfig, s: int) -> None:
     if e not in ok:
         raise ValueError(f"trainer.mesh.expert={e} does not divide the {model_cfg.moe.num_experts} experts and "
                          f"{jax.device_count()} devices; use trainer.mesh.expert in {ok}")
-    if s > 1:
-        raise ValueError(f"trainer.mesh.expert={e} with sequence parallelism (S={s}) is not supported yet; "
-                         "use one of them")
+
+
+# expert parallelism stays within one node, as MaxText and torchtitan run it: the token all-gather and
+# reduce-scatter of every MoE layer (forward and backward) need the intra-node links (NVLink: 8 GPUs)
+MAX_AUTO_EXPERT = 8
+
+
+def expert_choice(axes, model_cfg: ModelConfig, seq: int) -> tuple[int, str]:
+    """(E, the line saying why; "" for a dense model): trainer.mesh.expert as written, else auto_expert_size
+    where the data/fsdp part is auto too; an explicit {data, fsdp} without `expert` keeps E=1."""
+    if model_cfg.moe is None:
+        return 1, ""
+    if isinstance(axes, Mapping) and "expert" in axes:
+        e = int(axes["expert"])
+        return e, f"expert={e} (trainer.mesh.expert={e}): each device holds {model_cfg.moe.num_experts // e} of the {model_cfg.moe.num_experts} experts"
+    if axes != AUTO and not set(axes) <= {"sequence"}:
+        return 1, (f"expert=1 (trainer.mesh={dict(axes)} names no expert axis): the expert weights shard over fsdp; "
+                   f"trainer.mesh.expert=E in {_expert_sizes(model_cfg)} splits the experts instead")
+    return auto_expert_size(model_cfg, jax.device_count(), jax.local_device_count(), seq)
+
+
+def auto_expert_size(model_cfg: ModelConfig, n_devices: int, local_devices: int, seq: int = 1) -> tuple[int, str]:
+    """trainer.mesh=auto's expert axis for a mixture of experts: the largest E <= MAX_AUTO_EXPERT dividing the
+    experts, the devices of one process (so an expert group is one host's devices, jsft/sharding.py's device
+    order) and the devices over `seq`, with a data/fsdp mesh over the rest that splits every large tensor.
+
+    Why E > 1 at all: with fsdp alone, every device all-gathers every expert's weights of a layer in its forward
+    and again in its backward (Qwen3-30B-A3B: 0.6B values a layer, while its tokens use 8 of 128 experts);
+    with E, a device gathers only its E-th of the experts and the layer instead exchanges its tokens within
+    the E devices (n_tokens x hidden values each way), which is far less at any fine-tuning batch. Memory is
+    the same (the fsdp group spans fsdp x expert for the other weights, expert x fsdp for the experts)."""
+    moe = model_cfg.moe
+    if moe is None:  # a dense model: no expert axis, the mesh line unchanged
+        return 1, ""
+    layout = param_layout(model_cfg)
+    expert_params = sum(math.prod(shape) for shape, axes in layout.values() if "experts" in axes)
+    share = expert_params / sum(math.prod(shape) for shape, _ in layout.values())
+    for e in range(min(MAX_AUTO_EXPERT, local_devices), 0, -1):
+        if moe.num_experts % e or local_devices % e or (n_devices // seq) % e or not working_meshes(layout, n_devices, seq, e):
+            continue
+        if e == 1:
+            return 1, (f"expert=1 (auto): no size in 2..{MAX_AUTO_EXPERT} divides both the {moe.num_experts} experts "
+                       f"and the {local_devices} devices of a process; the expert weights shard over fsdp")
+        return e, (f"expert={e} (auto): the largest size <= {MAX_AUTO_EXPERT} dividing the {moe.num_experts} experts and "
+                   f"the {local_devices} devices of a process; the expert weights ({share:.0%} of the parameters) are "
+                   f"split by expert, so each MoE layer exchanges its tokens within {e} devices of one host instead of "
+                   f"all-gathering every expert's weights on every device")
+    return 1, "expert=1 (auto): no expert axis leaves a data/fsdp mesh that splits every large tensor"
 
 
 def checkpoint_mesh(model_cfg: ModelConfig) -> Mesh:

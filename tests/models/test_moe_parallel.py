@@ -1,5 +1,6 @@
 """Expert parallelism on 8 fake CPU devices: the same outputs, router losses and gradients for every
-expert-axis size, for micro-batches, with a data axis beside the expert axis, and under a capacity bound."""
+expert-axis size, for micro-batches, with a data axis beside the expert axis, with rows split over a sequence
+axis, and under a capacity bound."""
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +94,10 @@ def test_data_axis_beside_expert_axis_and_capacity():
     for axes in (("data", "expert"), ("data",)):  # tokens split over the expert axis too, or replicated on it
         layer = lambda p, x, m, axes=axes: moe_expert_parallel(p, x, spec, m, mesh=mesh, batch_axes=axes)  # noqa
         _assert_close(_objective(layer)(p, x, cot, mask), ref)
+    # sequence parallelism: each row's tokens split over `sequence` too; the router stats sum over both
+    seq_mesh = _mesh(8, ("expert", "sequence"), (4, 2))
+    layer = lambda p, x, m: moe_expert_parallel(p, x, spec, m, mesh=seq_mesh, length_axes=("sequence",))  # noqa
+    _assert_close(_objective(layer)(p, x, cot, mask), ref)
     # capacity: with the batch split over the expert axis alone, the gathered order is the global order
     capped = M.MoeSpec(E, R, capacity_factor=0.5)
     (_, (y0, st0)), g0 = _objective(lambda p, x, m: M.moe(p, x, capped, m))(p, x, cot, mask)
