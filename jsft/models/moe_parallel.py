@@ -73,7 +73,10 @@ def moe_expert_parallel(p: dict, x, spec: MoeSpec, mask=None, *, mesh: Mesh, exp
         else:  # the same tokens on every expert device, each computing a different part: mark them varying
             xf, weights = (jax.lax.pcast(a, expert_axis, to="varying") for a in (xf, weights))
         local_ids = ids - jax.lax.axis_index(expert_axis) * e_local  # other devices' experts fall outside
-        y, dropped = dispatch_combine(p, xf, weights, local_ids, spec, num_tokens=xf.shape[0])
+        if gathered and spec.capacity_factor is None:
+            y, dropped = _per_source(p, xf, weights, local_ids, spec, n)
+        else:
+            y, dropped = dispatch_combine(p, xf, weights, local_ids, spec, num_tokens=xf.shape[0])
         if gathered:
             y = jax.lax.psum_scatter(y, expert_axis, scatter_dimension=0, tiled=True)
         else:
@@ -88,3 +91,20 @@ def moe_expert_parallel(p: dict, x, spec: MoeSpec, mask=None, *, mesh: Mesh, exp
     return jax.shard_map(
         local, mesh=mesh, in_specs=(p_specs, tokens, tokens), out_specs=(tokens, P()),
     )(p, x, mask)
+
+
+def _per_source(p: dict, xf, weights, local_ids, spec: MoeSpec, n: int):
+    """Dropless dispatch of the gathered tokens one source device's shard at a time, each shard's expert MLP
+    recomputed in the backward (jax.checkpoint). A dispatch over all n*S gathered tokens sizes its buffers for
+    all n*S*R assignments (any of them may route here), n times what one device's experts receive on average;
+    per shard they are S*R, so the layer's temporaries do not grow with E. The cost: one more forward of this
+    device's experts in the backward."""
+    s = xf.shape[0] // n
+
+    @jax.checkpoint
+    def shard(args):
+        x, w, ids = args
+        return dispatch_combine(p, x, w, ids, spec, num_tokens=s)[0]
+
+    y = jax.lax.map(shard, (xf.reshape(n, s, -1), weights.reshape(n, s, -1), local_ids.reshape(n, s, -1)))
+    return y.reshape(n * s, -1), jnp.zeros((), jnp.int32)
