@@ -31,7 +31,8 @@ from bench_workload import QUICK, SETTINGS, WORKLOADS, prepare
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test (< 1 min a workload)")
+    p.add_argument("--quick", action="store_true", 
+                   help="tiny model and data, the sides set up at once: a smoke test (< 1 min a workload)")
     p.add_argument("--workload", default="all", choices=[*WORKLOADS, "all"], help="length distribution(s) to run")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"jsft settings, comma-separated: {', '.join(SETTINGS)}")
     p.add_argument("--steps", type=int, help="measured steps (after warm-up)")
@@ -60,7 +61,8 @@ def main(argv=None) -> None:
         w = dataclasses.replace(table[name], steps=args.steps) if args.steps else table[name]
         where = workdir / name
         where.mkdir(parents=True, exist_ok=True)
-        steps, summaries = run_interleaved(prepare(where, w), w, where, settings, other_trees)
+        steps, summaries = run_interleaved(prepare(where, w), w, where, settings, other_trees,
+                                            parallel_setup=args.quick)
         results[name] = bench_report.workload_result(w, steps, summaries)
     report = bench_report.summarize(results, bench_report.loss_memory_figures(), (load_before, os.getloadavg()[0]),
                                     args.label)

@@ -242,7 +242,11 @@ class Remote:
         self.proc = ctx.Process(target=serve, args=(kind, settings, child_conn, paths, w, str(workdir), root),
                                 daemon=True)
         self.proc.start()
+
+    def ready(self) -> "Remote":
+        """Waits until the side is built."""
         self._expect("ready")
+        return self
 
     def _recv(self):
         deadline = time.monotonic() + 3600
@@ -273,15 +277,25 @@ class Remote:
 
 
 def run_interleaved(paths: dict, w: Workload, workdir: Path, settings: list[str],
-                    other_trees: Optional[dict[str, str]] = None) -> tuple[dict, list]:
+                    other_trees: Optional[dict[str, str]] = None, parallel_setup: bool = False) -> tuple[dict, list]:
     """A jsft side per settings name (and per settings name and other checkout: `other_trees` {label: root},
     side `jsft@label:settings`) and the torch side, their steps alternating, each step bracketed by
-    matmul-peak probes; setup runs alone. Returns ({name: [step records]}, [(name, summary)])."""
-    sides = {f"jsft:{s}": Remote("jsft", s, paths, w, workdir) for s in settings}
+    matmul-peak probes. Each side is set up alone (so that its compile time is its own), or with
+    `parallel_setup` all at once (quicker; compile times then overlap). Returns ({name: [step records]},
+    [(name, summary)])."""
+    kinds = {f"jsft:{s}": ("jsft", s, None) for s in settings}
     for label, root in (other_trees or {}).items():
-        sides |= {f"jsft@{label}:{s}": Remote("jsft", s, paths, w, workdir, root) for s in settings}
+        kinds |= {f"jsft@{label}:{s}": ("jsft", s, root) for s in settings}
+    kinds["torch"] = ("torch", "tuned", None)
+    sides = {}
+    for name, (kind, s, root) in kinds.items():
+        sides[name] = Remote(kind, s, paths, w, workdir, root)
+        if not parallel_setup:
+            sides[name].ready()
+    if parallel_setup:
+        for side in sides.values():
+            side.ready()
     prober = next(iter(sides.values()))
-    sides["torch"] = Remote("torch", "tuned", paths, w, workdir)
     steps = {name: [] for name in sides}
     probe = prober.call("peak")
     for _ in range(w.warmup_steps + w.steps):
