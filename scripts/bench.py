@@ -1,7 +1,7 @@
 """Side-by-side SFT benchmark: jsft against a transformers + torch loop with dynamic padding.
 
     python scripts/bench.py [--quick] [--workload chat|long_tail|all] [--settings defaults,tuned] [--steps N]
-                            [--workdir D] [--json F] [--label L] [--no-append]
+                            [--workdir D] [--json F] [--label L] [--no-append] [--other-tree LABEL=DIR]
 
 Per workload (bench_workload.py: a random-init Qwen2-shape checkpoint, multi-turn tool chats of one length
 distribution, one set of hyperparameters) it trains the same steps through jsft under each settings name
@@ -31,7 +31,8 @@ from bench_workload import QUICK, SETTINGS, WORKLOADS, prepare
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test (< 1 min a workload)")
+    p.add_argument("--quick", action="store_true", 
+                   help="tiny model and data, the sides set up at once: a smoke test (< 1 min a workload)")
     p.add_argument("--workload", default="all", choices=[*WORKLOADS, "all"], help="length distribution(s) to run")
     p.add_argument("--settings", default=",".join(SETTINGS), help=f"jsft settings, comma-separated: {', '.join(SETTINGS)}")
     p.add_argument("--steps", type=int, help="measured steps (after warm-up)")
@@ -39,11 +40,18 @@ def main(argv=None) -> None:
     p.add_argument("--json", help="where to write the JSON (default: bench.json in the workdir)")
     p.add_argument("--no-append", action="store_true", help="do not append rows to BENCHMARKS.md")
     p.add_argument("--label", default="", help="the rows' `code` column (default: the git commit)")
+    p.add_argument("--other-tree", action="append", default=[], metavar="LABEL=DIR",
+                   help="also run jsft from another checkout (e.g. an older commit's worktree), interleaved with "
+                        "this one's: sides jsft@LABEL:<settings>")
     args = p.parse_args(argv)
     settings = args.settings.split(",")
     for s in settings:
         if s not in SETTINGS:
             p.error(f"--settings: unknown {s!r}; allowed: {', '.join(SETTINGS)}")
+    other_trees = dict(t.split("=", 1) for t in args.other_tree)
+    for label, root in other_trees.items():
+        if not (Path(root) / "jsft").is_dir() or not (Path(root) / "scripts" / "bench_sides.py").is_file():
+            p.error(f"--other-tree {label}={root}: not a jsft checkout with scripts/bench_sides.py")
     table = QUICK if args.quick else WORKLOADS
     names = list(table) if args.workload == "all" else [args.workload]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="jsft-bench-"))
@@ -53,7 +61,8 @@ def main(argv=None) -> None:
         w = dataclasses.replace(table[name], steps=args.steps) if args.steps else table[name]
         where = workdir / name
         where.mkdir(parents=True, exist_ok=True)
-        steps, summaries = run_interleaved(prepare(where, w), w, where, settings)
+        steps, summaries = run_interleaved(prepare(where, w), w, where, settings, other_trees,
+                                            parallel_setup=args.quick)
         results[name] = bench_report.workload_result(w, steps, summaries)
     report = bench_report.summarize(results, bench_report.loss_memory_figures(), (load_before, os.getloadavg()[0]),
                                     args.label)

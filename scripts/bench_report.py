@@ -150,7 +150,7 @@ def append_rows(r: dict, path: Path) -> None:
                 continue
             ratio = result["ratios"][side]
             rows.append(
-                f"| {r['date']} | {r['code']} | {r['cpu']} | {name} | {j['settings']} | {j['remat_policy']} "
+                f"| {r['date']} | {r['code']} | {r['cpu']} | {name} | {side.removeprefix('jsft:')} | {j['remat_policy']} "
                 f"| {j['tokens_per_s']:.0f} | {t['tokens_per_s']:.0f} | {ratio['tokens_per_s']:.2f}x "
                 f"({_fmt_ratio(ratio['quiet'])}) | {j['mfu']:.1%} | {t['mfu']:.1%} "
                 f"| {j['padding_efficiency']:.0%} / {t['padding_efficiency']:.0%} | {j['compile_s']:.0f} "

@@ -11,12 +11,15 @@ other work on the machine hits all alike and the ratios stay meaningful on a sha
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import resource
+import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Optional
 
 from bench_workload import Workload, jsft_config, sample_flops
 
@@ -201,7 +204,18 @@ def _padded_batch(samples):
 SIDES = {"jsft": JsftSide, "torch": TorchSide}
 
 
-def serve(kind: str, settings: str, conn, paths: dict, w: Workload, workdir: str) -> None:
+def _side_class(kind: str, root: Optional[str]):
+    """SIDES[kind] of this checkout, or of the checkout at `root` (another commit's jsft, driven by that
+    commit's own bench_sides.py, so that its API need not match this one's)."""
+    if root is None:
+        return SIDES[kind]
+    for name in ("bench_sides", "bench_workload"):
+        sys.modules.pop(name, None)
+    sys.path[:0] = [root, str(Path(root) / "scripts")]
+    return importlib.import_module("bench_sides").SIDES[kind]
+
+
+def serve(kind: str, settings: str, conn, paths: dict, w: Workload, workdir: str, root: Optional[str] = None) -> None:
     """Child process: build one side, then answer "step" requests until "summary". An exception is sent
     to the parent as ("error", traceback) instead of dying silently."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -209,7 +223,7 @@ def serve(kind: str, settings: str, conn, paths: dict, w: Workload, workdir: str
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     os.environ["XLA_FLAGS"] = " ".join(flags)
     try:
-        side = SIDES[kind](paths, w, Path(workdir), settings)
+        side = _side_class(kind, root)(paths, w, Path(workdir), settings)
         conn.send("ready")
         while (request := conn.recv()) != "summary":
             conn.send(getattr(side, request)())  # "step" or "peak"
@@ -222,12 +236,17 @@ def serve(kind: str, settings: str, conn, paths: dict, w: Workload, workdir: str
 class Remote:
     """A side running in its own (spawned) process."""
 
-    def __init__(self, kind: str, settings: str, paths: dict, w: Workload, workdir: Path):
+    def __init__(self, kind: str, settings: str, paths: dict, w: Workload, workdir: Path, root: Optional[str] = None):
         ctx = multiprocessing.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
-        self.proc = ctx.Process(target=serve, args=(kind, settings, child_conn, paths, w, str(workdir)), daemon=True)
+        self.proc = ctx.Process(target=serve, args=(kind, settings, child_conn, paths, w, str(workdir), root),
+                                daemon=True)
         self.proc.start()
+
+    def ready(self) -> "Remote":
+        """Waits until the side is built."""
         self._expect("ready")
+        return self
 
     def _recv(self):
         deadline = time.monotonic() + 3600
@@ -257,12 +276,26 @@ class Remote:
         return out
 
 
-def run_interleaved(paths: dict, w: Workload, workdir: Path, settings: list[str]) -> tuple[dict, list]:
-    """A jsft side per settings name and the torch side, their steps alternating, each step bracketed by
-    matmul-peak probes; setup runs alone. Returns ({name: [step records]}, [(name, summary)])."""
-    sides = {f"jsft:{s}": Remote("jsft", s, paths, w, workdir) for s in settings}
+def run_interleaved(paths: dict, w: Workload, workdir: Path, settings: list[str],
+                    other_trees: Optional[dict[str, str]] = None, parallel_setup: bool = False) -> tuple[dict, list]:
+    """A jsft side per settings name (and per settings name and other checkout: `other_trees` {label: root},
+    side `jsft@label:settings`) and the torch side, their steps alternating, each step bracketed by
+    matmul-peak probes. Each side is set up alone (so that its compile time is its own), or with
+    `parallel_setup` all at once (quicker; compile times then overlap). Returns ({name: [step records]},
+    [(name, summary)])."""
+    kinds = {f"jsft:{s}": ("jsft", s, None) for s in settings}
+    for label, root in (other_trees or {}).items():
+        kinds |= {f"jsft@{label}:{s}": ("jsft", s, root) for s in settings}
+    kinds["torch"] = ("torch", "tuned", None)
+    sides = {}
+    for name, (kind, s, root) in kinds.items():
+        sides[name] = Remote(kind, s, paths, w, workdir, root)
+        if not parallel_setup:
+            sides[name].ready()
+    if parallel_setup:
+        for side in sides.values():
+            side.ready()
     prober = next(iter(sides.values()))
-    sides["torch"] = Remote("torch", "tuned", paths, w, workdir)
     steps = {name: [] for name in sides}
     probe = prober.call("peak")
     for _ in range(w.warmup_steps + w.steps):

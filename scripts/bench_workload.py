@@ -1,10 +1,11 @@
-"""The bench's workloads: a random-init Qwen2-shape checkpoint, multi-turn tool chats, one set of
-hyperparameters, and the jsft settings it runs under (used by bench.py, bench_row.py, bench_lora.py).
+"""The bench's workloads: a random-init Qwen2-shape (or Qwen3-MoE-shape) checkpoint, multi-turn tool chats,
+one set of hyperparameters, and the jsft settings it runs under (used by bench.py, bench_row.py, bench_lora.py).
 
 Two length distributions, both from the demo's tool-use conversations merged into longer chats:
   chat       each chat merges 1 + geometric(1) conversations: mean ~590 tokens, a geometric tail;
   long_tail  the spread of real multi-turn tool data: most chats are one short exchange, a minority merge
              many (1 + geometric(3), at most 8), so a long tail reaches ~1700 tokens next to many short samples.
+  moe        the chat distribution on a Qwen3-MoE shape (8 experts, top-2, every layer sparse).
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ class Workload:
     max_conversations: int = 0  # long_tail: at most this many per chat (> 0), so the tail ends near max_length
     lr: float = 1e-4
     seed: int = 0
+    experts: int = 0  # > 0: a Qwen3-MoE shape, every layer sparse (`mlp` is then each expert's hidden size)
+    top_k: int = 2
 
     @property
     def num_samples(self) -> int:
@@ -49,6 +52,8 @@ class Workload:
 WORKLOADS = {
     "chat": Workload(),
     "long_tail": Workload(name="long_tail", mean_conversations=4.0, long_share=0.5, max_conversations=8),
+    # a tiny Qwen3-MoE shape: 8 experts, top-2 (2 x 512 active expert hidden = 1024, near the dense 1408)
+    "moe": Workload(name="moe", layers=4, hidden=512, mlp=512, experts=8, top_k=2),
 }
 QUICK = {name: dataclasses.replace(w, layers=2, hidden=64, mlp=128, heads=4, kv_heads=2, vocab=1024,
                                    samples_per_step=8, warmup_steps=1, steps=2, max_length=1024,
@@ -143,11 +148,14 @@ def prepare(workdir: Path, w: Workload) -> dict:
         for row in chat_rows(w.num_samples, w):
             f.write(json.dumps(row) + "\n")
     build_tokenizer(paths["tokenizer"])
-    config = transformers.Qwen2Config(
-        vocab_size=w.vocab, hidden_size=w.hidden, intermediate_size=w.mlp, num_hidden_layers=w.layers,
-        num_attention_heads=w.heads, num_key_value_heads=w.kv_heads, max_position_embeddings=w.max_length,
-        tie_word_embeddings=False,
-    )
+    shape = dict(vocab_size=w.vocab, hidden_size=w.hidden, num_hidden_layers=w.layers, num_attention_heads=w.heads,
+                 num_key_value_heads=w.kv_heads, max_position_embeddings=w.max_length, tie_word_embeddings=False)
+    if w.experts:
+        config = transformers.Qwen3MoeConfig(**shape, head_dim=w.hidden // w.heads, intermediate_size=w.mlp,
+                                             moe_intermediate_size=w.mlp, num_experts=w.experts,
+                                             num_experts_per_tok=w.top_k, norm_topk_prob=True)
+    else:
+        config = transformers.Qwen2Config(**shape, intermediate_size=w.mlp)
     torch.manual_seed(w.seed)
     transformers.AutoModelForCausalLM.from_config(config).float().save_pretrained(paths["model"])
     return {k: str(v) for k, v in paths.items()}

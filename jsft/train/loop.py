@@ -79,7 +79,9 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
     micro-batch shape, the update, validation, generation) instead of compiling them again."""
     if directory:
         jax.config.update("jax_compilation_cache_dir", str(Path(directory).expanduser()))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        # every program, however quick to compile: with a time threshold, whether a program is cached depends
+        # on the machine's load, and a restart would compile again what its first run skipped
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
 @dataclass

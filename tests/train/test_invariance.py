@@ -18,12 +18,20 @@ from jsft.train.step import TrainStep
 
 from jsft_testing import sft_overrides
 
-_MODELS = {}
+_RESULTS = {}  # the same split is asked for by several tests: computed once a session
 
 
 def global_gradient(setup, tmp_path, *, devices, mode="token-mean", shape_buckets=4, **data):
     """(loss, grads, micro-steps, micro-batches before fit_shapes) of the first global batch under one way of
     splitting it."""
+    key = (setup["root"], devices, mode, shape_buckets, tuple(sorted(data.items())))
+    if key not in _RESULTS:
+        _RESULTS[key] = _global_gradient(setup, tmp_path, devices=devices, mode=mode, shape_buckets=shape_buckets,
+                                         **data)
+    return _RESULTS[key]
+
+
+def _global_gradient(setup, tmp_path, *, devices, mode, shape_buckets, **data):
     overrides = sft_overrides(setup, tmp_path, **{f"data.{k}": v for k, v in data.items()})
     cfg = load_config(None, overrides + [f"trainer.loss_agg_mode={mode}"])
     tokenizer = load_tokenizer(cfg.data.tokenizer)

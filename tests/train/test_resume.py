@@ -50,8 +50,11 @@ def wait_for_checkpoint(run_dir, step, proc, timeout=300):
 
 
 def test_kill_9_then_resume_is_exact(sft_setup, tmp_path):
+    # the three launches run one job: they share a compilation cache, so only the first compiles
+    # (test_compilation_cache_is_written_and_reused checks that the cache keeps the losses)
+    cache = {"trainer.compilation_cache_dir": str(tmp_path / "xla-cache")}
     reference = tmp_path / "reference"
-    rc, out = finish(launch(sft_setup, reference))
+    rc, out = finish(launch(sft_setup, reference, **cache))
     assert rc == 0, out[-3000:]
 
     # resume_mode=resume_path continues another run's checkpoint in a new directory
@@ -64,7 +67,7 @@ def test_kill_9_then_resume_is_exact(sft_setup, tmp_path):
     assert [p.name for p in (forked / "checkpoints").iterdir() if p.name.isdigit()] == [str(STEPS)]
 
     run = tmp_path / "killed"
-    proc = launch(sft_setup, run)
+    proc = launch(sft_setup, run, **cache)
     wait_for_step(run, 5, proc)
     wait_for_checkpoint(run, 4, proc)  # saves are asynchronous: under load step 4's may still be in flight
     proc.send_signal(signal.SIGKILL)
@@ -74,7 +77,7 @@ def test_kill_9_then_resume_is_exact(sft_setup, tmp_path):
     # a save that crashed half-way leaves only a temporary directory, which resume must ignore
     (run / "checkpoints" / f"{max(steps) + 2}.orbax-checkpoint-tmp-1").mkdir()
 
-    rc, out = finish(launch(sft_setup, run))
+    rc, out = finish(launch(sft_setup, run, **cache))
     assert rc == 0, out[-3000:]
     assert f"resumed from step {max(steps)}" in out
     assert losses(run) == losses(reference)  # bit-exact, every step
