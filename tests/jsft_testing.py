@@ -292,3 +292,23 @@ def dense_attention(q, k, v, q_seg, kv_seg, q_pos, kv_pos, window=None, sinks=No
     e = jnp.exp(s - jnp.where(jnp.isfinite(m), m, 0.0))
     p = e / jnp.maximum(e.sum(-1, keepdims=True), 1e-30)
     return jnp.einsum("bnts,bsnh->btnh", p[..., :kv_seg.shape[1]], vr)
+
+
+GREEDY_PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 37)), [100, 3, 4]]  # lengths 5, 17, 3: left padding
+
+
+def assert_greedy_matches_transformers(model, ref, max_new_tokens: int, prompts=GREEDY_PROMPTS):
+    """jsft's KV-cache sampler (greedy, no stop) gives transformers' `generate` tokens on each prompt."""
+    import torch
+
+    from jsft.generate import generate
+
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=max_new_tokens, eos_token_id=None, pad_token_id=0)
+        expected.append(out[0, len(p):].tolist())
+    assert all(0 not in e for e in expected)  # 0 is the stop id given to jsft: it must not occur
+    assert generate(model, prompts, max_new_tokens=max_new_tokens, eos_ids={0}) == expected

@@ -11,11 +11,10 @@ import transformers
 from safetensors import safe_open
 
 import jsft.models as jm
-from jsft.generate import generate
 from jsft.models.config import FULL, SLIDING, ModelConfig
 from jsft.sharding import make_mesh
 
-from jsft_testing import GEMMA3_TINY, make_tiny_gemma3
+from jsft_testing import GEMMA3_TINY, assert_greedy_matches_transformers, make_tiny_gemma3
 
 TOL = 2e-4
 
@@ -103,16 +102,7 @@ def test_greedy_generation_past_the_window_matches_transformers(tmp_path):
             layer.self_attn.k_proj.weight.mul_(6)
     ref.save_pretrained(tmp_path / "hf")
     model = jm.from_pretrained(tmp_path / "hf", dtype="float32")
-    prompts = [[5, 6, 7, 8, 9], list(range(20, 37)), [100, 3, 4]]
-    expected = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=12,
-                               eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
-    assert all(0 not in e for e in expected)
-    assert generate(model, prompts, max_new_tokens=12, eos_ids={0}) == expected
+    assert_greedy_matches_transformers(model, ref, max_new_tokens=12)
 
 
 def test_lora_adapter_matches_peft(tmp_path):

@@ -14,11 +14,10 @@ from safetensors.torch import save_file
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 import jsft.models as jm
-from jsft.generate import generate
 from jsft.models.config import FULL, SLIDING, ModelConfig
 from jsft.sharding import make_mesh
 
-from jsft_testing import GPT_OSS_TINY, make_tiny_gpt_oss
+from jsft_testing import GPT_OSS_TINY, assert_greedy_matches_transformers, make_tiny_gpt_oss
 
 TOL = 2e-4
 VOCAB = GPT_OSS_TINY["vocab_size"]
@@ -134,16 +133,7 @@ def test_greedy_generation_matches_transformers(oss):
     """The KV-cache sampler past the sliding window, prompts of different lengths (left padding)."""
     path, ref = oss
     model = jm.from_pretrained(path, dtype="float32")
-    prompts = [[5, 6, 7, 8, 9], list(range(20, 37)), [100, 3, 4]]
-    expected = []
-    for p in prompts:
-        ids = torch.tensor([p])
-        with torch.no_grad():
-            out = ref.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                               eos_token_id=None, pad_token_id=0)
-        expected.append(out[0, len(p):].tolist())
-    assert all(0 not in e for e in expected)
-    assert generate(model, prompts, max_new_tokens=8, eos_ids={0}) == expected
+    assert_greedy_matches_transformers(model, ref, max_new_tokens=8)
 
 
 def test_parameter_counts_match_transformers(oss):
