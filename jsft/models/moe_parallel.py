@@ -28,13 +28,18 @@ from jsft.models.moe import MoeSpec, dispatch_combine, route, router_logits, rou
 EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_bias", "down_bias")
 
 
+def expert_axis_sizes(num_experts: int, devices: int) -> list[int]:
+    """The expert-axis sizes that work: those dividing both the experts and the devices."""
+    return [e for e in range(1, min(num_experts, devices) + 1) if num_experts % e == 0 and devices % e == 0]
+
+
 def check_expert_axis(spec: MoeSpec, mesh: Mesh, expert_axis: str) -> int:
     """The expert-axis size, or a one-line error naming the sizes that divide the experts."""
     if expert_axis not in mesh.shape:
         raise ValueError(f"MoE: mesh axes {tuple(mesh.shape)} have no expert axis {expert_axis!r}")
     n = mesh.shape[expert_axis]
     if spec.num_experts % n:
-        ok = [d for d in range(1, spec.num_experts + 1) if spec.num_experts % d == 0 and mesh.size % d == 0]
+        ok = expert_axis_sizes(spec.num_experts, mesh.size)
         raise ValueError(
             f"MoE: mesh.{expert_axis}={n} does not divide num_experts={spec.num_experts}; sizes that work on "
             f"{mesh.size} devices: {ok}")

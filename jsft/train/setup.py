@@ -36,6 +36,7 @@ from jsft.data.tokenizer import load_tokenizer, stop_token_ids, stop_tokens
 from jsft.models import lora, sequence_parallel
 from jsft.models.attention import resolve_impl
 from jsft.models.config import ModelConfig
+from jsft.models.moe_parallel import expert_axis_sizes
 from jsft.models.params import param_layout
 from jsft.sharding import AUTO, make_mesh, working_meshes
 from jsft.train import planner, remat
@@ -220,8 +221,7 @@ def mesh_and_reason(cfg: RunConfig, model_cfg: ModelConfig, seq_line: Optional[s
 
 
 def _expert_sizes(model_cfg: ModelConfig) -> list[int]:
-    n = jax.device_count()
-    return [e for e in range(1, n + 1) if n % e == 0 and model_cfg.moe.num_experts % e == 0]
+    return expert_axis_sizes(model_cfg.moe.num_experts, jax.device_count())
 
 
 def check_expert_axis(axes, model_cfg: ModelConfig) -> None:

@@ -103,6 +103,7 @@ class TrainStep:
             donate_argnums=(2,),
         )
         self._real_tokens = jax.jit(lambda s: jnp.sum(s > 0, dtype=jnp.float32), out_shardings=replicated)
+        self._unused_tokens = jax.device_put(jnp.zeros((), jnp.float32), replicated)  # a dense model's step_tokens
         self._apply = jax.jit(
             self._apply_step,
             in_shardings=(self.param_shardings, self.opt_shardings, self.param_shardings),
@@ -187,7 +188,9 @@ class TrainStep:
 
     def step_tokens(self, micro_batches: list[MicroBatch]) -> jax.Array:
         """Real (non-padding) tokens of a step over all its micro-batches and devices: a replicated device
-        scalar, which scales the router losses (a dense model ignores it)."""
+        scalar, which scales the router losses. A dense model has none: no count is dispatched for it."""
+        if self.moe is None:
+            return self._unused_tokens
         with jax.set_mesh(self.mesh):
             return sum(self._real_tokens(b.segment_ids) for b in micro_batches)
 
